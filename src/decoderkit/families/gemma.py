@@ -1,0 +1,33 @@
+"""Gemma (v1): `model_type: gemma`. Llama's layout with a scaled embedding, (1 + w) RMSNorm and GeGLU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from decoderkit.families.llama import LlamaFamily
+
+
+class GemmaFamily(LlamaFamily):
+    model_type = "gemma"
+    class_prefix = "Gemma"
+    # transformers implements no GemmaForQuestionAnswering; ours saves under the usual `model.` prefix.
+    hf_heads = ("base", "causal_lm", "sequence_classification", "token_classification")
+    defaults: dict[str, Any] = dict(
+        vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192,
+        initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=True, attention_bias=False, attention_dropout=0.0,
+    )
+    # Gemma's released configs say "gelu" but were trained with the tanh approximation (transformers #29402).
+    hidden_act_aliases = {"gelu": "gelu_pytorch_tanh"}
+
+    def hf_prefix(self, head: str) -> str:
+        return "model"
+
+    def extra_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            mlp_bias=False,
+            norm_weight_offset=1.0,
+            norm_init_zero=True,
+            embedding_scale=hf["hidden_size"] ** 0.5,
+        )

@@ -1,0 +1,168 @@
+"""GPTBigCode (StarCoder, SantaCoder): `model_type: gpt_bigcode`.
+
+Pre-LayerNorm blocks with learned absolute positions, a plain GELU MLP and a fused `c_attn` projection whose layout
+depends on the attention kind: multi-query stores rows as [q (E) | k (D) | v (D)], multi-head interleaves them per head
+as [q_h | k_h | v_h] for each head h.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from decoderkit.config import DecoderConfig
+from decoderkit.families.base import Family, common_fields, common_to_hf, layer_groups, rename, split_rows
+
+_RENAMES = [
+    (r"^wte\.", "embed_tokens."),
+    (r"^wpe\.", "embed_positions."),
+    (r"^ln_f\.", "norm."),
+    (r"^h\.(\d+)\.ln_1\.", r"layers.\1.input_layernorm."),
+    (r"^h\.(\d+)\.ln_2\.", r"layers.\1.post_attention_layernorm."),
+    (r"^h\.(\d+)\.ln_cross_attn\.", r"layers.\1.cross_attn_layernorm."),
+    (r"^h\.(\d+)\.attn\.c_proj\.", r"layers.\1.self_attn.o_proj."),
+    (r"^h\.(\d+)\.crossattention\.c_proj\.", r"layers.\1.cross_attn.o_proj."),
+    (r"^h\.(\d+)\.crossattention\.q_attn\.", r"layers.\1.cross_attn.q_proj."),
+    (r"^h\.(\d+)\.mlp\.c_fc\.", r"layers.\1.mlp.up_proj."),
+    (r"^h\.(\d+)\.mlp\.c_proj\.", r"layers.\1.mlp.down_proj."),
+]
+
+
+class GPTBigCodeFamily(Family):
+    model_type = "gpt_bigcode"
+    class_prefix = "GPTBigCode"
+    hf_base_prefix = "transformer"
+    hf_head_names = {"classifier": "classifier"}
+    hf_heads = ("base", "causal_lm", "sequence_classification", "token_classification")
+
+    def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
+        hidden = hf.get("n_embd", hf.get("hidden_size", 768))
+        heads = hf.get("n_head", hf.get("num_attention_heads", 12))
+        if hidden % heads != 0:
+            raise ValueError(f"gpt_bigcode config: n_embd ({hidden}) is not a multiple of n_head ({heads})")
+        multi_query = hf.get("multi_query", True)
+        if hf.get("add_cross_attention") and multi_query:
+            raise ValueError("gpt_bigcode config: add_cross_attention is not supported with multi_query=true")
+        n_positions = hf.get("n_positions", hf.get("max_position_embeddings", 1024))
+        return DecoderConfig(
+            model_type=self.model_type,
+            vocab_size=hf.get("vocab_size", 50257),
+            hidden_size=hidden,
+            num_hidden_layers=hf.get("n_layer", hf.get("num_hidden_layers", 12)),
+            num_attention_heads=heads,
+            num_key_value_heads=1 if multi_query else heads,
+            head_dim=hidden // heads,
+            intermediate_size=hf.get("n_inner") or 4 * hidden,
+            max_position_embeddings=n_positions,
+            norm_type="layer",
+            norm_bias=True,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            position_embedding="learned",
+            rope_parameters={},
+            hard_max_positions=True,
+            attention_bias=True,
+            attention_out_bias=True,
+            attention_scale=None if hf.get("scale_attn_weights", True) else 1.0,
+            attention_dropout=float(hf.get("attn_pdrop", 0.1)),
+            add_cross_attention=bool(hf.get("add_cross_attention", False)),
+            mlp_type="plain",
+            hidden_act=hf.get("activation_function", "gelu_pytorch_tanh"),
+            mlp_bias=True,
+            token_type_embeddings=True,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            embedding_dropout=float(hf.get("embd_pdrop", 0.1)),
+            residual_dropout=float(hf.get("resid_pdrop", 0.1)),
+            initializer_range=hf.get("initializer_range", 0.02),
+            scaled_output_init=True,
+            use_cache=hf.get("use_cache", True),
+            **common_fields({"bos_token_id": 50256, "eos_token_id": 50256, **hf}),
+        )
+
+    def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
+        out = common_to_hf(config)
+        for alias in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings",
+                      "num_key_value_heads"):
+            out.pop(alias, None)
+        out.update(
+            vocab_size=config.vocab_size,
+            n_embd=config.hidden_size,
+            n_head=config.num_attention_heads,
+            n_layer=config.num_hidden_layers,
+            n_positions=config.max_position_embeddings,
+            n_inner=config.intermediate_size,
+            activation_function=config.hidden_act,
+            layer_norm_epsilon=config.norm_eps,
+            scale_attn_weights=config.attention_scale is None,
+            multi_query=config.num_key_value_heads == 1 and not self._is_mha(config),
+            attn_pdrop=config.attention_dropout,
+            resid_pdrop=config.residual_dropout,
+            embd_pdrop=config.embedding_dropout,
+            add_cross_attention=config.add_cross_attention,
+            initializer_range=config.initializer_range,
+        )
+        return out
+
+    def base_hf_to_ours(self, name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
+        new = rename(name, _RENAMES)
+        if new is not None:
+            return [(new, tensor)]
+        parts = name.split(".")
+        if len(parts) == 5 and parts[0] == "h" and parts[3] == "c_attn":
+            layer, module, kind = parts[1], parts[2], parts[4]
+            if module == "attn":
+                q, k, v = self._split_qkv(tensor, config)
+                target = f"layers.{layer}.self_attn"
+            else:
+                q = None
+                k, v = split_rows(tensor, [config.hidden_size, config.hidden_size])
+                target = f"layers.{layer}.cross_attn"
+            pieces = [("k_proj", k), ("v_proj", v)] + ([("q_proj", q)] if q is not None else [])
+            return [(f"{target}.{proj}.{kind}", t) for proj, t in pieces]
+        return [(name, tensor)]
+
+    def _split_qkv(self, fused: torch.Tensor, config: DecoderConfig) -> list[torch.Tensor]:
+        e, d, h = config.hidden_size, config.head_dim, config.num_attention_heads
+        if config.num_key_value_heads == 1 and not self._is_mha(config):
+            return split_rows(fused, [e, d, d])
+        per_head = fused.reshape(h, 3, d, *fused.shape[1:])
+        return [per_head[:, i].reshape(e, *fused.shape[1:]).contiguous() for i in range(3)]
+
+    @staticmethod
+    def _is_mha(config: DecoderConfig) -> bool:
+        # With a single head, MQA and MHA coincide in shape; the config's own flag decides the layout.
+        return not config.hf_config.get("multi_query", True)
+
+    def base_ours_to_hf(self, state: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        inverse = [
+            (r"^embed_tokens\.", "wte."), (r"^embed_positions\.", "wpe."), (r"^norm\.", "ln_f."),
+            (r"^layers\.(\d+)\.input_layernorm\.", r"h.\1.ln_1."),
+            (r"^layers\.(\d+)\.post_attention_layernorm\.", r"h.\1.ln_2."),
+            (r"^layers\.(\d+)\.cross_attn_layernorm\.", r"h.\1.ln_cross_attn."),
+            (r"^layers\.(\d+)\.self_attn\.o_proj\.", r"h.\1.attn.c_proj."),
+            (r"^layers\.(\d+)\.cross_attn\.o_proj\.", r"h.\1.crossattention.c_proj."),
+            (r"^layers\.(\d+)\.cross_attn\.q_proj\.", r"h.\1.crossattention.q_attn."),
+            (r"^layers\.(\d+)\.mlp\.up_proj\.", r"h.\1.mlp.c_fc."),
+            (r"^layers\.(\d+)\.mlp\.down_proj\.", r"h.\1.mlp.c_proj."),
+        ]
+        for key, value in state.items():
+            new = rename(key, inverse)
+            if new is not None:
+                out[new] = value
+        e, d, h = config.hidden_size, config.head_dim, config.num_attention_heads
+        for prefix, tensors in layer_groups(state):
+            layer = prefix.split(".")[1]
+            for kind in ("weight", "bias"):
+                q, k, v = (tensors.get(f"self_attn.{p}_proj.{kind}") for p in "qkv")
+                if q is not None:
+                    if config.num_key_value_heads == 1 and not self._is_mha(config):
+                        fused = torch.cat([q, k, v], 0)
+                    else:
+                        fused = torch.stack([t.reshape(h, d, *t.shape[1:]) for t in (q, k, v)], 1)
+                        fused = fused.reshape(3 * e, *q.shape[1:])
+                    out[f"h.{layer}.attn.c_attn.{kind}"] = fused
+                ck, cv = tensors.get(f"cross_attn.k_proj.{kind}"), tensors.get(f"cross_attn.v_proj.{kind}")
+                if ck is not None:
+                    out[f"h.{layer}.crossattention.c_attn.{kind}"] = torch.cat([ck, cv], 0)
+        return out

@@ -1,0 +1,92 @@
+"""Llama (and Llama-architecture models such as SmolLM2, Mistral-style GQA checkpoints): `model_type: llama`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from decoderkit.config import DecoderConfig
+from decoderkit.families.base import Family, common_fields, common_to_hf, standardize_rope
+
+
+class LlamaFamily(Family):
+    model_type = "llama"
+    class_prefix = "Llama"
+    # The seed's `pretraining_tp` slices the projections for a tensor-parallel pretraining quirk; the sliced sum is the
+    # same product, so it is accepted and has no code path of its own.
+    defaults: dict[str, Any] = dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, attention_bias=False, attention_dropout=0.0,
+        mlp_bias=False,
+    )
+    hidden_act_aliases: dict[str, str] = {}
+
+    def hf_prefix(self, head: str) -> str:
+        # transformers' LlamaForQuestionAnswering keeps the old `transformer` attribute name.
+        return "transformer" if head == "question_answering" else "model"
+
+    def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
+        hf = {**self.defaults, **hf}
+        heads = hf["num_attention_heads"]
+        if hf["hidden_size"] % heads != 0 and self.model_type == "llama":
+            raise ValueError(
+                f"llama config: hidden_size ({hf['hidden_size']}) is not a multiple of num_attention_heads ({heads})"
+            )
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        act = self.hidden_act_aliases.get(hf["hidden_act"], hf["hidden_act"])
+        fields = dict(
+            model_type=self.model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            norm_type="rms",
+            norm_eps=hf["rms_norm_eps"],
+            rope_parameters=standardize_rope(hf, hf["max_position_embeddings"]),
+            attention_bias=hf["attention_bias"],
+            attention_out_bias=hf["attention_bias"],
+            attention_dropout=float(hf["attention_dropout"] or 0.0),
+            is_causal=not hf.get("use_bidirectional_attention"),
+            mlp_type="gated",
+            hidden_act=act,
+            mlp_bias=hf.get("mlp_bias", False),
+            embedding_padding_idx=hf.get("pad_token_id"),
+            tie_word_embeddings=hf["tie_word_embeddings"],
+            initializer_range=hf["initializer_range"],
+            use_cache=hf["use_cache"],
+            token_classifier_bias=hf.get("token_classification_bias", True),
+            **common_fields(hf),
+        )
+        fields.update(self.extra_fields(hf))
+        return DecoderConfig(**fields)
+
+    def extra_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
+        out = common_to_hf(config)
+        out.pop("rope_scaling", None)
+        out.pop("rope_theta", None)
+        out.update(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            hidden_act=config.hidden_act,
+            max_position_embeddings=config.max_position_embeddings,
+            rms_norm_eps=config.norm_eps,
+            rope_parameters=dict(config.rope_parameters),
+            attention_bias=config.attention_bias,
+            attention_dropout=config.attention_dropout,
+            initializer_range=config.initializer_range,
+        )
+        if self.model_type == "llama":
+            out["mlp_bias"] = config.mlp_bias
+        return out

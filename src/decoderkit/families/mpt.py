@@ -1,0 +1,134 @@
+"""MPT (MosaicML): `model_type: mpt`. Bias-free LayerNorm blocks, ALiBi positions, a fused [q; k; v] projection."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from decoderkit.config import DecoderConfig
+from decoderkit.families.base import Family, common_fields, common_to_hf, layer_groups, rename, split_rows
+
+logger = logging.getLogger(__name__)
+
+_RENAMES = [
+    (r"^wte\.", "embed_tokens."),
+    (r"^norm_f\.", "norm."),
+    (r"^blocks\.(\d+)\.norm_1\.", r"layers.\1.input_layernorm."),
+    (r"^blocks\.(\d+)\.norm_2\.", r"layers.\1.post_attention_layernorm."),
+    (r"^blocks\.(\d+)\.attn\.out_proj\.", r"layers.\1.self_attn.o_proj."),
+    (r"^blocks\.(\d+)\.ffn\.up_proj\.", r"layers.\1.mlp.up_proj."),
+    (r"^blocks\.(\d+)\.ffn\.down_proj\.", r"layers.\1.mlp.down_proj."),
+]
+_INVERSE = [
+    (r"^embed_tokens\.", "wte."),
+    (r"^norm\.", "norm_f."),
+    (r"^layers\.(\d+)\.input_layernorm\.", r"blocks.\1.norm_1."),
+    (r"^layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.norm_2."),
+    (r"^layers\.(\d+)\.self_attn\.o_proj\.", r"blocks.\1.attn.out_proj."),
+    (r"^layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.ffn.up_proj."),
+    (r"^layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.ffn.down_proj."),
+]
+
+# attn_config options that transformers' MPT accepts but does not implement; we follow transformers (same numbers).
+_IGNORED_ATTN_OPTIONS = {"qk_ln": False, "prefix_lm": False, "attn_uses_sequence_id": False, "alibi": True}
+
+
+class MptFamily(Family):
+    model_type = "mpt"
+    class_prefix = "Mpt"
+    hf_base_prefix = "transformer"
+    hf_head_names = {"classifier": "classifier"}
+
+    def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
+        attn = dict(hf.get("attn_config") or {})
+        for key, neutral in _IGNORED_ATTN_OPTIONS.items():
+            if attn.get(key, neutral) != neutral:
+                logger.warning("mpt config: attn_config.%s=%r is ignored, as transformers does", key, attn[key])
+        hidden = hf.get("d_model", hf.get("hidden_size", 2048))
+        heads = hf.get("n_heads", hf.get("num_attention_heads", 16))
+        if hidden % heads != 0:
+            raise ValueError(f"mpt config: d_model ({hidden}) is not a multiple of n_heads ({heads})")
+        head_dim = hidden // heads
+        softmax_scale = attn.get("softmax_scale")
+        with_bias = not hf.get("no_bias", True)
+        dropout = float(attn.get("attn_pdrop", 0.0) or 0.0)
+        return DecoderConfig(
+            model_type=self.model_type,
+            vocab_size=hf.get("vocab_size", 50368),
+            hidden_size=hidden,
+            num_hidden_layers=hf.get("n_layers", hf.get("num_hidden_layers", 24)),
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=head_dim,
+            intermediate_size=int(hf.get("expansion_ratio", 4) * hidden),
+            max_position_embeddings=hf.get("max_seq_len", hf.get("max_position_embeddings", 2048)),
+            norm_type="layer",
+            norm_bias=with_bias,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            position_embedding="alibi",
+            rope_parameters={},
+            hard_max_positions=True,
+            alibi_bias_max=attn.get("alibi_bias_max", 8),
+            attention_bias=with_bias,
+            attention_out_bias=with_bias,
+            attention_scale=softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim),
+            clip_qkv=attn.get("clip_qkv"),
+            attention_dropout=dropout,
+            mlp_type="plain",
+            hidden_act="gelu",
+            mlp_bias=with_bias,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            # transformers' MPT reuses attn_pdrop after the attention and the MLP and has no embedding dropout.
+            residual_dropout=dropout,
+            initializer_range=hf.get("initializer_range", 0.02),
+            use_cache=hf.get("use_cache", False),
+            **common_fields(hf),
+        )
+
+    def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
+        out = common_to_hf(config)
+        for alias in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
+            out.pop(alias, None)
+        attn = dict(out.get("attn_config") or {})
+        attn.update(
+            attn_pdrop=config.attention_dropout,
+            clip_qkv=config.clip_qkv,
+            softmax_scale=config.attention_scale,
+            alibi=True,
+            alibi_bias_max=config.alibi_bias_max,
+        )
+        out.update(
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_layers=config.num_hidden_layers,
+            expansion_ratio=config.intermediate_size // config.hidden_size,
+            max_seq_len=config.max_position_embeddings,
+            vocab_size=config.vocab_size,
+            layer_norm_epsilon=config.norm_eps,
+            no_bias=not config.attention_bias,
+            attn_config=attn,
+            initializer_range=config.initializer_range,
+        )
+        return out
+
+    def base_hf_to_ours(self, name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
+        new = rename(name, _RENAMES)
+        if new is not None:
+            return [(new, tensor)]
+        parts = name.split(".")
+        if len(parts) == 5 and parts[0] == "blocks" and parts[3] == "Wqkv":
+            q, k, v = split_rows(tensor, [config.hidden_size] * 3)
+            return [(f"layers.{parts[1]}.self_attn.{p}_proj.{parts[4]}", t) for p, t in zip("qkv", (q, k, v))]
+        return [(name, tensor)]
+
+    def base_ours_to_hf(self, state: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
+        out = {new: v for k, v in state.items() if (new := rename(k, _INVERSE)) is not None}
+        for prefix, tensors in layer_groups(state):
+            for kind in ("weight", "bias"):
+                if f"self_attn.q_proj.{kind}" in tensors:
+                    qkv = [tensors[f"self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"blocks.{prefix.split('.')[1]}.attn.Wqkv.{kind}"] = torch.cat(qkv, 0)
+        return out

@@ -1,0 +1,180 @@
+"""Attention: one module for multi-head, grouped-query and multi-query attention, with three backends.
+
+- "eager": explicit matmuls and an fp32 softmax; the only backend that can return attention weights.
+- "sdpa": `torch.nn.functional.scaled_dot_product_attention` (the default).
+- "flash_attention_2": the flash_attn package on CUDA, with the varlen path for padded batches.
+
+Masks arrive as a boolean (B, 1, Q, K) tensor where True means "may attend", or None for plain causal attention with
+no padding. ALiBi arrives as an fp32 (1, H, 1, K) bias.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoderkit.cache import Cache
+from decoderkit.config import DecoderConfig
+from decoderkit.layers.rope import apply_rotary
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its hidden states, computed once per forward."""
+
+    mask: torch.Tensor | None  # (B, 1, Q, K) bool, True = attend; None = causal without padding
+    causal: bool
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, T, R)
+    alibi: torch.Tensor | None = None  # (1, H, 1, K) fp32
+    alibi_slopes: torch.Tensor | None = None  # (H,) for flash attention
+    cache_position: torch.Tensor | None = None
+    padding_mask: torch.Tensor | None = None  # (B, K) bool, for the flash varlen path
+
+
+def flash_attention_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+class Attention(nn.Module):
+    """Self-attention (or cross-attention when `cross=True`) with separate q/k/v projections."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int, cross: bool = False) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.cross = cross
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_attention_heads if cross else config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale if config.attention_scale is not None else self.head_dim**-0.5
+        self.clip_qkv = config.clip_qkv
+        self.dropout = config.attention_dropout
+        self.implementation = config.attn_implementation
+        d, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
+
+    def _project(self, proj: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
+        y = proj(x)
+        if self.clip_qkv is not None:
+            y = y.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        return y.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        inputs: AttentionInputs,
+        cache: Cache | None = None,
+        encoder_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        kv_source = encoder_states if self.cross else x
+        q = self._project(self.q_proj, x, self.num_heads)  # (B, H, T, D)
+        k = self._project(self.k_proj, kv_source, self.num_kv_heads)  # (B, H_kv, S, D)
+        v = self._project(self.v_proj, kv_source, self.num_kv_heads)
+        if inputs.rope is not None:
+            cos, sin = inputs.rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, inputs.cache_position)
+
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions or self.implementation == "eager":
+            out, weights = eager_attention(q, k, v, inputs, self.scale, dropout, self.training)
+        elif self.implementation == "flash_attention_2":
+            out, weights = flash_attention(q, k, v, inputs, self.scale, dropout), None
+        else:
+            out, weights = sdpa_attention(q, k, v, inputs, self.scale, dropout), None
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out), (weights if output_attentions else None)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+
+
+def _dense_mask(inputs: AttentionInputs, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    if inputs.mask is not None:
+        return inputs.mask
+    if not inputs.causal or q_len == 1:
+        return None
+    offset = k_len - q_len
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float, dropout: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, Q, K)
+    if inputs.alibi is not None:
+        # Added in fp32 as transformers' MPT does (the fp32 bias promotes half-precision scores).
+        scores = scores + inputs.alibi
+    mask = _dense_mask(inputs, q.shape[2], k.shape[2], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, v), weights
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float, dropout: float
+) -> torch.Tensor:
+    mask = inputs.mask
+    is_causal = mask is None and inputs.causal and q.shape[2] > 1
+    if inputs.alibi is not None:
+        dense = _dense_mask(inputs, q.shape[2], k.shape[2], q.device)
+        bias = inputs.alibi.to(q.dtype)
+        # A finite minimum rather than -inf keeps fully masked (padding) rows finite, as in the eager path.
+        mask = bias if dense is None else bias.masked_fill(~dense, torch.finfo(q.dtype).min)
+        is_causal = False
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float, dropout: float
+) -> torch.Tensor:
+    """flash_attn 2 kernels; padded batches go through the varlen kernel on unpadded tokens."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) as flash_attn expects
+    slopes = inputs.alibi_slopes
+    # flash_attn's ALiBi adds -slope * |i - j|, which equals slope * (j - i) under a causal mask.
+    kwargs = dict(dropout_p=dropout, softmax_scale=scale, causal=inputs.causal and q.shape[1] > 1)
+    if slopes is not None:
+        kwargs["alibi_slopes"] = slopes.float()
+    padding = inputs.padding_mask
+    if padding is None or bool(padding.all()):
+        if q.shape[1] == 1 and k.shape[1] > 1:
+            kwargs["causal"] = False
+        return flash_attn_func(q, k, v, **kwargs).transpose(1, 2)
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    kv_keep = padding[:, -Tk:] if padding.shape[1] >= Tk else F.pad(padding, (0, Tk - padding.shape[1]))
+    q_keep = kv_keep[:, -Tq:]
+    q_idx, k_idx = q_keep.flatten().nonzero().squeeze(1), kv_keep.flatten().nonzero().squeeze(1)
+    cu_q = F.pad(q_keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = F.pad(kv_keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attn_varlen_func(
+        q.reshape(B * Tq, *q.shape[2:])[q_idx], k.reshape(B * Tk, *k.shape[2:])[k_idx],
+        v.reshape(B * Tk, *v.shape[2:])[k_idx], cu_q, cu_k, int(q_keep.sum(1).max()), int(kv_keep.sum(1).max()),
+        **kwargs,
+    )
+    full = torch.zeros(B * Tq, *out.shape[1:], dtype=out.dtype, device=out.device)
+    full[q_idx] = out
+    return full.view(B, Tq, *out.shape[1:]).transpose(1, 2)
