@@ -71,4 +71,5 @@ def left_padded_batch(vocab: int, lengths: list[int], pad_id: int = 0, seed: int
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b|."""
+    a, b = a.detach(), b.detach()
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))

@@ -121,7 +121,9 @@ class DecoderConfig:
         if self.position_embedding == "rope":
             rope_type = self.rope_type
             if rope_type not in ROPE_TYPES:
-                raise ValueError(f"{self.model_type} config: rope_type={rope_type!r} is not supported; allowed: {ROPE_TYPES}")
+                raise ValueError(
+                    f"{self.model_type} config: rope_type={rope_type!r} is not supported; allowed: {ROPE_TYPES}"
+                )
             required = {
                 "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
@@ -129,9 +131,13 @@ class DecoderConfig:
             }.get(rope_type, ())
             missing = [k for k in required if self.rope_parameters.get(k) is None]
             if missing:
-                raise ValueError(f"{self.model_type} config: rope_type={rope_type!r} needs rope parameters {missing}")
+                raise ValueError(
+                    f"{self.model_type} config: rope_type={rope_type!r} needs rope parameters {missing}"
+                )
         if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"{self.model_type} config: attention_dropout must be in [0, 1), got {self.attention_dropout}")
+            raise ValueError(
+                f"{self.model_type} config: attention_dropout must be in [0, 1), got {self.attention_dropout}"
+            )
 
     # ----------------------------------------------------------------------------------------------- conversions
     @classmethod

@@ -58,7 +58,9 @@ class DecoderStack(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.embedding_padding_idx)
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.embedding_padding_idx
+        )
         if config.position_embedding == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.embedding_dropout)
@@ -321,7 +323,11 @@ class PreTrainedDecoder(nn.Module):
         """transformers' initialisation for the family: N(0, initializer_range) for projections and embeddings."""
         cfg = self.config
         std = cfg.initializer_range
+        self.tie_weights()
+        embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in embedding_weights:
+                continue  # a tied output head is initialised as the embedding it shares
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
-
 class ModelOutput(dict):
     """A dict whose set (non-None) fields are also attributes; integer indexing follows field order like a tuple."""
 

@@ -50,7 +50,6 @@ class LlamaFamily(Family):
             attention_bias=hf["attention_bias"],
             attention_out_bias=hf["attention_bias"],
             attention_dropout=float(hf["attention_dropout"] or 0.0),
-            is_causal=not hf.get("use_bidirectional_attention"),
             mlp_type="gated",
             hidden_act=act,
             mlp_bias=hf.get("mlp_bias", False),

@@ -123,7 +123,9 @@ def eager_attention(
         scores = scores + inputs.alibi
     mask = _dense_mask(inputs, q.shape[2], k.shape[2], q.device)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # Additive, as transformers does: padding rows (every key masked) then still pass gradients to their scores.
+        scores = scores + torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
+            ~mask, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, v), weights

@@ -1,0 +1,541 @@
+"""Read llama.cpp GGUF model files as a Hugging Face config dict and state dict.
+
+A GGUF file holds metadata (``llama.embedding_length``, ``tokenizer.ggml.tokens``, ...) and tensors named in llama.cpp's
+scheme (``blk.0.attn_q.weight``), possibly quantized. ``read_gguf`` turns it into what a Hugging Face model directory
+would give: a ``config.json``-style dict and a state dict keyed by transformers' parameter names, dequantized to a torch
+dtype. Parsing, dequantization and the GGUF <-> HF tensor-name tables come from the ``gguf`` package; this module only
+adds what llama.cpp's ``convert_hf_to_gguf.py`` changed on the way in, and undoes it:
+
+* **q/k row permutation (llama).** transformers' Llama applies rotary embeddings in "rotate half" form: dimension ``i``
+  of a head is rotated together with dimension ``i + head_dim/2``. llama.cpp's ``llama`` kernels rotate adjacent pairs
+  ``(2i, 2i+1)`` instead (the original Meta layout). So that both compute the same attention, the converter reorders the
+  output rows of ``q_proj`` and ``k_proj`` within every head:
+  ``w.reshape(n_head, 2, head_dim // 2, *rest).swapaxes(1, 2)``. Loading such a file into HF-layout code without the
+  inverse gives a model that runs but attends wrongly. The inverse uses ``num_attention_heads`` for q and
+  ``num_key_value_heads`` for k (the k projection only has that many heads). Gemma, StarCoder and MPT are converted
+  without it (Gemma uses rotate-half in llama.cpp too; the other two have no rotary embedding).
+* **Gemma norms** are stored as ``1 + weight`` because llama.cpp's RMSNorm multiplies by the stored weight while
+  transformers' GemmaRMSNorm multiplies by ``1 + weight``.
+* **Llama 3 rope scaling** is stored as a ``rope_freqs`` tensor (per-frequency divisors) instead of config values; the
+  ``llama3`` rope parameters are recovered from it.
+
+Tensors are read lazily: ``gguf.GGUFReader`` memory-maps the file, and ``iter_gguf_tensors`` dequantizes one tensor at a
+time, so a loader can materialise (or move to a device) each tensor before the next is decoded.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import importlib.metadata
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, Keys
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "GGUFCheckpoint",
+    "gguf_config",
+    "iter_gguf_tensors",
+    "open_gguf",
+    "read_gguf",
+    "unpermute_rope_rows",
+]
+
+# GGUF tensors that are not model parameters in transformers; ``gguf_config`` folds them into the config instead.
+_ROPE_FREQS = "rope_freqs.weight"
+
+# Any of these out of a parse means the bytes are not a well-formed GGUF file (found by truncating and mutating
+# files): the reader indexes past the end of the memory map, reshapes short buffers, decodes garbage strings, ...
+_PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError)
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF model file read into Hugging Face form.
+
+    Attributes:
+        config: a transformers ``config.json``-style dict (``model_type``, ``architectures``, sizes, rope parameters,
+            ``tie_word_embeddings``, special token ids, ``dtype``).
+        state_dict: transformers parameter name -> dequantized tensor in HF layout.
+        reader: the open ``gguf.GGUFReader``; the tokenizer code reads ``tokenizer.ggml.*`` fields from it.
+        path: the file that was read.
+    """
+
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    reader: gguf.GGUFReader
+    path: Path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading metadata
+
+
+class _Metadata:
+    """Typed access to one file's metadata, with errors that name the file and the key."""
+
+    def __init__(self, reader: gguf.GGUFReader):
+        self.reader = reader
+        self.path = _reader_path(reader)
+        self.arch = self.get(Keys.General.ARCHITECTURE, str)
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def get(self, key: str, kind: type, default: Any = ...) -> Any:
+        key = key.format(arch=self.arch) if "{arch}" in key else key
+        field = self.reader.get_field(key)
+        if field is None:
+            if default is ...:
+                raise ValueError(f"{self.path}: GGUF metadata has no {key!r}, which a {self.arch} model needs")
+            return default
+        value = field.contents()
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{self.path}: GGUF metadata {key!r} is {value!r}; expected a single {kind.__name__}")
+        return value
+
+    def shape(self, tensor_name: str) -> tuple[int, ...] | None:
+        """HF-order shape of a tensor (GGUF lists dimensions innermost first), or None when absent."""
+        tensor = self.tensors.get(tensor_name)
+        return None if tensor is None else tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _reader_path(reader: gguf.GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", None) or "<GGUF file>")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-architecture knowledge: the HF parameter names, the config builder and the tensor fix-ups
+
+
+def _rope_parameters(meta: _Metadata, head_dim: int) -> dict[str, Any]:
+    theta = meta.get(Keys.Rope.FREQ_BASE, float, 10000.0)
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    kind = meta.get(Keys.Rope.SCALING_TYPE, str, None)
+    factor = meta.get(Keys.Rope.SCALING_FACTOR, float, None)
+    if kind is None and (legacy := meta.get("{arch}.rope.scale_linear", float, None)) is not None:
+        kind, factor = "linear", legacy  # GGUF v1/v2 files wrote linear scaling under this key
+    if kind == "linear" and factor not in (None, 1.0):
+        params.update(rope_type="linear", factor=factor)
+    elif kind == "yarn":
+        params.update(rope_type="yarn", factor=factor if factor is not None else 1.0)
+        optional = {
+            "original_max_position_embeddings": (Keys.Rope.SCALING_ORIG_CTX_LEN, int),
+            # convert_hf_to_gguf.py writes HF's attention_factor under this key
+            "attention_factor": (Keys.Rope.SCALING_YARN_ATTN_FACTOR, float),
+            "beta_fast": (Keys.Rope.SCALING_YARN_BETA_FAST, float),
+            "beta_slow": (Keys.Rope.SCALING_YARN_BETA_SLOW, float),
+        }
+        for hf_key, (gguf_key, kind_) in optional.items():
+            if (value := meta.get(gguf_key, kind_, None)) is not None:
+                params[hf_key] = value
+    elif kind not in (None, "none", "linear"):
+        raise ValueError(f"{meta.path}: rope scaling type {kind!r} is not supported (supported: none, linear, yarn)")
+    if _ROPE_FREQS in meta.tensors:
+        if params["rope_type"] != "default":
+            raise ValueError(f"{meta.path}: has both a {_ROPE_FREQS} tensor and rope scaling type {kind!r}")
+        factors = _dequantize(meta.tensors[_ROPE_FREQS]).double().numpy()
+        params.update(_llama3_rope_parameters(factors, theta, head_dim, meta))
+    return params
+
+
+def _llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int, meta: _Metadata) -> dict[str, Any]:
+    """Recover transformers' ``llama3`` rope parameters from llama.cpp's per-frequency divisors.
+
+    The converter computes, per inverse frequency with wavelength ``w``: ``1`` when ``w < L / high``, ``factor`` when
+    ``w > L / low``, and ``1 / ((1 - s) / factor + s)`` with ``s = (L / w - low) / (high - low)`` in between. ``s`` is
+    linear in ``1 / w``, so a line fit through the in-between entries gives ``L / (high - low)`` and ``low / (high -
+    low)``; (L, low, high) are only determined up to a common scale, and every scale yields the same frequencies, so
+    L is fixed at the original context length when the file records it and at llama.cpp's default of 8192 otherwise.
+    """
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"{meta.path}: {_ROPE_FREQS} has shape {factors.shape}; expected ({head_dim // 2},)")
+    if np.allclose(factors, 1.0):
+        return {}
+    factor = float(factors.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    mid = (factors > 1.0 + 1e-6) & (factors < factor * (1.0 - 1e-6))
+    if mid.sum() < 2:
+        raise ValueError(f"{meta.path}: cannot recover llama3 rope parameters from {_ROPE_FREQS} (too few points)")
+    smooth = (1.0 / factors[mid] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    slope, intercept = np.polyfit(1.0 / wavelen[mid], smooth, 1)
+    original = meta.get(Keys.Rope.SCALING_ORIG_CTX_LEN, int, 8192)
+    # the stored divisors are float32; rounding gives back the round numbers configs use (1.0, 4.0)
+    low = round(float(-intercept * original / slope), 4)
+    high = round(float(low + original / slope), 4)
+    smooth_all = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+    expected = 1.0 / ((1.0 - smooth_all) / factor + smooth_all)  # 1 where smooth is 1, factor where it is 0
+    if not np.allclose(expected, factors, rtol=1e-4):
+        raise ValueError(f"{meta.path}: {_ROPE_FREQS} does not follow llama3 rope scaling; cannot represent it")
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
+
+
+def _rotary_decoder_config(meta: _Metadata, model_type: str, architecture: str, hidden_act: str) -> dict[str, Any]:
+    hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
+    heads = meta.get(Keys.Attention.HEAD_COUNT, int)
+    kv_heads = meta.get(Keys.Attention.HEAD_COUNT_KV, int, heads)
+    q_shape = meta.shape("blk.0.attn_q.weight")
+    head_dim = meta.get(Keys.Attention.KEY_LENGTH, int, q_shape[0] // heads if q_shape else hidden // heads)
+    rope_dim = meta.get(Keys.Rope.DIMENSION_COUNT, int, head_dim)
+    if rope_dim != head_dim:
+        raise ValueError(
+            f"{meta.path}: rope covers {rope_dim} of {head_dim} head dimensions; partial rotary is not supported "
+            f"for {model_type}"
+        )
+    return {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "hidden_size": hidden,
+        "intermediate_size": meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),
+        "num_hidden_layers": meta.get(Keys.LLM.BLOCK_COUNT, int),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": hidden_act,
+        "max_position_embeddings": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
+        "rms_norm_eps": meta.get(Keys.Attention.LAYERNORM_RMS_EPS, float),
+        # rope_parameters is transformers 5's form; rope_theta is kept for readers of older config.json files
+        "rope_theta": meta.get(Keys.Rope.FREQ_BASE, float, 10000.0),
+        "rope_parameters": _rope_parameters(meta, head_dim),
+        "attention_bias": "blk.0.attn_q.bias" in meta.tensors,
+    }
+
+
+def _llama_config(meta: _Metadata) -> dict[str, Any]:
+    config = _rotary_decoder_config(meta, "llama", "LlamaForCausalLM", "silu")
+    config["mlp_bias"] = "blk.0.ffn_up.bias" in meta.tensors
+    return config
+
+
+def _gemma_config(meta: _Metadata) -> dict[str, Any]:
+    return _rotary_decoder_config(meta, "gemma", "GemmaForCausalLM", "gelu_pytorch_tanh")
+
+
+def _starcoder_config(meta: _Metadata) -> dict[str, Any]:
+    hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
+    heads = meta.get(Keys.Attention.HEAD_COUNT, int)
+    # The converter writes head_count_kv=1 and feed_forward_length=4*n_embd whatever the model has, so the fused qkv
+    # and ffn_up shapes are the reliable source: qkv rows = hidden + 2 * kv_heads * head_dim.
+    qkv_rows = (meta.shape("blk.0.attn_qkv.weight") or (hidden + 2 * hidden // heads,))[0]
+    ffn_rows = (meta.shape("blk.0.ffn_up.weight") or (meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),))[0]
+    return {
+        "model_type": "gpt_bigcode",
+        "architectures": ["GPTBigCodeForCausalLM"],
+        "n_embd": hidden,
+        "n_inner": ffn_rows,
+        "n_layer": meta.get(Keys.LLM.BLOCK_COUNT, int),
+        "n_head": heads,
+        "n_positions": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
+        "layer_norm_epsilon": meta.get(Keys.Attention.LAYERNORM_EPS, float),
+        "multi_query": qkv_rows == hidden + 2 * hidden // heads,
+        "activation_function": "gelu_pytorch_tanh",
+    }
+
+
+def _mpt_config(meta: _Metadata) -> dict[str, Any]:
+    hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
+    heads = meta.get(Keys.Attention.HEAD_COUNT, int)
+    if (kv_heads := meta.get(Keys.Attention.HEAD_COUNT_KV, int, heads)) != heads:
+        raise ValueError(
+            f"{meta.path}: MPT with {kv_heads} kv heads for {heads} heads is not supported by transformers"
+        )
+    alibi_bias_max = meta.get(Keys.Attention.MAX_ALIBI_BIAS, float, 8.0)
+    if alibi_bias_max == 0.0 or "position_embd.weight" in meta.tensors:
+        raise ValueError(f"{meta.path}: MPT without ALiBi (learned positions) is not supported by transformers")
+    # feed_forward_length is written as 4 * d_model regardless of the model; ffn_up's shape is the truth
+    ffn_rows = (meta.shape("blk.0.ffn_up.weight") or (meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),))[0]
+    ratio = ffn_rows // hidden if ffn_rows % hidden == 0 else ffn_rows / hidden
+    return {
+        "model_type": "mpt",
+        "architectures": ["MptForCausalLM"],
+        "d_model": hidden,
+        "n_heads": heads,
+        "n_layers": meta.get(Keys.LLM.BLOCK_COUNT, int),
+        "expansion_ratio": ratio,
+        "max_seq_len": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
+        "layer_norm_epsilon": meta.get(Keys.Attention.LAYERNORM_EPS, float),
+        "no_bias": True,
+        "attn_config": {
+            "alibi": True,
+            "alibi_bias_max": int(alibi_bias_max) if alibi_bias_max.is_integer() else alibi_bias_max,
+            "clip_qkv": meta.get(Keys.Attention.CLAMP_KQV, float, None),
+        },
+    }
+
+
+def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (see the module docstring) for a weight ``(rows, in)`` or bias ``(rows,)``.
+
+    ``n_heads`` is ``num_attention_heads`` for q and ``num_key_value_heads`` for k.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"cannot split {rows} rows into {n_heads} heads of an even size")
+    # stored per head as (head_dim/2, 2) pairs; HF wants (2, head_dim/2) halves
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _fix_llama(gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    if ".attn_q." in gguf_name:
+        return unpermute_rope_rows(weight, config["num_attention_heads"])
+    if ".attn_k." in gguf_name:
+        return unpermute_rope_rows(weight, config["num_key_value_heads"])
+    return weight
+
+
+def _fix_gemma(gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    return weight - 1.0 if gguf_name.endswith("norm.weight") else weight
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    gguf_arch: gguf.MODEL_ARCH
+    model_type: str
+    build_config: Callable[[_Metadata], dict[str, Any]]
+    # transformers' parameter names, "{bid}" standing for the layer index; gguf's TensorNameMap supplies the GGUF names
+    hf_parameters: tuple[str, ...]
+    fix_tensor: Callable[[str, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
+    layers_key: str = "num_hidden_layers"
+
+
+def _params(*modules: str, bias: bool = True) -> tuple[str, ...]:
+    """The ``weight`` (and ``bias``) parameter names of ``modules``."""
+    return tuple(f"{m}.{p}" for m in modules for p in (("weight", "bias") if bias else ("weight",)))
+
+
+_LLAMA_PARAMETERS = (
+    "model.embed_tokens.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+    "model.layers.{bid}.input_layernorm.weight",
+    "model.layers.{bid}.post_attention_layernorm.weight",
+    *_params(*(f"model.layers.{{bid}}.self_attn.{p}_proj" for p in "qkvo")),
+    *_params(*(f"model.layers.{{bid}}.mlp.{p}_proj" for p in ("gate", "up", "down"))),
+)
+
+_ARCHITECTURES: dict[str, _Architecture] = {
+    "llama": _Architecture(gguf.MODEL_ARCH.LLAMA, "llama", _llama_config, _LLAMA_PARAMETERS, _fix_llama),
+    "gemma": _Architecture(
+        gguf.MODEL_ARCH.GEMMA,
+        "gemma",
+        _gemma_config,
+        tuple(p for p in _LLAMA_PARAMETERS if p != "lm_head.weight" and not p.endswith(".bias")),
+        _fix_gemma,
+    ),
+    "starcoder": _Architecture(
+        gguf.MODEL_ARCH.STARCODER,
+        "gpt_bigcode",
+        _starcoder_config,
+        (
+            *_params("transformer.wte", "transformer.wpe", "lm_head", bias=False),
+            *_params("transformer.ln_f", "transformer.h.{bid}.ln_1", "transformer.h.{bid}.ln_2"),
+            *_params(*(f"transformer.h.{{bid}}.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))),
+        ),
+        layers_key="n_layer",
+    ),
+    "mpt": _Architecture(
+        gguf.MODEL_ARCH.MPT,
+        "mpt",
+        _mpt_config,
+        _params(
+            "transformer.wte",
+            "transformer.norm_f",
+            "lm_head",
+            *(f"transformer.blocks.{{bid}}.{m}" for m in ("norm_1", "attn.Wqkv", "attn.out_proj", "norm_2")),
+            *(f"transformer.blocks.{{bid}}.ffn.{m}" for m in ("up_proj", "down_proj")),
+            bias=False,
+        ),
+        layers_key="n_layers",
+    ),
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
+"""GGUF ``general.architecture`` values this module reads (``starcoder`` becomes transformers' ``gpt_bigcode``)."""
+
+
+def _architecture(meta: _Metadata) -> _Architecture:
+    arch = _ARCHITECTURES.get(meta.arch)
+    if arch is None:
+        raise ValueError(
+            f"{meta.path}: GGUF architecture {meta.arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+@functools.cache
+def _gguf_to_hf_names(arch_name: str, n_layers: int) -> dict[str, str]:
+    arch = _ARCHITECTURES[arch_name]
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
+    names = {}
+    for template in arch.hf_parameters:
+        for bid in range(n_layers) if "{bid}" in template else (None,):
+            hf_name = template.format(bid=bid)
+            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise RuntimeError(f"gguf {importlib.metadata.version('gguf')} has no {arch_name} tensor for {hf_name}")
+            names[gguf_name] = hf_name
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tensors
+
+
+@functools.cache
+def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
+    """One tensor as float32 in HF layout (GGUF dims are innermost-first, so ggml [in, out] is torch (out, in))."""
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    values = values.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
+    if not values.flags.writeable:
+        # F32 comes back as a view of the read-only memory map; torch needs memory it may write
+        values = np.array(values)
+    return torch.from_numpy(values)
+
+
+def _check_tensors(meta: _Metadata, arch_name: str, n_layers: int) -> dict[str, str]:
+    names = _gguf_to_hf_names(arch_name, n_layers)
+    for tensor in meta.reader.tensors:
+        if tensor.name not in names and tensor.name != _ROPE_FREQS:
+            raise ValueError(
+                f"{meta.path}: tensor {tensor.name!r} has no counterpart in transformers' "
+                f"{_ARCHITECTURES[arch_name].model_type} model (an unsupported variant of {arch_name}?)"
+            )
+        if not _can_dequantize(tensor.tensor_type):
+            raise ValueError(
+                f"{meta.path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which cannot be dequantized "
+                f"(gguf {importlib.metadata.version('gguf')})"
+            )
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
+    """Open (memory-map) a GGUF file, turning parse failures into one ValueError.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or is not a file.
+        ValueError: the file is not a valid GGUF file (wrong magic, truncated, corrupt), is big-endian, or is one
+            part of a split model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"GGUF file not found: {path}", str(path))
+    try:
+        reader = gguf.GGUFReader(path)
+    except _PARSE_ERRORS as e:
+        raise ValueError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from e
+    if reader.byte_order != "I":
+        raise ValueError(f"{path}: big-endian GGUF files are not supported")
+    split = reader.get_field(Keys.Split.LLM_KV_SPLIT_COUNT)
+    if split is not None and split.contents() > 1:
+        raise ValueError(f"{path}: is one part of a split GGUF model; merge it first (llama-gguf-split --merge)")
+    return reader
+
+
+def gguf_config(reader: gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Build a transformers ``config.json``-style dict from a GGUF file's metadata.
+
+    Args:
+        reader: an open GGUF file (see ``open_gguf``).
+        dtype: recorded as the config's ``dtype`` (the dtype ``iter_gguf_tensors`` is asked to produce).
+
+    Raises:
+        ValueError: unsupported architecture, missing or malformed metadata, or tensors the HF model has no place for.
+    """
+    meta = _Metadata(reader)
+    arch = _architecture(meta)
+    config = arch.build_config(meta)
+    embed = meta.shape("token_embd.weight")
+    vocab = embed[0] if embed else meta.get(Keys.LLM.VOCAB_SIZE, int, None)
+    if vocab is None and (tokens := reader.get_field(Keys.Tokenizer.LIST)) is not None:
+        vocab = len(tokens.data)
+    if vocab is None:
+        raise ValueError(f"{meta.path}: cannot tell the vocabulary size (no token_embd tensor, vocab_size or tokens)")
+    config["vocab_size"] = vocab
+    config["tie_word_embeddings"] = "output.weight" not in meta.tensors
+    for hf_key, gguf_key in (
+        ("bos_token_id", Keys.Tokenizer.BOS_ID),
+        ("eos_token_id", Keys.Tokenizer.EOS_ID),
+        ("pad_token_id", Keys.Tokenizer.PAD_ID),
+    ):
+        if (token_id := meta.get(gguf_key, int, None)) is not None:
+            config[hf_key] = token_id
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    _check_tensors(meta, meta.arch, config[arch.layers_key])
+    return config
+
+
+def iter_gguf_tensors(
+    reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for every parameter in the file, dequantizing one tensor at a time.
+
+    Tensors come out in HF layout (q/k rows un-permuted, Gemma norms shifted back) as ``dtype``. The whole file is
+    checked (names, quantization types) before the first tensor is decoded, so a bad file fails before any work.
+
+    Args:
+        reader: an open GGUF file (see ``open_gguf``).
+        config: the dict ``gguf_config`` built for this reader (head counts drive the q/k un-permute).
+        dtype: the floating-point dtype of the yielded tensors; dequantization itself runs in float32.
+    """
+    meta = _Metadata(reader)
+    arch = _architecture(meta)
+    names = _check_tensors(meta, meta.arch, config[arch.layers_key])
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue
+        weight = _dequantize(tensor)
+        if arch.fix_tensor is not None:
+            try:
+                weight = arch.fix_tensor(tensor.name, weight, config)
+            except ValueError as e:
+                raise ValueError(f"{meta.path}: tensor {tensor.name!r} of shape {tuple(weight.shape)}: {e}") from e
+        yield names[tensor.name], weight.to(dtype)
+
+
+def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
+    """Read a GGUF model file as a transformers config dict and a dequantized state dict.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: dtype of the state dict's tensors (and the config's ``dtype``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not a valid GGUF file; an architecture other than ``SUPPORTED_ARCHITECTURES``; a tensor type the
+            ``gguf`` package cannot dequantize (the message names the tensor and type); metadata the config needs is
+            missing.
+    """
+    reader = open_gguf(path)
+    config = gguf_config(reader, dtype)
+    state_dict = dict(iter_gguf_tensors(reader, config, dtype))
+    return GGUFCheckpoint(config=config, state_dict=state_dict, reader=reader, path=Path(path))
