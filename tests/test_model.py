@@ -494,3 +494,61 @@ def test_report_largest_errors():
     for key in sorted(LARGEST):
         print(f"{key:55s} {LARGEST[key]:.2e}")
     assert all(v <= TOL for v in LARGEST.values())
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gpt_bigcode"])
+def test_heads_transformers_lacks(tmp_path, model_type, caplog):
+    """Question answering for Gemma and GPTBigCode exists only here: it loads from a causal-LM checkpoint (head
+    initialised, with a warning naming it), shares the decoder's numbers, and trains."""
+    hf = build(model_type, "causal_lm")
+    path = save(hf, tmp_path / "lm")
+    with caplog.at_level("WARNING"):
+        qa = AutoModelForQuestionAnswering.from_pretrained(path)
+    assert "qa_outputs.weight" in caplog.text
+    base = hf.model if model_type == "gemma" else hf.transformer
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = base(input_ids=ids).last_hidden_state
+    out = qa(input_ids=ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4]))
+    expected = hidden @ qa.qa_outputs.weight.T + qa.qa_outputs.bias
+    assert rel_err(out.start_logits, expected[..., 0]) <= TOL
+    assert rel_err(out.end_logits, expected[..., 1]) <= TOL
+    out.loss.backward()
+    assert qa.qa_outputs.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_inputs_embeds_match(tmp_path, model_type):
+    hf, ours = pair(tmp_path, model_type, "causal_lm", "sdpa")
+    embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = hf(inputs_embeds=embeds).logits
+        got = ours(inputs_embeds=embeds).logits
+    assert rel_err(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_bfloat16_matches_transformers(tmp_path, model_type, backend):
+    """Half precision follows each family's casting order (Llama casts before the norm weight, Gemma after, ...)."""
+    import transformers
+
+    path = save(build(model_type, "causal_lm"), tmp_path / "fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager" if model_type == "mpt" else backend)
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16", attn_implementation=backend)
+    assert ours.dtype == torch.bfloat16
+    ids, mask, pos = left_padded_batch(97, [7, 4])
+    kw = kwargs_for(model_type, ids, mask, pos)
+    with torch.no_grad():
+        ref = hf(**kw).logits[mask.bool()]
+        got = ours(**kw).logits[mask.bool()]
+    # MPT's reference adds the fp32 ALiBi bias to bf16 scores (promoting them); SDPA takes the bias in bf16.
+    assert rel_err(got, ref) <= (2e-2 if (model_type, backend) == ("mpt", "sdpa") else 1e-6)
+
+
+def test_dtype_auto_follows_checkpoint(tmp_path):
+    hf = build("llama", "causal_lm").to(torch.bfloat16)
+    ours = AutoModelForCausalLM.from_pretrained(save(hf, tmp_path / "bf16"))
+    assert ours.dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float32).dtype == torch.float32
