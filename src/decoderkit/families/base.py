@@ -92,13 +92,30 @@ class Family:
         return out
 
 
-def rename(name: str, table: list[tuple[str, str]]) -> str | None:
-    """Apply the first matching regex rename of `table`, or return None."""
-    for pattern, replacement in table:
-        new, count = re.subn(pattern, replacement, name)
-        if count:
-            return new
-    return None
+class NameMap:
+    """Two-way prefix renames between a family's names and ours; `{i}` stands for a layer index."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        def compile_(template: str) -> re.Pattern[str]:
+            return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+
+        self._to_ours = [(compile_(hf), ours) for hf, ours in pairs]
+        self._to_hf = [(compile_(ours), hf) for hf, ours in pairs]
+
+    @staticmethod
+    def _apply(name: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+        for pattern, template in table:
+            m = pattern.match(name)
+            if m:
+                layer = m.group(1) if m.groups() else ""
+                return template.replace("{i}", layer) + name[m.end():]
+        return None
+
+    def to_ours(self, name: str) -> str | None:
+        return self._apply(name, self._to_ours)
+
+    def to_hf(self, name: str) -> str | None:
+        return self._apply(name, self._to_hf)
 
 
 def split_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

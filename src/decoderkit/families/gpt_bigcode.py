@@ -12,21 +12,21 @@ from typing import Any
 import torch
 
 from decoderkit.config import DecoderConfig
-from decoderkit.families.base import Family, common_fields, common_to_hf, layer_groups, rename, split_rows
+from decoderkit.families.base import Family, NameMap, common_fields, common_to_hf, layer_groups, split_rows
 
-_RENAMES = [
-    (r"^wte\.", "embed_tokens."),
-    (r"^wpe\.", "embed_positions."),
-    (r"^ln_f\.", "norm."),
-    (r"^h\.(\d+)\.ln_1\.", r"layers.\1.input_layernorm."),
-    (r"^h\.(\d+)\.ln_2\.", r"layers.\1.post_attention_layernorm."),
-    (r"^h\.(\d+)\.ln_cross_attn\.", r"layers.\1.cross_attn_layernorm."),
-    (r"^h\.(\d+)\.attn\.c_proj\.", r"layers.\1.self_attn.o_proj."),
-    (r"^h\.(\d+)\.crossattention\.c_proj\.", r"layers.\1.cross_attn.o_proj."),
-    (r"^h\.(\d+)\.crossattention\.q_attn\.", r"layers.\1.cross_attn.q_proj."),
-    (r"^h\.(\d+)\.mlp\.c_fc\.", r"layers.\1.mlp.up_proj."),
-    (r"^h\.(\d+)\.mlp\.c_proj\.", r"layers.\1.mlp.down_proj."),
-]
+NAMES = NameMap([
+    ("wte.", "embed_tokens."),
+    ("wpe.", "embed_positions."),
+    ("ln_f.", "norm."),
+    ("h.{i}.ln_1.", "layers.{i}.input_layernorm."),
+    ("h.{i}.ln_2.", "layers.{i}.post_attention_layernorm."),
+    ("h.{i}.ln_cross_attn.", "layers.{i}.cross_attn_layernorm."),
+    ("h.{i}.attn.c_proj.", "layers.{i}.self_attn.o_proj."),
+    ("h.{i}.crossattention.c_proj.", "layers.{i}.cross_attn.o_proj."),
+    ("h.{i}.crossattention.q_attn.", "layers.{i}.cross_attn.q_proj."),
+    ("h.{i}.mlp.c_fc.", "layers.{i}.mlp.up_proj."),
+    ("h.{i}.mlp.c_proj.", "layers.{i}.mlp.down_proj."),
+])
 
 
 class GPTBigCodeFamily(Family):
@@ -104,7 +104,7 @@ class GPTBigCodeFamily(Family):
         return out
 
     def base_hf_to_ours(self, name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
-        new = rename(name, _RENAMES)
+        new = NAMES.to_ours(name)
         if new is not None:
             return [(new, tensor)]
         parts = name.split(".")
@@ -134,22 +134,7 @@ class GPTBigCodeFamily(Family):
         return not config.hf_config.get("multi_query", True)
 
     def base_ours_to_hf(self, state: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        inverse = [
-            (r"^embed_tokens\.", "wte."), (r"^embed_positions\.", "wpe."), (r"^norm\.", "ln_f."),
-            (r"^layers\.(\d+)\.input_layernorm\.", r"h.\1.ln_1."),
-            (r"^layers\.(\d+)\.post_attention_layernorm\.", r"h.\1.ln_2."),
-            (r"^layers\.(\d+)\.cross_attn_layernorm\.", r"h.\1.ln_cross_attn."),
-            (r"^layers\.(\d+)\.self_attn\.o_proj\.", r"h.\1.attn.c_proj."),
-            (r"^layers\.(\d+)\.cross_attn\.o_proj\.", r"h.\1.crossattention.c_proj."),
-            (r"^layers\.(\d+)\.cross_attn\.q_proj\.", r"h.\1.crossattention.q_attn."),
-            (r"^layers\.(\d+)\.mlp\.up_proj\.", r"h.\1.mlp.c_fc."),
-            (r"^layers\.(\d+)\.mlp\.down_proj\.", r"h.\1.mlp.c_proj."),
-        ]
-        for key, value in state.items():
-            new = rename(key, inverse)
-            if new is not None:
-                out[new] = value
+        out = {new: v for k, v in state.items() if (new := NAMES.to_hf(k)) is not None}
         e, d, h = config.hidden_size, config.head_dim, config.num_attention_heads
         for prefix, tensors in layer_groups(state):
             layer = prefix.split(".")[1]

@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
 from decoderkit.config import DecoderConfig
-from decoderkit.families.base import Family, common_fields, common_to_hf, layer_groups, rename, split_rows
+from decoderkit.families.base import Family, NameMap, common_fields, common_to_hf, layer_groups, split_rows
 
 logger = logging.getLogger(__name__)
 
-_RENAMES = [
-    (r"^wte\.", "embed_tokens."),
-    (r"^norm_f\.", "norm."),
-    (r"^blocks\.(\d+)\.norm_1\.", r"layers.\1.input_layernorm."),
-    (r"^blocks\.(\d+)\.norm_2\.", r"layers.\1.post_attention_layernorm."),
-    (r"^blocks\.(\d+)\.attn\.out_proj\.", r"layers.\1.self_attn.o_proj."),
-    (r"^blocks\.(\d+)\.ffn\.up_proj\.", r"layers.\1.mlp.up_proj."),
-    (r"^blocks\.(\d+)\.ffn\.down_proj\.", r"layers.\1.mlp.down_proj."),
-]
-_INVERSE = [
-    (r"^embed_tokens\.", "wte."),
-    (r"^norm\.", "norm_f."),
-    (r"^layers\.(\d+)\.input_layernorm\.", r"blocks.\1.norm_1."),
-    (r"^layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.norm_2."),
-    (r"^layers\.(\d+)\.self_attn\.o_proj\.", r"blocks.\1.attn.out_proj."),
-    (r"^layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.ffn.up_proj."),
-    (r"^layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.ffn.down_proj."),
-]
+NAMES = NameMap([
+    ("wte.", "embed_tokens."),
+    ("norm_f.", "norm."),
+    ("blocks.{i}.norm_1.", "layers.{i}.input_layernorm."),
+    ("blocks.{i}.norm_2.", "layers.{i}.post_attention_layernorm."),
+    ("blocks.{i}.attn.out_proj.", "layers.{i}.self_attn.o_proj."),
+    ("blocks.{i}.ffn.up_proj.", "layers.{i}.mlp.up_proj."),
+    ("blocks.{i}.ffn.down_proj.", "layers.{i}.mlp.down_proj."),
+])
 
 # attn_config options that transformers' MPT accepts but does not implement; we follow transformers (same numbers).
 _IGNORED_ATTN_OPTIONS = {"qk_ln": False, "prefix_lm": False, "attn_uses_sequence_id": False, "alibi": True}
@@ -52,7 +42,6 @@ class MptFamily(Family):
         if hidden % heads != 0:
             raise ValueError(f"mpt config: d_model ({hidden}) is not a multiple of n_heads ({heads})")
         head_dim = hidden // heads
-        softmax_scale = attn.get("softmax_scale")
         with_bias = not hf.get("no_bias", True)
         dropout = float(attn.get("attn_pdrop", 0.0) or 0.0)
         return DecoderConfig(
@@ -74,7 +63,7 @@ class MptFamily(Family):
             alibi_bias_max=attn.get("alibi_bias_max", 8),
             attention_bias=with_bias,
             attention_out_bias=with_bias,
-            attention_scale=softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim),
+            attention_scale=attn.get("softmax_scale"),  # None: 1/sqrt(head_dim), as MPT's default
             clip_qkv=attn.get("clip_qkv"),
             attention_dropout=dropout,
             mlp_type="plain",
@@ -93,8 +82,10 @@ class MptFamily(Family):
         for alias in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
             out.pop(alias, None)
         attn = dict(out.get("attn_config") or {})
+        dropout = config.attention_dropout
         attn.update(
-            attn_pdrop=config.attention_dropout,
+            # transformers' MptAttentionConfig types attn_pdrop as int and rejects 0.0.
+            attn_pdrop=int(dropout) if float(dropout).is_integer() else dropout,
             clip_qkv=config.clip_qkv,
             softmax_scale=config.attention_scale,
             alibi=True,
@@ -115,7 +106,7 @@ class MptFamily(Family):
         return out
 
     def base_hf_to_ours(self, name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
-        new = rename(name, _RENAMES)
+        new = NAMES.to_ours(name)
         if new is not None:
             return [(new, tensor)]
         parts = name.split(".")
@@ -125,7 +116,7 @@ class MptFamily(Family):
         return [(name, tensor)]
 
     def base_ours_to_hf(self, state: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
-        out = {new: v for k, v in state.items() if (new := rename(k, _INVERSE)) is not None}
+        out = {new: v for k, v in state.items() if (new := NAMES.to_hf(k)) is not None}
         for prefix, tensors in layer_groups(state):
             for kind in ("weight", "bias"):
                 if f"self_attn.q_proj.{kind}" in tensors:
