@@ -552,3 +552,18 @@ def test_dtype_auto_follows_checkpoint(tmp_path):
     ours = AutoModelForCausalLM.from_pretrained(save(hf, tmp_path / "bf16"))
     assert ours.dtype == torch.bfloat16
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float32).dtype == torch.float32
+
+
+def test_partial_rotary_rotates_only_the_leading_dims():
+    """partial_rotary_factor with a scaled rope type: the first R dims rotate (as GPT-NeoX does), the rest pass."""
+    from decoderkit.layers.rope import RotaryEmbedding, apply_rotary
+
+    params = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    rope = RotaryEmbedding(params, head_dim=16, max_position_embeddings=32)
+    assert rope.rotary_dim == 8
+    x = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(9))
+    cos, sin = rope(torch.arange(5)[None], torch.float32)
+    out = apply_rotary(x, cos, sin)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    assert torch.allclose(out[..., :8], apply_rotary(x[..., :8].contiguous(), cos, sin))
+    assert not torch.allclose(out[..., 1:, :8], x[..., 1:, :8])
