@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from .chat_template import ChatTemplateError, apply_chat_template
+from .fileio import write_atomic
 from .gguf_vocab import vocab_from_gguf
 
 __all__ = [
@@ -467,7 +467,7 @@ class Tokenizer:
             "special_tokens_map.json": json.dumps(self.special_tokens_map, indent=2, ensure_ascii=False) + "\n",
         }
         for name, content in files.items():
-            _write_atomic(directory / name, content)
+            write_atomic(directory / name, content)
         return tuple(str(directory / name) for name in files)
 
     def __repr__(self) -> str:
@@ -695,17 +695,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping):
         return value.get("content")
     return str(value)
-
-
-def _write_atomic(path: Path, content: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

@@ -23,11 +23,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from decoderkit.fileio import write_atomic
 
 __all__ = ["GenerationConfig", "GENERATION_CONFIG_NAME"]
 
@@ -354,15 +355,5 @@ class GenerationConfig:
             raise ValueError(f"save_pretrained expects a directory, but {directory} is a file")
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / GENERATION_CONFIG_NAME
-        # Write to a temporary file in the same directory and rename: readers never see a half-written file
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{GENERATION_CONFIG_NAME}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json_string())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, self.to_json_string())
         return target

@@ -117,7 +117,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rope_type = params.get("rope_type", "default")
         self.max_position_embeddings = max_position_embeddings
-        inv_freq, self.attention_scaling = rope_inv_freq(params, head_dim, max_position_embeddings)
+        # Computed on the CPU whatever the default device: on "meta" (lean loading) the math would route through
+        # torch._refs and cost seconds of imports, and the values are recomputed after loading anyway.
+        target = torch.empty(0).device
+        with torch.device("cpu"):
+            inv_freq, self.attention_scaling = rope_inv_freq(params, head_dim, max_position_embeddings)
+        inv_freq = inv_freq.to(target)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
         self.max_seq_len_cached = max_position_embeddings
