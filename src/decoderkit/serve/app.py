@@ -1,0 +1,567 @@
+"""OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+Every request is validated at the boundary and answered with OpenAI's error body on failure; generation runs on the
+shared `Engine` (continuous batching), whose outputs arrive on the event loop through a per-request asyncio queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from decoderkit.serve.engine import Engine, EngineStoppedError, QueueFullError, RequestOutput, SamplingParams
+from decoderkit.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
+    error_body,
+    new_id,
+)
+
+logger = logging.getLogger("decoderkit.serve")
+T = TypeVar("T", bound=BaseModel)
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass
+class ServerSettings:
+    """Operational limits of one server."""
+
+    model_name: str
+    api_key: str | None = None
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    max_body_bytes: int = 1 << 20
+    retry_after_seconds: int = 1
+    shutdown_drain_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------------------------------------------- middleware
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over `limit` bytes with 413 before the app sees them, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(send)
+            return
+        # Read the whole body here (bounded) and replay it: a chunked upload is cut off as soon as it passes the limit.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Callable[[dict], Awaitable[None]]) -> None:
+        payload = json.dumps(error_body(f"request body is larger than {self.limit} bytes", "invalid_request_error",
+                                        None, "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+# ---------------------------------------------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app over a (not yet started) engine; the app's lifespan starts and stops it."""
+    tokenizer = engine.tokenizer
+    context = engine.max_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop, settings.shutdown_drain_seconds)
+
+    app = FastAPI(title="decoderkit", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.state.engine = engine
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                           "invalid_request_error", None, "invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{settings.model_name}`.",
+                           "invalid_request_error", "model", "model_not_found")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.is_alive():
+            return JSONResponse(error_body("the generation engine is not running", "server_error"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> ModelList:
+        authorize(request)
+        return ModelList(data=[ModelCard(id=settings.model_name, created=int(settings.started))])
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(engine), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await parse_body(request, ChatCompletionRequest)
+        check_model(body.model)
+        if not body.messages:
+            raise APIError(400, "messages must be a non-empty list", param="messages", code="invalid_value")
+        messages = [{"role": m.role, "content": m.text() or "", **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except ValueError as exc:  # ChatTemplateError: a role or message shape the template refuses
+            raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages",
+                           code="invalid_messages") from None
+        if body.logprobs and body.top_logprobs is None:
+            body.top_logprobs = 0
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = sampling_params(body, list(prompt), max_tokens, body.logprobs, body.top_logprobs or 0, "messages")
+        job = submit(request, [list(prompt)], [params])
+        request_id = new_id("chatcmpl")
+        if body.stream:
+            return sse(chat_stream(job, request_id, body.model, body.logprobs, body.include_usage()))
+        results = await job.collect()
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                              logprobs=chat_logprobs(r) if body.logprobs else None) for i, r in enumerate(results)]
+        return JSONResponse(ChatCompletion(id=request_id, model=body.model, choices=choices,
+                                           usage=usage(job, results)).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        body = await parse_body(request, CompletionRequest)
+        check_model(body.model)
+        prompts = completion_prompts(body.prompt)
+        params = [sampling_params(body, p, body.max_tokens, body.logprobs is not None, body.logprobs or 0, "prompt")
+                  for p in prompts]
+        job = submit(request, prompts, params)
+        request_id = new_id("cmpl")
+        if body.stream:
+            return sse(completion_stream(job, request_id, body.model, body.logprobs is not None,
+                                         body.include_usage()))
+        results = await job.collect()
+        choices = []
+        for i, r in enumerate(results):
+            text = r.text
+            if body.echo:
+                text = tokenizer.decode(prompts[i // body.n]) + text
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=r.finish_reason,
+                                            logprobs=completion_logprobs(r) if body.logprobs is not None else None))
+        return JSONResponse(Completion(id=request_id, model=body.model, choices=choices,
+                                       usage=usage(job, results)).model_dump())
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]  # type: ignore[list-item]
+        out = []
+        for p in prompt:
+            ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            vocab = engine.model.config.vocab_size
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab - 1}]", param="prompt")
+            out.append(ids)
+        return out
+
+    def sampling_params(body: Any, prompt: list[int], max_tokens: int | None, logprobs: bool, top_logprobs: int,
+                        prompt_param: str) -> list[SamplingParams]:
+        room = context - len(prompt)
+        if room <= 0:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
+                           f"{len(prompt)} tokens.", param=prompt_param, code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the "
+                           "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        return [SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else room, temperature=body.temperature,
+            top_p=body.top_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            stop=tuple(body.stop_list()), seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
+            top_logprobs=top_logprobs, stop_token_ids=() if body.ignore_eos else None,
+        ) for i in range(body.n)]
+
+    def submit(request: Request, prompts: list[list[int]], params: list[list[SamplingParams]]) -> Job:
+        """Queue n choices per prompt (choice index = prompt index * n + j), all or none."""
+        n = len(params[0])
+        job = Job(engine, request, settings.request_timeout, [len(p) for p in prompts for _ in range(n)], n)
+        try:
+            for p, prompt in enumerate(prompts):
+                for j, sp in enumerate(params[p]):
+                    job.submit(p * n + j, prompt, sp)
+        except QueueFullError as exc:
+            job.cancel()
+            raise APIError(429, f"The server is busy ({exc}); retry shortly.", "rate_limit_error", None,
+                           "rate_limit_exceeded", headers={"Retry-After": str(settings.retry_after_seconds)}) from None
+        except EngineStoppedError:
+            job.cancel()
+            raise APIError(503, "The server is shutting down.", "server_error", None, "unavailable") from None
+        return job
+
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    def chat_logprobs(out: RequestOutput) -> ChoiceLogprobs:
+        entries = []
+        for lp in out.logprobs or []:
+            text = token_text(lp.token_id)
+            tops = [TopLogprob(token=token_text(t), logprob=v, bytes=list(token_text(t).encode())) for t, v in lp.top]
+            entries.append(TokenLogprobEntry(token=text, logprob=lp.logprob, bytes=list(text.encode()),
+                                             top_logprobs=tops))
+        return ChoiceLogprobs(content=entries)
+
+    def completion_logprobs(out: RequestOutput, offset: int = 0) -> CompletionLogprobs:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in out.logprobs or []:
+            text = token_text(lp.token_id)
+            tokens.append(text)
+            values.append(lp.logprob)
+            tops.append({token_text(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(text)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+    def usage(job: Job, results: Sequence[RequestOutput]) -> Usage:
+        # As OpenAI counts: the prompt once per prompt (not once per choice), completions over all choices.
+        prompt_tokens = sum(job.prompt_lengths[:: job.n_per_prompt])
+        completion_tokens = sum(r.completion_tokens for r in results)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+    async def chat_stream(job: Job, request_id: str, model: str, logprobs: bool,
+                          include_usage: bool) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatChunkChoice], usage_: Usage | None = None) -> str:
+            payload = ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage_)
+            return f"data: {payload.model_dump_json()}\n\n"
+
+        for i in range(job.size):
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        async for i, out in job.stream():
+            if out.text or out.finish_reason or (logprobs and out.logprobs):
+                delta = ChatDelta(content=out.text) if out.text else ChatDelta()
+                yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=out.finish_reason,
+                                             logprobs=chat_logprobs(out) if logprobs else None)])
+        if include_usage:
+            yield chunk([], usage(job, job.finals()))
+
+    async def completion_stream(job: Job, request_id: str, model: str, logprobs: bool,
+                                include_usage: bool) -> AsyncIterator[str]:
+        offsets = [0] * job.size
+        async for i, out in job.stream():
+            if out.text or out.finish_reason or (logprobs and out.logprobs):
+                lp = completion_logprobs(out, offsets[i]) if logprobs else None
+                offsets[i] += sum(len(t) for t in lp.tokens) if lp else 0
+                choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason, logprobs=lp)
+                payload = Completion(id=request_id, model=model, choices=[choice], usage=None)
+                yield f"data: {payload.model_dump_json()}\n\n"
+        if include_usage:
+            final = Completion(id=request_id, model=model, choices=[], usage=usage(job, job.finals()))
+            yield f"data: {final.model_dump_json()}\n\n"
+
+    return app
+
+
+async def parse_body(request: Request, model: type[T]) -> T:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
+                       code="invalid_type" if err["type"].endswith("_type") else "invalid_value") from None
+
+
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    async def with_done() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except APIError as exc:
+            # Headers are already sent: OpenAI's clients raise on a data event that carries an "error" object.
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(with_done(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class Job:
+    """The engine requests of one HTTP request (n choices per prompt); outputs arrive on one asyncio queue."""
+
+    def __init__(self, engine: Engine, request: Request, timeout: float, prompt_lengths: list[int],
+                 n_per_prompt: int) -> None:
+        self.engine = engine
+        self.request = request
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.prompt_lengths = prompt_lengths
+        self.n_per_prompt = n_per_prompt
+        self.size = len(prompt_lengths)
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        self.request_ids: list[str] = []
+        self.parts: dict[int, list[RequestOutput]] = {}
+        self.open: set[int] = set()
+
+    def submit(self, index: int, prompt: list[int], params: SamplingParams) -> None:
+        def deliver(out: RequestOutput) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+        self.request_ids.append(self.engine.submit(prompt, params, deliver))
+        self.open.add(index)
+        self.parts[index] = []
+
+    def cancel(self) -> None:
+        for rid in self.request_ids:
+            self.engine.cancel(rid)
+
+    async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Outputs as they come; cancels the engine requests on timeout, disconnect or when the consumer stops."""
+        next_check = time.monotonic() + 0.25
+        try:
+            while self.open:
+                now = time.monotonic()
+                if now >= self.deadline:
+                    raise APIError(504, f"the request did not finish within {self.timeout:g} s", "timeout_error",
+                                   None, "timeout")
+                if now >= next_check:
+                    # Checked on a clock, not only when idle: a busy stream would otherwise never look.
+                    next_check = now + 0.25
+                    if await self.request.is_disconnected():
+                        return
+                try:
+                    # Outputs usually wait already: take them without the task that wait_for creates.
+                    index, out = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        index, out = await asyncio.wait_for(self.queue.get(), timeout=min(self.deadline - now, 0.25))
+                    except asyncio.TimeoutError:
+                        continue
+                self.parts[index].append(out)
+                if out.finish_reason is not None:
+                    self.open.discard(index)
+                    if out.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {out.error}", "server_error")
+                yield index, out
+        finally:
+            if self.open:
+                self.cancel()
+
+    def finals(self) -> list[RequestOutput]:
+        """Each choice's outputs merged into one."""
+        merged = []
+        for i in range(self.size):
+            parts = self.parts[i]
+            last = parts[-1]
+            logprobs = [lp for p in parts for lp in (p.logprobs or [])]
+            merged.append(RequestOutput(last.request_id, "".join(p.text for p in parts),
+                                        [t for p in parts for t in p.token_ids], logprobs or None, last.finish_reason,
+                                        last.prompt_tokens, last.completion_tokens, last.error))
+        return merged
+
+    async def collect(self) -> list[RequestOutput]:
+        async for _ in self.stream():
+            pass
+        if self.open:  # the client went away; nobody reads this answer
+            raise APIError(499, "client disconnected", "invalid_request_error")
+        return self.finals()
+
+
+def render_metrics(engine: Engine) -> str:
+    """Prometheus text exposition of the engine's state."""
+    s = engine.stats()
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                     for labels, value in samples)
+
+    metric("decoderkit_queue_length", "gauge", "Requests waiting for admission.", [("", s.waiting)])
+    metric("decoderkit_running_requests", "gauge", "Requests in the running batch.", [("", s.running)])
+    metric("decoderkit_generated_tokens_total", "counter", "Tokens generated since start.",
+           [("", s.generated_tokens_total)])
+    metric("decoderkit_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
+           [("", s.tokens_per_second)])
+    metric("decoderkit_kv_blocks_free", "gauge", "Free KV-cache blocks.", [("", s.free_blocks)])
+    metric("decoderkit_kv_blocks_total", "gauge", "KV-cache blocks in the pool.", [("", s.total_blocks)])
+    metric("decoderkit_requests_finished_total", "counter", "Finished requests by reason.",
+           [(f'{{reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
+    buckets = [(f'_bucket{{le="{bound:g}"}}', count) for bound, count in s.ttft_buckets]
+    buckets += [('_bucket{le="+Inf"}', s.ttft_count), ("_sum", s.ttft_sum), ("_count", s.ttft_count)]
+    lines.extend(["# HELP decoderkit_time_to_first_token_seconds Time from arrival to the first generated token.",
+                  "# TYPE decoderkit_time_to_first_token_seconds histogram"])
+    lines.extend(f"decoderkit_time_to_first_token_seconds{suffix} {value:g}" for suffix, value in buckets)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def default_model_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "default-model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decoderkit serve",
+                                description="OpenAI-compatible server with continuous batching")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory (default: the model shipped with decoderkit)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DECODERKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $DECODERKIT_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
+    p.add_argument("--dtype", default=None, help="weights dtype (float32, bfloat16, float16; default: checkpoint)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="tokens the shared KV block pool holds (default: 80%% of free CUDA memory, else 16384)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-prefill-tokens", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
+    import torch
+
+    from decoderkit.auto import AutoModelForCausalLM
+    from decoderkit.tokenizer import AutoTokenizer
+
+    path = Path(args.model) if args.model else default_model_path()
+    if not path.exists():
+        raise SystemExit(f"model directory {path} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
+                    max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+                    max_queue=args.max_queue)
+    return engine, args.served_model_name or path.resolve().name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `decoderkit serve` and `python -m decoderkit.serve`."""
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    engine, name = load_engine(args)
+    settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
+                              max_body_bytes=args.max_body_bytes)
+    config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to the timeout above),
+    # then runs the app's lifespan shutdown, which stops the engine.
+    uvicorn.Server(config).run()
+    return 0
