@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model (forwards to `python -m decoderkit.training`)",
                            add_help=False, description="Forward all arguments to the decoderkit trainer.")
     train.set_defaults(handler=cmd_train, trainer_args=[])
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (forwards to `python -m decoderkit.serve`)",
+                           add_help=False, description="Forward all arguments to the decoderkit server.")
+    serve.set_defaults(handler=cmd_serve, trainer_args=[])
 
     convert = sub.add_parser("convert", parents=[common], help="GGUF -> HF directory, or change an HF dtype",
                              description="Write a Hugging Face model directory (safetensors + tokenizer) from a .gguf "
@@ -214,9 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `decoderkit` command; return the exit status."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after `train` belongs to the trainer, its --help included: argparse must not look at it.
+    # Everything after `train` / `serve` belongs to that program, its --help included: argparse must not look at it.
     command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
-    trainer_args = argv[command_at + 1:] if argv[command_at:command_at + 1] == ["train"] else None
+    forwarded = argv[command_at:command_at + 1] in (["train"], ["serve"])
+    trainer_args = argv[command_at + 1:] if forwarded else None
     try:
         args = parser.parse_args(argv if trainer_args is None else argv[:command_at + 1])
     except SystemExit as stop:  # --help, --version and usage errors
@@ -941,6 +945,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         sys.argv = saved
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`decoderkit serve ...`: the OpenAI-compatible server (needs the `serve` extra: fastapi, uvicorn)."""
+    try:
+        from decoderkit.serve.app import main as serve_main
+    except ImportError as err:
+        raise CLIError(f"the server needs the serve extra ({err}); pip install 'decoderkit[serve]'") from None
+    return serve_main(args.trainer_args)
 
 
 # ---------------------------------------------------------------------------------------------- convert

@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decoderkit serve",
                                 description="OpenAI-compatible server with continuous batching")
     p.add_argument("model", nargs="?", default=None,
-                   help="model directory (default: the model shipped with decoderkit)")
+                   help="model directory, .gguf file or hub id in the local cache (default: the shipped model)")
+    p.add_argument("--model", "-m", dest="model_option", default=None, help="the same as the positional MODEL")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DECODERKIT_API_KEY"),
@@ -532,11 +533,16 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     import torch
 
     from decoderkit.auto import AutoModelForCausalLM
+    from decoderkit.checkpoint import resolve_model_path
     from decoderkit.tokenizer import AutoTokenizer
 
-    path = Path(args.model) if args.model else default_model_path()
+    name = args.model_option or args.model
+    try:
+        path = resolve_model_path(name) if name else default_model_path()
+    except FileNotFoundError as err:
+        raise SystemExit(f"decoderkit serve: error: {err}") from None
     if not path.exists():
-        raise SystemExit(f"model directory {path} does not exist")
+        raise SystemExit(f"decoderkit serve: error: model {path} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
     tokenizer = AutoTokenizer.from_pretrained(path)
