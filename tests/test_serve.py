@@ -25,7 +25,8 @@ pytest.importorskip("fastapi")
 
 import decoderkit  # noqa: E402
 from decoderkit.serve.app import ServerSettings, create_app  # noqa: E402
-from decoderkit.serve.engine import BlockPool, Engine, PagedRunner, SamplingParams, Segment  # noqa: E402
+from decoderkit.serve.engine import Engine, SamplingParams  # noqa: E402
+from decoderkit.serve.paged import BlockPool, PagedRunner, Segment  # noqa: E402
 from decoderkit.tokenizer import AutoTokenizer, Tokenizer  # noqa: E402
 
 API_KEY = "test-key"

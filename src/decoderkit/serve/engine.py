@@ -28,14 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from decoderkit.generation.logits_process import PresenceFrequencyPenaltyLogitsProcessor, TopPLogitsWarper
-from decoderkit.layers.rope import apply_rotary
+from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
 
 logger = logging.getLogger(__name__)
-# scaled_dot_product_attention shares each key/value head across its query heads itself from torch 2.5 on.
-_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 RATE_WINDOW = 10.0  # seconds over which tokens/s is measured
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -46,150 +43,6 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
-
-
-# ------------------------------------------------------------------------------------------------------- KV blocks
-
-
-class BlockPool:
-    """Fixed-size KV blocks shared by all sequences; buffer row `b * block_size + s` is slot s of block b."""
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        # Block 0 is never handed out: padded key slots point at it, so it is the only block that must be zeroed
-        # (0 * NaN from uninitialised memory would poison attention). The rest stays uninitialised: on CPU a page is
-        # only committed once a request writes to it, so memory follows use.
-        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.keys[:, :block_size].zero_()
-        self.values[:, :block_size].zero_()
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free = list(range(num_blocks, 0, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} KV blocks requested, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        blocks.clear()
-
-    def slots(self, block_table: Sequence[int], length: int) -> torch.Tensor:
-        """Buffer rows holding positions 0..length-1 of a sequence with this block table."""
-        pos = torch.arange(length)
-        table = torch.tensor(block_table[: self.blocks_for(length)], dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
-
-
-@dataclass
-class Segment:
-    """New tokens of one sequence for one forward step: `ids` sit at positions start, start+1, ..."""
-
-    start: int
-    ids: list[int]
-    block_table: list[int]
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.ids)
-
-
-@dataclass
-class _AttentionGroup:
-    tokens: torch.Tensor  # (G, Tq) indices into the flat token axis
-    slots: torch.Tensor  # (G, K) buffer rows of every key each sequence attends to (padded with row 0: the null block)
-    mask: torch.Tensor  # (G, 1, Tq, K) bool, True = attend; or a float bias with -inf-like entries under ALiBi
-
-
-class PagedRunner:
-    """The causal LM's forward pass over a `BlockPool`: any mix of prefill chunks and decode tokens in one batch."""
-
-    def __init__(self, model: Any, pool: BlockPool) -> None:
-        self.model = model
-        self.stack = model.model
-        self.pool = pool
-        self.device = pool.keys.device
-
-    @torch.inference_mode()
-    def forward(self, segments: Sequence[Segment]) -> torch.Tensor:
-        """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V)."""
-        stack, pool, dev = self.stack, self.pool, self.device
-        ids = torch.tensor([t for s in segments for t in s.ids], dtype=torch.long, device=dev)
-        pos = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(dev)
-        ctx_slots = [pool.slots(s.block_table, s.end) for s in segments]
-        write_slots = torch.cat([slots[s.start:] for s, slots in zip(segments, ctx_slots)]).to(dev)
-        groups = self._groups(segments, ctx_slots)
-
-        x = stack.embed(ids[None])  # (1, N, d)
-        if stack.config.position_embedding == "learned":
-            x = x + stack.embed_positions(pos[None]).to(x.dtype)
-        rope = stack.rotary(pos[None], x.dtype) if stack.rotary is not None else None
-        n = ids.shape[0]
-        for i, layer in enumerate(stack.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn._project(attn.q_proj, h, attn.num_heads)[0]  # (H, N, D)
-            k = attn._project(attn.k_proj, h, attn.num_kv_heads)[0]  # (H_kv, N, D)
-            v = attn._project(attn.v_proj, h, attn.num_kv_heads)[0]
-            if rope is not None:
-                q, k = apply_rotary(q[None], *rope)[0], apply_rotary(k[None], *rope)[0]
-            k_buf, v_buf = pool.keys[i], pool.values[i]  # (rows, H_kv, D)
-            k_buf.index_copy_(0, write_slots, k.transpose(0, 1).to(k_buf.dtype))
-            v_buf.index_copy_(0, write_slots, v.transpose(0, 1).to(v_buf.dtype))
-            out = q.new_empty(n, attn.num_heads, attn.head_dim)
-            for g in groups:
-                G, Tq = g.tokens.shape
-                qg = q[:, g.tokens].transpose(0, 1)  # (G, H, Tq, D)
-                rows = g.slots.view(-1)  # index_select: a plain gather, cheaper than advanced indexing
-                kg = k_buf.index_select(0, rows).view(G, -1, *k_buf.shape[1:]).permute(0, 2, 1, 3).to(q.dtype)
-                vg = v_buf.index_select(0, rows).view(G, -1, *v_buf.shape[1:]).permute(0, 2, 1, 3).to(q.dtype)
-                gqa = attn.num_heads != attn.num_kv_heads
-                if gqa and not _SDPA_GQA:
-                    groups_per_kv = attn.num_heads // attn.num_kv_heads
-                    kg, vg = kg.repeat_interleave(groups_per_kv, 1), vg.repeat_interleave(groups_per_kv, 1)
-                mask = g.mask if g.mask.dtype == torch.bool else g.mask.to(q.dtype)
-                extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=attn.scale, **extra)  # (G,H,Tq,D)
-                out[g.tokens.reshape(-1)] = og.transpose(1, 2).reshape(G * Tq, attn.num_heads, attn.head_dim)
-            x = x + attn.o_proj(out.view(1, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = torch.tensor(list(itertools.accumulate(len(s.ids) for s in segments)), device=dev) - 1
-        return self.model.lm_head(stack.norm(x[0, last]))
-
-    def _groups(self, segments: Sequence[Segment], ctx_slots: list[torch.Tensor]) -> list[_AttentionGroup]:
-        # Single-token segments (decoding) share one padded batch; each longer segment (a prefill chunk) gets its own,
-        # so a long prompt does not pad every decoding sequence to its length.
-        offsets = [0, *itertools.accumulate(len(s.ids) for s in segments)]
-        singles = [i for i, s in enumerate(segments) if len(s.ids) == 1]
-        batches = ([singles] if singles else []) + [[i] for i, s in enumerate(segments) if len(s.ids) > 1]
-        groups = []
-        for members in batches:
-            k_len = max(segments[i].end for i in members)
-            tokens = torch.stack([torch.arange(offsets[i], offsets[i + 1]) for i in members])
-            slots = torch.zeros(len(members), k_len, dtype=torch.long)
-            for row, i in enumerate(members):
-                slots[row, : segments[i].end] = ctx_slots[i]
-            q_pos = torch.stack([torch.arange(segments[i].start, segments[i].end) for i in members])  # (G, Tq)
-            key_pos = torch.arange(k_len)
-            allowed = key_pos[None, None, :] <= q_pos[:, :, None]  # causal; also hides the padding past each end
-            mask: torch.Tensor = allowed[:, None]
-            if self.stack.config.position_embedding == "alibi":
-                slopes = self.stack.alibi_slopes.float().cpu()
-                # slope * (j - i): MPT's bias up to a per-row constant, which softmax ignores.
-                bias = slopes[None, :, None, None] * (key_pos[None, None, None, :] - q_pos[:, None, :, None])
-                mask = bias.masked_fill(~mask, torch.finfo(torch.float32).min)
-            groups.append(_AttentionGroup(tokens.to(self.device), slots.to(self.device), mask.to(self.device)))
-        return groups
 
 
 # -------------------------------------------------------------------------------------------------------- requests
