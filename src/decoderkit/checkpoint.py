@@ -1,28 +1,41 @@
-"""Reading and writing Hugging Face model directories (and reading GGUF files).
+"""Reading and writing Hugging Face model directories, and reading GGUF files.
 
-Loading builds the model on the meta device and materialises each parameter straight from the memory-mapped file in
-the target dtype, so no random initialisation is done and then thrown away, and peak memory stays near the size of
-the weights.
+Loading happens in two passes. The *plan* reads only the checkpoint's names, shapes and dtypes (safetensors headers,
+pickled metadata of a memory-mapped ``.bin``) and maps them onto a model built on the meta device, so every problem
+(unexpected or missing weights, a shape that does not fit the config, a truncated file) is reported before a byte of
+weight data is read. The *materialise* pass then reads each tensor once, in file order, into its final place: a
+safetensors tensor already in the target dtype is read straight into the memory the model keeps; any other is read
+into one reused buffer (a memory-mapped ``.bin``: its mapping) and copied into the target dtype and device. Nothing is
+randomly initialised and thrown away, and peak memory stays near the size of the weights in the target dtype
+(benchmarks/load.py measures it).
+
+Saving writes config.json, generation_config.json and safetensors shards into a temporary directory and moves them
+into place only once all are complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from decoderkit.config import DecoderConfig, read_config_json
-from decoderkit.families import get_family
+from decoderkit.families import Family, get_family
+from decoderkit.fileio import current_umask
 
 if TYPE_CHECKING:
+    import gguf
+
     from decoderkit.model import PreTrainedDecoder
 
 logger = logging.getLogger(__name__)
@@ -31,305 +44,677 @@ DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "double": torch.float64,
 }
 HEAD_ROLES = ("lm_head", "score", "qa_outputs", "classifier")
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Every weight file a save of ours (or of transformers) may leave behind; a new save removes the old ones.
+WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_SHOWN = 5  # names listed in an error before "..."
 
 
 def resolve_dtype(dtype: Any, config: DecoderConfig | None = None) -> torch.dtype | None:
-    """A torch dtype from a torch dtype, its name, or "auto" (the checkpoint's own dtype); None means float32."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """A floating torch dtype from a torch dtype, its name, or "auto" (the config's dtype); None stays None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point dtype; use float32, bfloat16 or float16")
         return dtype
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         if name == "auto":
             saved = config.dtype if config is not None else None
-            return resolve_dtype(saved) if saved not in (None, "auto") else torch.float32
+            return resolve_dtype(saved) if saved not in (None, "auto") else None
         if name in DTYPES:
             return DTYPES[name]
     raise ValueError(f"unknown dtype {dtype!r}; allowed: a torch dtype, 'auto', or one of {sorted(DTYPES)}")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from a name; "auto" picks CUDA when available. Unavailable devices are an error here."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({err}); use 'cpu', 'cuda', 'cuda:N', 'meta' or 'auto'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested, but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+    return device
+
+
 def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '10KiB' / 1234 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB', '500MB' or an integer of bytes")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+    """'5GB' / '500MB' / '10KiB' / 1234 -> bytes (powers of 1000 unless spelled with 'i', as in transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB', '500MB' or an integer of bytes")
+        base = 1024 if m.group(3) else 1000
+        value = int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- locating files
-def resolve_model_path(name: str | os.PathLike) -> Path:
-    """A local directory or file as given, else a hub repo id looked up in the local Hugging Face cache."""
-    path = Path(name)
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_model_path(
+    name: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local directory or file as given, else a hub repo id looked up in the local Hugging Face cache.
+
+    The hub is asked only when the cache lacks the repo and neither `local_files_only` nor HF_HUB_OFFLINE is set.
+    """
+    path = Path(name).expanduser()
     if path.exists():
         return path
     text = os.fspath(name)
-    if text.endswith(".gguf") or os.sep in text.strip("/").replace("/", os.sep, 1) and text.count("/") > 1:
-        raise FileNotFoundError(f"{text}: no such file or directory")
-    if re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text) is None:
-        raise FileNotFoundError(f"{text}: no such file or directory, and not a hub repo id")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        return Path(snapshot_download(text, local_files_only=True))
-    except LocalEntryNotFoundError:
+        if text.endswith((".gguf", ".json", ".safetensors", ".bin")) or text.startswith((".", "/", "~")):
+            raise HFValidationError("a file path")
+        validate_repo_id(text)
+    except HFValidationError:
+        raise FileNotFoundError(f"{text}: no such file or directory (and not a hub repo id)") from None
+    # huggingface_hub reads these variables once, at import; a process (or test) may set them later.
+    offline = local_files_only or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if cache_dir is None:
+        cache_dir = os.environ.get("HF_HUB_CACHE") or (
+            os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    try:
+        return Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError, or a cache entry without the requested revision
         if offline:
             raise FileNotFoundError(
-                f"{text}: not a local path, and not in the Hugging Face cache while HF_HUB_OFFLINE is set; fetch it "
-                f"first with `huggingface-cli download {text}` on a machine with network access"
+                f"{text}: not a local path, and not in the Hugging Face cache ({cache_dir or 'default location'}) "
+                f"while offline (HF_HUB_OFFLINE or local_files_only); fetch it first with "
+                f"`hf download {text}` on a machine with network access ({type(err).__name__})"
             ) from None
-    except Exception as err:  # a malformed id and similar
-        raise FileNotFoundError(f"{text}: not a local path and not a usable hub repo id ({err})") from None
     try:
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        # Fetch safetensors only; .bin weights are fetched only when the repo has no safetensors.
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        folder = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
+                                            allow_patterns=[*patterns, "*.bin"]))
+        return folder
     except Exception as err:
         raise FileNotFoundError(
             f"{text}: not a local path, not in the local Hugging Face cache, and the download failed ({err})"
         ) from None
 
 
-def weight_files(directory: Path) -> tuple[list[Path], str]:
-    """The weight files of a directory and their format ('safetensors' or 'bin')."""
-    for index_name, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+def weight_files(directory: Path) -> tuple[list[Path], str, dict[str, str] | None]:
+    """The weight files of a directory, their format ('safetensors' or 'bin') and the shard index's weight map."""
+    # safetensors first: a directory may also hold .bin files of an older save.
+    for index_name, single, fmt in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (BIN_INDEX, BIN_SINGLE, "bin")):
         index = directory / index_name
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{index}: invalid shard index ({err})") from None
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{index}: invalid shard index ({type(err).__name__}: {err})") from None
             files = sorted({directory / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
-            return files, fmt
-    if (directory / "model.safetensors").exists():
-        return [directory / "model.safetensors"], "safetensors"
-    if (directory / "pytorch_model.bin").exists():
-        return [directory / "pytorch_model.bin"], "bin"
+                raise FileNotFoundError(f"{index} names shard files that are missing: {_listing(missing)}")
+            return files, fmt, weight_map
+        if (directory / single).exists():
+            return [directory / single], fmt, None
     raise FileNotFoundError(
-        f"{directory}: no weights found; expected model.safetensors, {SAFE_INDEX}, pytorch_model.bin or {BIN_INDEX}"
+        f"{directory}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
     )
 
 
-def iter_checkpoint(files: list[Path], fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one tensor in memory at a time for safetensors (memory-mapped)."""
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint sources
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a checkpoint, as its header describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+    def meta(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+class _Source:
+    """A checkpoint's tensors by their (transformers) names."""
+
+    label: str
+    # None when the names are known only while reading (GGUF, whose reader validates its own file up front).
+    entries: list[_Entry] | None = None
+    checkpoint_dtype: torch.dtype | None = None
+    # True when each tensor produced is new memory that the model may keep as it is (no mapping, no sharing).
+    fresh = False
+
+    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
+                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """(name, tensor, bytes read) for each wanted name; each tensor is valid until the next one is produced.
+
+        `reuse`: the caller copies each tensor before asking for the next, so one buffer may serve them all.
+        `pinned`: read into page-locked memory (faster copies to a GPU).
+        """
+        raise NotImplementedError
+
+
+def _first_float(entries: list[_Entry]) -> torch.dtype | None:
+    return next((e.dtype for e in entries if e.dtype.is_floating_point), None)
+
+
+class _SafetensorsSource(_Source):
+    """safetensors files: safe_open validates each one (header, truncation) before anything is read; the data is then
+    read with plain file reads straight into fresh tensors, in file order.
+
+    Why not copy out of a memory map: the pages of a mapping count in the process's RSS for as long as the file stays
+    mapped (twice the weights at the peak when converting dtype), and copying a 555 MiB file out of safetensors'
+    mapping took 1.1 s where read() into the destination tensors took 0.28 s (the checkpoint of benchmarks/load.py).
+    """
+
+    fresh = True
+
+    def __init__(self, files: list[Path], weight_map: dict[str, str] | None, label: str) -> None:
+        self.files, self.label, self.entries = files, label, []
+        self.layout: dict[Path, list[tuple[int, _Entry]]] = {}
+        for file in files:
+            with _safe_open(file) as f:
+                names = set(f.keys())
+            data_start, header = _safetensors_header(file)
+            rows = []
+            for name in names:
+                info = header[name]
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which decoderkit does not read")
+                begin, end = info["data_offsets"]
+                rows.append((data_start + begin, _Entry(name, tuple(info["shape"]), dtype, end - begin)))
+            rows.sort(key=lambda row: row[0])
+            self.layout[file] = rows
+            self.entries += [entry for _, entry in rows]
+            if weight_map is not None:
+                stray = [n for n, f in weight_map.items() if f == file.name and n not in names]
+                if stray:
+                    raise ValueError(f"{label}: the shard index puts {_listing(stray)} in {file.name}, which does "
+                                     "not contain them; the index and the shards come from different saves")
+        self.checkpoint_dtype = _first_float(self.entries)
+
+    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
+                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
+        staging = None
+        if reuse or pinned:
+            # Fresh memory costs a page fault per page on first write; one buffer for all tensors pays that once.
+            largest = max((e.nbytes for e in self.entries if wanted(e.name)), default=0)
+            staging = torch.empty(largest, dtype=torch.uint8, pin_memory=pinned)
+        for file, rows in self.layout.items():
+            with open(file, "rb", buffering=0) as fh:
+                for offset, entry in rows:
+                    if wanted(entry.name):
+                        raw = staging[: entry.nbytes] if staging is not None else torch.empty(entry.nbytes,
+                                                                                             dtype=torch.uint8)
+                        _read_exactly(fh, offset, raw, file)
+                        yield entry.name, raw.view(entry.dtype).reshape(entry.shape), entry.nbytes
+
+
+def _safe_open(file: Path) -> Any:
     from safetensors import SafetensorError, safe_open
 
-    for file in files:
-        if fmt == "safetensors":
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-            except (SafetensorError, OSError) as err:
-                raise ValueError(f"{file}: corrupt or truncated safetensors file ({err})") from None
-        else:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                raise ValueError(f"{file}: unreadable PyTorch checkpoint ({err})") from None
-            yield from state.items()
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({err}); download or save it again") from None
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the JSON header) of a file safe_open has already validated."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        return 8 + size, json.loads(fh.read(size))
+
+
+def _read_exactly(fh: Any, offset: int, out: torch.Tensor, file: Path) -> None:
+    view = memoryview(out.numpy())
+    fh.seek(offset)
+    done = 0
+    while done < len(view):  # one read() returns at most ~2 GiB on Linux
+        n = fh.readinto(view[done:])
+        if not n:
+            raise ValueError(f"{file}: truncated while reading (the file changed while loading?)")
+        done += n
+
+
+class _TorchBinSource(_Source):
+    def __init__(self, files: list[Path], label: str) -> None:
+        self.files, self.label, self.entries = files, label, []
+        for file in files:
+            for name, tensor in _torch_load(file).items():
+                self.entries.append(_Entry(name, tuple(tensor.shape), tensor.dtype,
+                                           tensor.numel() * tensor.element_size()))
+        self.checkpoint_dtype = _first_float(self.entries)
+
+    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
+                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
+        for file in self.files:
+            # Memory-mapped: pages are read when copied, and released with the shard's dict.
+            state = _torch_load(file)
+            for name in list(state):
+                tensor = state.pop(name)
+                if wanted(name):
+                    yield name, tensor, tensor.numel() * tensor.element_size()
+            del state
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Files written before torch 1.6 (legacy, non-zip format) cannot be memory-mapped.
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{file}: unreadable PyTorch checkpoint ({type(err).__name__}: {err}); only plain tensor "
+                         "state dicts are read (torch.load weights_only=True)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+class _GGUFSource(_Source):
+    def __init__(self, reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype, label: str) -> None:
+        self.reader, self.config, self.dtype, self.label = reader, config, dtype, label
+
+    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
+                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
+        from decoderkit.gguf_model import iter_gguf_tensors
+
+        sizes = iter(int(t.n_bytes) for t in self.reader.tensors if t.name != "rope_freqs.weight")
+        for name, tensor in iter_gguf_tensors(self.reader, self.config, self.dtype):
+            nbytes = next(sizes, 0)
+            if wanted(name):
+                yield name, tensor, nbytes
+
+
+def _open_gguf(file: Path, dtype: torch.dtype) -> tuple[_GGUFSource, dict[str, Any]]:
+    from decoderkit.gguf_model import gguf_config, open_gguf
+
+    reader = open_gguf(file)
+    config = gguf_config(reader, dtype)
+    return _GGUFSource(reader, config, dtype, str(file)), config
 
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_pretrained(
     cls: type[PreTrainedDecoder], path: str | os.PathLike, *, dtype: Any = None, attn_implementation: str | None = None,
     device: str | torch.device | None = None, config: DecoderConfig | None = None, progress: bool | None = None,
-    **overrides: Any,
+    gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False, **overrides: Any,
 ) -> PreTrainedDecoder:
-    """Build `cls` from a checkpoint; see `PreTrainedDecoder.from_pretrained`."""
+    """Build `cls` from a checkpoint; see `PreTrainedDecoder.from_pretrained`.
+
+    `path` is a model directory, a `.gguf` file, or a hub repo id in the local cache; `gguf_file` names a GGUF file
+    inside that directory or repo. `dtype` None or "auto" keeps the checkpoint's dtype (GGUF: float32, which holds
+    dequantized values exactly). `progress` None shows a bar only on a terminal. Other keyword arguments override
+    config.json fields (e.g. `num_labels=3`).
+    """
     from decoderkit.model import prepare_config
 
-    location = resolve_model_path(path)
-    gguf = None
+    location = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if gguf_file is not None:
+        location = location / gguf_file
+        if not location.is_file():
+            raise FileNotFoundError(f"{location}: no such GGUF file")
+    device = resolve_device(device)
+    explicit = resolve_dtype(dtype if dtype != "auto" else None)
+    directory: Path | None = None
     if location.is_file() and location.suffix == ".gguf":
-        from decoderkit.gguf_model import read_gguf
-
-        gguf = read_gguf(location)
-        hf_config = gguf.config
+        source, hf_config = _open_gguf(location, explicit or torch.float32)
     elif location.is_dir():
+        directory = location
+        if not (location / "config.json").exists() and (ggufs := sorted(p.name for p in location.glob("*.gguf"))):
+            raise FileNotFoundError(f"{location}: no config.json found; it holds GGUF files ({_listing(ggufs)}): "
+                                    "pass gguf_file=<name> to load one")
         hf_config = read_config_json(location)
+        files, fmt, weight_map = weight_files(location)
+        source = (_SafetensorsSource(files, weight_map, str(location)) if fmt == "safetensors"
+                  else _TorchBinSource(files, str(location)))
     else:
         raise ValueError(f"{location}: expected a model directory (with config.json) or a .gguf file")
-    if config is None:
-        config = DecoderConfig.from_hf_dict({**hf_config, **overrides})
-    config = prepare_config(config, attn_implementation, {})
-    # transformers 5 defaults to "auto" too: the checkpoint's own dtype.
-    target = resolve_dtype(dtype if dtype is not None else "auto", config) or torch.float32
-    device = torch.device(device or "cpu")
+    config = prepare_config(config if config is not None else hf_config, attn_implementation, overrides)
+    # "auto" (transformers 5's default too): config.json's dtype, else the dtype the weights are stored in.
+    target = explicit or resolve_dtype("auto", config) or source.checkpoint_dtype or torch.float32
+    if not target.is_floating_point:
+        target = torch.float32
+    config = config.replace(dtype=str(target).removeprefix("torch."))
 
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = cls(config)
-    if gguf is not None:
-        source = gguf.state_dict.items()
-        label = str(location)
+    expected = _expected_tensors(model)
+    family = get_family(config.model_type)
+    plan = _Plan(model, family, config, expected, source.label)
+    if source.entries is not None:
+        for entry in source.entries:
+            plan.add(entry.name, entry.meta())
+        plan.check()
+    if device.type == "meta":
+        # Nothing is read: the parameters stay on the meta device, in the target dtype.
+        model.to(dtype=target)
+        state: dict[str, torch.Tensor] = {}
+        if source.entries is None:
+            # GGUF: gguf_config has matched the file's tensors to the config; no tensor is decoded to recheck it.
+            plan.found = set(expected)
     else:
-        files, fmt = weight_files(location)
-        source = iter_checkpoint(files, fmt)
-        label = str(location)
-    state = _collect_state(model, config, source, target, device, label, progress)
-    _assign(model, state, device, target, label)
+        state = _materialise(plan, source, target, device, progress)
+    plan.check()
+    _assign(model, state, plan.missing_heads(), device, target, source.label)
     model.eval()
-    _attach_generation_config(model, location if gguf is None else None, hf_config)
+    _attach_generation_config(model, directory, hf_config)
     return model
 
 
-def _collect_state(model: PreTrainedDecoder, config: DecoderConfig, source, dtype: torch.dtype,
-                   device: torch.device, label: str, progress: bool | None) -> dict[str, torch.Tensor]:
-    family = get_family(config.model_type)
-    expected = dict(model.state_dict(keep_vars=True))
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    bar = _progress(progress, label)
-    for hf_name, tensor in source:
-        for name, value in family.hf_to_ours(hf_name, tensor, config):
-            if name.split(".")[0] == "classifier":
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Turn torch.nn.init's functions into no-ops while a model is built on the meta device.
+
+    Initialising meta tensors does nothing useful, and `normal_` on meta imports torch._dynamo (2 s in a fresh
+    process). transformers patches the same functions for the same reason; the patch is process-wide while it lasts.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _expected_tensors(model: PreTrainedDecoder) -> dict[str, torch.Tensor]:
+    """Our state-dict names -> meta tensors, one name per tensor (a tied lm_head is not a tensor of its own)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
+    return out
+
+
+class _Plan:
+    """Which checkpoint tensors fill which of our tensors, and what is wrong with the fit."""
+
+    def __init__(self, model: PreTrainedDecoder, family: Family, config: DecoderConfig,
+                 expected: dict[str, torch.Tensor], label: str) -> None:
+        self.family, self.config, self.expected, self.label = family, config, expected, label
+        self.model_type = config.model_type
+        # A tied model has no lm_head tensor of its own; the checkpoint's copy (if any) is skipped without comment.
+        self.tied_head = config.tie_word_embeddings and hasattr(model, "lm_head")
+        self.needed: set[str] = set()
+        self.found: set[str] = set()
+        self.unexpected: list[str] = []
+        self.unused_heads: list[str] = []
+        self.mismatched: list[str] = []
+
+    def translate(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        try:
+            pairs = self.family.hf_to_ours(hf_name, tensor, self.config)
+        except (RuntimeError, ValueError) as err:  # a fused tensor that does not split as the config says
+            self.mismatched.append(f"{hf_name}: shape {tuple(tensor.shape)} does not fit the config ({err})")
+            return []
+        out = []
+        for name, value in pairs:
+            if name.split(".")[0] == "classifier":  # GPTBigCode's and MPT's token-classification head
                 name = "score" + name[len("classifier"):]
-            if name not in expected:
-                if name.split(".")[0] not in HEAD_ROLES:
-                    unexpected.append(hf_name)
+            out.append((name, value))
+        return out
+
+    def add(self, hf_name: str, tensor: torch.Tensor) -> None:
+        for name, value in self.translate(hf_name, tensor):
+            want = self.expected.get(name)
+            if want is None:
+                role = name.split(".")[0]
+                if role not in HEAD_ROLES:
+                    self.unexpected.append(hf_name)
+                elif not (self.tied_head and name == "lm_head.weight"):
+                    self.unused_heads.append(hf_name)
                 continue
-            want = tuple(expected[name].shape)
-            if tuple(value.shape) != want:
-                raise ValueError(f"{label}: {hf_name} has shape {tuple(value.shape)}; the config expects {want}")
-            state[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-            if bar is not None:
-                bar.update(value.numel() * value.element_size())
-    if bar is not None:
-        bar.close()
-    if unexpected:
-        raise ValueError(f"{label}: {len(unexpected)} unexpected weights for a {config.model_type} model: "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            if tuple(value.shape) != tuple(want.shape):
+                self.mismatched.append(f"{hf_name} has shape {tuple(value.shape)}; the config expects "
+                                       f"{tuple(want.shape)} (for {name})")
+                continue
+            self.needed.add(hf_name)
+            self.found.add(name)
+
+    def check(self) -> None:
+        """Raise a ValueError naming every misfit; log head weights that have no place in this head."""
+        problems = []
+        if self.unexpected:
+            problems.append(f"{len(self.unexpected)} weights that a {self.model_type} model does not have: "
+                            f"{_listing(self.unexpected)}")
+        if self.mismatched:
+            problems.append(f"{len(self.mismatched)} shape mismatches: " + "; ".join(self.mismatched[:_SHOWN])
+                            + (" ..." if len(self.mismatched) > _SHOWN else ""))
+        missing = [n for n in self.expected if n not in self.found and n.split(".")[0] not in HEAD_ROLES]
+        if missing:
+            problems.append(f"{len(missing)} weights missing from the checkpoint: {_listing(missing)}")
+        if problems:
+            raise ValueError(f"{self.label}: the checkpoint does not fit the {self.model_type} config: "
+                             + "; ".join(problems))
+        if self.unused_heads:
+            logger.info("%s: head weights not used by this model: %s", self.label, _listing(self.unused_heads))
+            self.unused_heads = []
+
+    def missing_heads(self) -> list[str]:
+        return [n for n in self.expected if n not in self.found]
+
+
+def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch.device,
+                 progress: bool | None) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    total = sum(e.nbytes for e in source.entries if e.name in plan.needed) if source.entries is not None else None
+    if source.entries is None:
+        wanted: Callable[[str], bool] = lambda name: True  # noqa: E731 - GGUF: names are checked as they arrive
+    else:
+        wanted = plan.needed.__contains__
+    # A checkpoint read into fresh CPU memory in the target dtype becomes the model's own tensors without a copy;
+    # otherwise every tensor is copied (converted, moved) out of one reused read buffer.
+    keep = source.fresh and device.type == "cpu" and source.checkpoint_dtype == dtype
+    state: dict[str, torch.Tensor] = {}
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    with tqdm(total=total, desc=f"loading {os.path.basename(source.label)}", unit="B", unit_scale=True,
+              leave=False, disable=None if progress is None else not progress) as bar:
+        for hf_name, tensor, nbytes in source.tensors(wanted, pinned=device.type == "cuda", reuse=not keep):
+            if source.entries is None:
+                plan.add(hf_name, tensor)
+                if hf_name not in plan.needed:
+                    continue
+            for name, value in plan.translate(hf_name, tensor):
+                if name not in plan.expected or name in state:
+                    continue
+                want = dtype if value.is_floating_point() else value.dtype
+                if keep and value is tensor and value.dtype == want:
+                    state[name] = value  # read straight into its final place: no copy at all
+                    continue
+                # One copy, straight into the final dtype and device; the source tensor is released after.
+                out = torch.empty(value.shape, device=device, dtype=want)
+                out.copy_(value)
+                state[name] = out
+            bar.update(nbytes)
+            tensor = value = None  # a converted tensor's source is freed before the next one is read
     return state
 
 
-def _progress(enabled: bool | None, label: str):
-    import sys
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=f"loading {os.path.basename(label)}", unit="B", unit_scale=True, leave=False)
-
-
-def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-            label: str) -> None:
-    tied = model.config.tie_word_embeddings and hasattr(model, "lm_head")
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    if tied:
-        state.pop("lm_head.weight", None)
-    missing = [n for n in names if n not in state and not (tied and n == "lm_head.weight")]
-    missing_base = [n for n in missing if n.split(".")[0] not in HEAD_ROLES]
-    if missing_base:
-        raise ValueError(f"{label}: {len(missing_base)} weights missing from the checkpoint: {missing_base[:5]}"
-                         f"{' ...' if len(missing_base) > 5 else ''}")
+def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], missing: list[str], device: torch.device,
+            dtype: torch.dtype, label: str) -> None:
     model.load_state_dict(state, strict=False, assign=True)
     if missing:
-        logger.warning("%s: %s not in the checkpoint; newly initialised (train them before use): %s",
-                       label, "these head weights are", missing)
-        for name in missing:
-            module_name, _, param_name = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            fresh = torch.empty(getattr(module, param_name).shape, device=device, dtype=dtype)
-            if param_name == "bias":
-                fresh.zero_()
-            else:
-                fresh.normal_(0.0, model.config.initializer_range)
-            setattr(module, param_name, torch.nn.Parameter(fresh))
+        logger.warning("%s: these head weights are not in the checkpoint and were newly initialised "
+                       "(train them before use): %s", label, ", ".join(missing))
+        with torch.no_grad():
+            for name in missing:
+                module_name, _, param_name = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                fresh = torch.empty(getattr(module, param_name).shape, device=device, dtype=dtype)
+                if device.type != "meta":
+                    if param_name == "bias":
+                        fresh.zero_()
+                    else:
+                        fresh.normal_(0.0, model.config.initializer_range)
+                setattr(module, param_name, torch.nn.Parameter(fresh))
     model.tie_weights()
     model.model.rebuild_buffers(device)
 
 
 def _attach_generation_config(model: PreTrainedDecoder, directory: Path | None, hf_config: dict[str, Any]) -> None:
-    try:
-        from decoderkit.generation.config import GenerationConfig
-    except ImportError:
-        return
-    gen_file = directory / "generation_config.json" if directory is not None else None
-    if gen_file is not None and gen_file.exists():
+    from decoderkit.generation.config import GenerationConfig
+
+    if directory is not None and (directory / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     else:
         model.generation_config = GenerationConfig.from_model_config(hf_config)
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def save_pretrained(model: PreTrainedDecoder, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json, generation_config.json and safetensors shards (+ index) atomically."""
-    from safetensors.torch import save_file
+def save_pretrained(
+    model: PreTrainedDecoder, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write config.json, generation_config.json and safetensors shards (+ index) that transformers loads.
 
+    Everything is written into a temporary directory first and moved into place only when complete, so a failure
+    leaves no partial checkpoint and an existing one untouched. Files of an earlier save in the target that the new
+    one does not overwrite (other shards, .bin weights) are removed; other files (tokenizer, README) are kept.
+    """
     limit = parse_size(max_shard_size)
-    target = Path(save_directory)
+    target = Path(save_directory).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target}: exists and is not a directory")
-    config = model.config
-    family = get_family(config.model_type)
-    state = {k: v for k, v in model.state_dict().items() if k in dict(model.named_parameters(remove_duplicate=False))}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    hf_state = family.ours_to_hf(state, config, model.head)
-    if model.head == "base":
-        prefix = family.hf_prefix("base") + "."
-        hf_state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in hf_state.items()}
-    elif model.head == "token_classification" and family.hf_head_names.get("classifier"):
-        hf_state = {("classifier" + k[len("score"):] if k.startswith("score.") else k): v for k, v in hf_state.items()}
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's parameters are on the meta device and hold no data; load it with "
+                         "device='cpu' (or 'cuda') to save it")
+    hf_state = _hf_state_dict(model)
+    hf_config = _hf_config(model)
 
-    hf_config = family.config_to_hf(config)
-    hf_config["architectures"] = [family.architecture(model.head)]
-    hf_config["dtype"] = str(model.dtype).removeprefix("torch.")
-    hf_config.pop("torch_dtype", None)
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    # Shards are planned from sizes alone so that each is moved to the CPU only while it is written.
+    shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(hf_state):
-        tensor = hf_state[name].detach().contiguous().cpu()
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = hf_state[name].numel() * hf_state[name].element_size()
         if shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
+    files = [SAFE_SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # Inside an existing target (same filesystem, and no write permission on its parent needed), else beside it.
+    staging = Path(tempfile.mkdtemp(prefix=".decoderkit-save-", dir=target if target.exists() else target.parent))
     try:
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for file, shard in zip(names, shards):
-            save_file(shard, staging / file, metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf_state.values())},
-                     "weight_map": {n: f for f, s in zip(names, shards) for n in s}}
-            (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(staging)
-        else:
-            gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(config, k) is not None}
-            (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_checkpoint(model, staging, hf_state, hf_config, shards, files)
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _hf_state_dict(model: PreTrainedDecoder) -> dict[str, torch.Tensor]:
+    config = model.config
+    family = get_family(config.model_type)
+    state = _expected_tensors(model)  # one entry per tensor: a tied lm_head is left out, as transformers saves it
+    if not config.tie_word_embeddings and "lm_head.weight" not in state and hasattr(model, "lm_head"):
+        # Tied by hand although the config says untied: write a copy, or transformers would initialise it randomly.
+        state["lm_head.weight"] = model.lm_head.weight.clone()
+    state = {k: v.detach() for k, v in state.items()}
+    hf_state = family.ours_to_hf(state, config, model.head)
+    if model.head == "base":
+        # transformers saves its bare models (LlamaModel, ...) without the attribute prefix.
+        prefix = family.hf_prefix("base") + "."
+        hf_state = {k.removeprefix(prefix): v for k, v in hf_state.items()}
+    elif model.head == "token_classification" and "classifier" in family.hf_head_names:
+        hf_state = {("classifier" + k[len("score"):] if k.startswith("score.") else k): v for k, v in hf_state.items()}
+    if model.head not in family.hf_heads:
+        logger.warning("transformers has no %s; decoderkit will load this checkpoint, transformers will not",
+                       family.architecture(model.head))
+    return hf_state
+
+
+def _hf_config(model: PreTrainedDecoder) -> dict[str, Any]:
+    family = get_family(model.config.model_type)
+    hf_config = family.config_to_hf(model.config)
+    hf_config["architectures"] = [family.architecture(model.head)]
+    hf_config["dtype"] = str(model.dtype).removeprefix("torch.")
+    hf_config.pop("torch_dtype", None)
+    return hf_config
+
+
+def _write_checkpoint(model: PreTrainedDecoder, directory: Path, hf_state: dict[str, torch.Tensor],
+                      hf_config: dict[str, Any], shards: list[list[str]], files: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    from decoderkit.generation.config import GenerationConfig
+
+    for file, names in zip(files, shards):
+        shard = {n: hf_state[n].contiguous().cpu() for n in names}
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        del shard
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in hf_state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
+        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is None:
+        generation = GenerationConfig.from_model_config(hf_config)
+    generation.save_pretrained(directory)
+
+
 def _publish(staging: Path, target: Path) -> None:
-    """Move the finished files into place; stale weight files of an earlier save are removed."""
+    """Move a finished save into place: the whole directory when new, else file by file (each move atomic).
+
+    Only renames happen here (the writing, which can fail, is over). Weights move first, then the index, then the
+    configs; stale weight files of an earlier save go last, so a single-file save replacing a sharded one is never
+    seen without weights. A reader that looks during these few renames may see old and new files side by side.
+    """
     if not target.exists():
-        os.replace(staging, target)
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; a saved model is as readable as any new dir
+        os.rename(staging, target)
         return
+    new = {p.name for p in staging.iterdir()}
+    order = sorted(new, key=lambda n: (not n.endswith(".safetensors"), n.endswith(".json") and n != SAFE_INDEX))
+    for name in order:
+        os.replace(staging / name, target / name)
     for old in target.iterdir():
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old.name):
+        if old.name not in new and WEIGHT_FILE.fullmatch(old.name) and old.is_file():
             old.unlink()
-    for file in staging.iterdir():
-        os.replace(file, target / file.name)
+
