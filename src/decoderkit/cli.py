@@ -8,6 +8,7 @@ rich are imported by the subcommand that needs them, after the arguments are par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
@@ -228,10 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer_args is not None:
         args.trainer_args = trainer_args
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    _setup_logging(verbose, quiet)
     prog = f"{PROG} {args.command}"
     try:
-        return args.handler(args)
+        with _cli_logging(verbose, quiet):
+            return args.handler(args)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -279,19 +280,31 @@ _HANDLER = _StderrHandler()
 _HANDLER.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    package = logging.getLogger("decoderkit")
-    package.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
-    if _HANDLER not in package.handlers:
-        package.addHandler(_HANDLER)
-        package.propagate = False
+@contextlib.contextmanager
+def _cli_logging(verbose: bool, quiet: bool) -> Iterator[None]:
+    """Route decoderkit's log records and warnings to stderr as one-line messages for the command's duration.
+
+    The previous logger and warnings state comes back afterwards, so calling `main()` in-process (tests, notebooks)
+    leaves no trace on the caller's logging.
+    """
     import warnings
 
-    if quiet:
-        warnings.simplefilter("ignore")
-    elif not verbose:
-        # One line per warning, without the library source line Python shows by default.
-        warnings.formatwarning = lambda message, category, *_, **__: f"{PROG}: warning: {message}\n"
+    package = logging.getLogger("decoderkit")
+    saved = (package.level, package.propagate, warnings.formatwarning)
+    package.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    package.addHandler(_HANDLER)
+    package.propagate = False
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            elif not verbose:
+                # One line per warning, without the library source line Python shows by default.
+                warnings.formatwarning = lambda message, category, *_, **__: f"{PROG}: warning: {message}\n"
+            yield
+    finally:
+        package.removeHandler(_HANDLER)
+        package.level, package.propagate, warnings.formatwarning = saved
 
 
 def _silence_stdout() -> None:
