@@ -536,10 +536,14 @@ class AutoTokenizer:
         """Load a tokenizer from a Hugging Face model directory (tokenizer.json + tokenizer_config.json) or a GGUF file.
 
         Args:
-            path: a directory, or a `.gguf` file.
+            path: a directory, a `.gguf` file, or a hub repo id already in the local Hugging Face cache.
             gguf_file: a GGUF file name inside `path` (as in transformers).
             **overrides: tokenizer_config.json values to override (`padding_side`, `pad_token`, `chat_template`, ...).
         """
+        if not Path(path).exists():
+            from .checkpoint import resolve_model_path
+
+            path = resolve_model_path(path)
         path = Path(path)
         if gguf_file is not None:
             path = path / gguf_file
