@@ -1,0 +1,384 @@
+"""LoRA adapters (Hu et al., 2021) on any `nn.Linear` of a decoderkit model, saved and loaded in PEFT's format.
+
+`apply_lora` turns the matched linears into `LoraLinear` in place: the frozen weight keeps its name (so checkpoints and
+`save_pretrained` see the same model), and `lora_A` / `lora_B` are added beside it, exactly where PEFT puts them.
+The adapter directory (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<transformers module name>.lora_A.weight`) loads with `PeftModel.from_pretrained` on the
+transformers model of the same checkpoint.
+
+Our module names follow Llama for every family. Saving maps them to the family's own names; GPTBigCode (`c_attn`)
+and MPT (`Wqkv`) fuse q, k and v into one projection, so an adapter on our separate q/k/v cannot be expressed for
+transformers: `save_adapter` raises for those, while training and `merge_and_unload` work for every family.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# Output heads are never adapted by "all-linear", as in PEFT: they are trained whole via modules_to_save.
+HEAD_MODULES = ("lm_head", "score", "qa_outputs", "classifier")
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
+              "question_answering": "QUESTION_ANS", "base": "FEATURE_EXTRACTION"}
+
+
+@dataclass
+class LoraConfig:
+    """Which linears get adapters and how big they are; field names and meanings are PEFT's.
+
+    `target_modules`: a list of module names matched as suffixes (`"q_proj"` matches every layer's q_proj), a
+    string taken as a regular expression that must match the whole module name, or `"all-linear"` (every linear in
+    the decoder layers). `modules_to_save`: modules trained in full and saved with the adapter (a classifier head).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: Sequence[str] | str = ("q_proj", "v_proj")
+    modules_to_save: Sequence[str] | None = None
+    use_rslora: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name the linears to adapt (e.g. ['q_proj', 'v_proj'])")
+
+    @property
+    def scaling(self) -> float:
+        # rsLoRA divides by sqrt(r) so that the update's scale does not shrink as the rank grows.
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called `name` is a target."""
+        targets = self.target_modules
+        if targets == "all-linear":
+            return ".layers." in f".{name}" and name.split(".")[0] not in HEAD_MODULES
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class LoraLinear(nn.Linear):
+    """`nn.Linear` plus a low-rank update: y = x W^T + b + scaling * B(A(dropout(x))).
+
+    Made from an existing linear by `LoraLinear.wrap` (in place: `weight` and `bias` stay the same parameters), and
+    turned back into a plain linear by `unwrap`. While `merged`, the update lives inside `weight` and the side path
+    is skipped.
+    """
+
+    r: int
+    scaling: float
+    merged: bool
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+             use_rslora: bool = False) -> LoraLinear:
+        """Turn `linear` into a LoraLinear with fresh adapters: A Kaiming-uniform, B zero (so the output is
+        unchanged until training moves B), as PEFT initialises them."""
+        if isinstance(linear, LoraLinear):
+            raise ValueError("this linear already has a LoRA adapter")
+        linear.__class__ = cls
+        self: LoraLinear = linear  # type: ignore[assignment]
+        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(linear.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, linear.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, computed in fp32 (a bf16 product would lose the small update against W)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def unwrap(self) -> nn.Linear:
+        """Back to a plain nn.Linear holding the current `weight` (merge first to keep the update)."""
+        for name in ("lora_A", "lora_B", "lora_dropout"):
+            delattr(self, name)
+        for name in ("r", "scaling", "merged"):
+            self.__dict__.pop(name, None)
+        self.__class__ = nn.Linear
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+# ---------------------------------------------------------------------------------------------------- apply / merge
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(name, module) for every LoRA-adapted linear."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(True for _ in lora_modules(model))
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Add adapters to the linears `config` targets and freeze everything else (except `modules_to_save`).
+
+    Raises ValueError when nothing matches, listing the linear names the model has. Returns the same model.
+    """
+    if has_lora(model):
+        raise ValueError("the model already has LoRA adapters; merge_and_unload() it first to add new ones")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(n, m) for n, m in linears if config.matches(n)]
+    if not targets:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise ValueError(f"target_modules {config.target_modules!r} matched no nn.Linear; this model's linears are "
+                         f"named {leaves}")
+    for _, linear in targets:
+        LoraLinear.wrap(linear, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+    saved = _modules_to_save(model, config.modules_to_save)
+    for name, param in model.named_parameters():
+        param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(
+            name.startswith(m + ".") for m in saved)
+    model.lora_config = config
+    return model
+
+
+def _modules_to_save(model: nn.Module, names: Sequence[str] | None) -> list[str]:
+    found = []
+    for wanted in names or ():
+        matches = [n for n, _ in model.named_modules() if n == wanted or n.endswith("." + wanted)]
+        if not matches:
+            raise ValueError(f"modules_to_save: the model has no module named {wanted!r}")
+        found += matches
+    return found
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (outputs unchanged, the side path skipped)."""
+    for _, module in lora_modules(model):
+        module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take the adapters back out of the base weights."""
+    for _, module in lora_modules(model):
+        module.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the adapters and return the model with plain linears only (ready for `save_pretrained`)."""
+    for _, module in list(lora_modules(model)):
+        module.merge()
+        module.unwrap()
+    for param in model.parameters():
+        param.requires_grad = True
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- PEFT format
+def _hf_param_name(model: nn.Module, name: str, shape: torch.Size) -> str | None:
+    """The transformers name of our parameter `name` in this family, or None when it has no name of its own there
+    (one of q/k/v, which GPTBigCode and MPT store fused)."""
+    from decoderkit.families import get_family
+
+    config = model.config
+    family = get_family(config.model_type)
+    head = getattr(model, "head", "causal_lm")
+    probe = {name: torch.empty(shape, device="meta")}
+    try:
+        out = family.ours_to_hf(probe, config, head)
+    except (KeyError, TypeError, RuntimeError):
+        # Fusing needs q, k and v together; a lone projection cannot be translated.
+        out = {}
+    if len(out) != 1:
+        return None
+    (hf_name,) = out
+    if head == "base":
+        hf_name = hf_name.removeprefix(family.hf_prefix("base") + ".")
+    elif head == "token_classification" and family.hf_head_names.get("classifier") and hf_name.startswith("score."):
+        hf_name = "classifier" + hf_name[len("score"):]
+    return hf_name
+
+
+def _hf_module_name(model: nn.Module, name: str, module: nn.Linear) -> str:
+    hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
+    if hf is None:
+        raise ValueError(
+            f"{name}: {model.config.model_type} checkpoints fuse q, k and v into one projection, so a LoRA adapter "
+            "on a single one has no PEFT/transformers name; target o_proj / up_proj / down_proj instead, or "
+            "merge_and_unload() and save_pretrained() the merged model"
+        )
+    return hf.removesuffix(".weight")
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` in PEFT's format.
+
+    `state_dict` (a full state dict with our names) replaces the module's own tensors, e.g. when the model is
+    sharded across processes. Raises ValueError for an adapter on a projection the family fuses.
+    """
+    from safetensors.torch import save_file
+
+    config: LoraConfig | None = getattr(model, "lora_config", None)
+    modules = dict(lora_modules(model))
+    if config is None or not modules:
+        raise ValueError("the model has no LoRA adapters to save (apply_lora or load_adapter first)")
+    if any(m.merged for m in modules.values()):
+        raise ValueError("the adapters are merged into the base weights; unmerge_lora() before saving the adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    hf_modules = []
+    for name, module in modules.items():
+        hf = _hf_module_name(model, name, module)
+        hf_modules.append(hf)
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.weight"
+            value = state_dict[key] if state_dict is not None else getattr(module, part).weight
+            tensors[f"{PEFT_PREFIX}{hf}.{part}.weight"] = value.detach().cpu().contiguous()
+    saved_modules = []
+    for wanted in _modules_to_save(model, config.modules_to_save):
+        for pname, param in model.get_submodule(wanted).named_parameters():
+            full = f"{wanted}.{pname}"
+            hf = _hf_param_name(model, full, param.shape)
+            value = state_dict[full] if state_dict is not None else param
+            tensors[f"{PEFT_PREFIX}{hf}"] = value.detach().cpu().contiguous()
+            saved_modules.append(hf.rsplit(".", 1)[0].rsplit(".", 1)[-1])
+
+    leaves = sorted({h.rsplit(".", 1)[-1] for h in hf_modules})
+    # Leaf names are what people write; they are exact only if they select no other linear of the transformers model.
+    all_hf = [h for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoraLinear)
+              and (h := _hf_param_name(model, f"{n}.weight", m.weight.shape)) is not None]
+    clash = any(h.removesuffix(".weight").rsplit(".", 1)[-1] in leaves for h in all_hf)
+    target_modules: list[str] = sorted(hf_modules) if clash else leaves
+    adapter_config = {
+        "peft_type": "LORA", "task_type": TASK_TYPES.get(getattr(model, "head", "causal_lm")),
+        "base_model_name_or_path": base_model_name_or_path, "r": config.r, "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout, "target_modules": target_modules,
+        "modules_to_save": sorted(set(saved_modules)) or None, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": config.use_rslora, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each file goes in under a temporary name so a reader never sees a half-written adapter.
+    tmp_weights = out / f".{ADAPTER_WEIGHTS}.tmp"
+    save_file(tensors, tmp_weights, metadata={"format": "pt"})
+    os.replace(tmp_weights, out / ADAPTER_WEIGHTS)
+    tmp_config = out / f".{ADAPTER_CONFIG}.tmp"
+    tmp_config.write_text(json.dumps(adapter_config, indent=2) + "\n")
+    os.replace(tmp_config, out / ADAPTER_CONFIG)
+    return out
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Add the adapter saved in `directory` (by decoderkit or PEFT) to `model`, which must be the adapter's base.
+
+    Raises FileNotFoundError for a missing file and ValueError for an adapter this model cannot hold (a different
+    family or shape, an adapter on a fused projection, options decoderkit does not implement such as DoRA).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{directory}: no {file.name}; not a PEFT LoRA adapter directory")
+    raw = json.loads(config_file.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    for option, neutral in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("rank_pattern", {}),
+                            ("alpha_pattern", {}), ("layers_to_transform", None)):
+        if raw.get(option) not in (neutral, None):
+            raise ValueError(f"{config_file}: {option}={raw[option]!r} is not supported by decoderkit's LoRA")
+    tensors = load_file(weights_file)
+
+    reverse: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
+            if hf is not None:
+                reverse[hf.removesuffix(".weight")] = name
+    ours: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    saved: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{weights_file}: unexpected key {key!r} (PEFT keys start with {PEFT_PREFIX!r})")
+        key = key[len(PEFT_PREFIX):]
+        m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            saved[key] = value
+            continue
+        if m.group(1) not in reverse:
+            raise ValueError(f"{weights_file}: the adapter targets {m.group(1)!r}, which this "
+                             f"{model.config.model_type} model has no separate linear for")
+        targets.add(reverse[m.group(1)])
+        ours[f"{reverse[m.group(1)]}.{m.group(2)}.weight"] = value
+    if not targets:
+        raise ValueError(f"{weights_file}: holds no LoRA weights")
+    head_names = {hf: n for n, p in model.named_parameters() if (hf := _hf_param_name(model, n, p.shape))}
+    modules_to_save = sorted({head_names[k].rsplit(".", 1)[0] for k in saved if k in head_names})
+    unknown = [k for k in saved if k not in head_names]
+    if unknown:
+        raise ValueError(f"{weights_file}: weights this model has no place for: {unknown[:5]}")
+    r = int(raw["r"])
+    # Check every shape before touching the model, so a mismatched adapter leaves it as it was.
+    for name, value in ours.items():
+        module = model.get_submodule(name.rsplit(".", 2)[0])
+        want = (r, module.in_features) if ".lora_A." in name else (module.out_features, r)
+        if tuple(value.shape) != want:
+            raise ValueError(f"{weights_file}: {name} has shape {tuple(value.shape)}; this model expects {want} "
+                             f"(rank {r})")
+    for hf, value in saved.items():
+        want = tuple(dict(model.named_parameters())[head_names[hf]].shape)
+        if tuple(value.shape) != want:
+            raise ValueError(f"{weights_file}: {hf} has shape {tuple(value.shape)}; this model expects {want}")
+    config = LoraConfig(r=r, lora_alpha=float(raw["lora_alpha"]),
+                        lora_dropout=float(raw.get("lora_dropout") or 0.0),
+                        target_modules="|".join(re.escape(t) for t in sorted(targets)),
+                        modules_to_save=modules_to_save or None, use_rslora=bool(raw.get("use_rslora", False)))
+    apply_lora(model, config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ours.items():
+            params[name].copy_(value)
+        for hf, value in saved.items():
+            params[head_names[hf]].copy_(value)
+    return model
