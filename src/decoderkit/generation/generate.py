@@ -1,0 +1,618 @@
+"""``generate``: transformers 5.23's ``GenerationMixin.generate`` for decoderkit causal LMs.
+
+Same arguments, same defaults, same results: greedy search and beam search give the token ids transformers gives on
+the same weights (prompt + new tokens, finished rows padded with ``pad_token_id``), including left-padded batches,
+EOS lists, ``min_new_tokens``, repetition penalties, stop strings and ``num_return_sequences``. The preparation follows
+transformers step by step: an attention mask inferred from ``pad_token_id`` when none is given, position ids
+``cumsum(mask) - 1`` (0 on padding), inputs expanded with ``repeat_interleave`` to ``max(num_beams,
+num_return_sequences)`` rows, ``pad_token_id`` falling back to the first EOS id, ``max_new_tokens`` taking precedence
+over ``max_length``, and an unset length meaning 20 new tokens capped at ``max_position_embeddings``.
+
+Sampling draws from the same distribution as transformers (same processors, same order, ``torch.multinomial``), but
+the ids need not equal transformers' for a given seed: pass a seeded ``torch.Generator`` as ``generator=`` to make a
+run reproducible; transformers draws from the global RNG and consumes it differently.
+
+Differences, all deliberate:
+
+- bad input raises ``ValueError`` naming the argument before any computation: unknown keyword arguments, an empty or
+  out-of-vocabulary prompt, a malformed attention mask, a prompt or total length past the context of a model with a
+  hard position limit (learned position tables, MPT's ALiBi table), ``stop_strings`` without ``tokenizer``;
+- ``max_new_tokens=0`` returns the (expanded) prompt without running the model;
+- ``compile=True`` compiles the decode step (see below); ``stream=True`` returns an iterator of new tokens.
+
+Speed. ``cache_implementation="static"`` preallocates the KV cache for prompt + new tokens, so every decode step has
+the same shapes; ``compile=True`` (which implies the static cache) runs each step through ``torch.compile`` (CUDA graphs
+via ``mode="reduce-overhead"`` on CUDA, the default mode elsewhere). On CPU the compiled step freezes the weights into
+the graph, prepacked for the GEMM libraries (a second copy of the weights while it is alive); it is recompiled when a
+parameter changes, and the first call of each (batch, length bucket) pays the compilation. Whatever the cache, the
+decode loop prepares
+once what ``DecoderStack.forward`` would rebuild per token (the attention mask, now a buffer updated in place; rotary
+cos/sin of every future position; the ALiBi bias; position ids and cache slots, buffers advanced in place), calls the
+layers directly without input checks, writes tokens into a preallocated id buffer, and computes logits for the last
+position only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from decoderkit.cache import Cache, DynamicCache, StaticCache
+from decoderkit.generation.beam_search import BeamSearchState
+from decoderkit.generation.config import GenerationConfig
+from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
+from decoderkit.generation.stopping import StoppingCriteriaList, StopStringCriteria
+from decoderkit.generation.streamer import BaseStreamer, GenerationStream
+from decoderkit.layers.alibi import alibi_bias
+from decoderkit.layers.attention import AttentionInputs
+from decoderkit.outputs import ModelOutput
+
+if TYPE_CHECKING:
+    from decoderkit.model import DecoderForCausalLM
+
+__all__ = ["GenerateOutput", "generate"]
+
+# transformers' static-cache variants; none of these families has sliding-window layers, so all are a plain static cache
+_STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunked"})
+_DYNAMIC_CACHES = frozenset({None, "dynamic"})
+# Rope rules whose frequencies depend on the longest position seen so far: evaluated step by step, as the model does
+_STATEFUL_ROPE = frozenset({"dynamic", "longrope"})
+_COMPILE_BUCKET = 256
+# transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
+_UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "assistant_model", "prefix_allowed_tokens_fn",
+                "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
+
+
+class GenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)``: ``sequences`` (prompt + new tokens), and as requested
+    ``scores`` (per step, the processed scores), ``logits`` (per step, the raw logits), ``past_key_values``; for beam
+    search also ``sequences_scores`` (with ``output_scores``) and ``beam_indices``."""
+
+
+def generate(
+    model: DecoderForCausalLM,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    streamer: BaseStreamer | None = None,
+    generator: torch.Generator | None = None,
+    stream: bool = False,
+    *,
+    tokenizer: Any = None,
+    logits_processor: LogitsProcessorList | None = None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    compile: bool | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | GenerateOutput | GenerationStream:
+    """Continue each prompt of ``input_ids``; returns prompt + new tokens as a ``(rows, length)`` LongTensor.
+
+    Args:
+        model: a decoderkit causal LM.
+        input_ids: ``(batch, prompt_len)`` prompts, left-padded for batches (``inputs=`` is accepted as an alias);
+            None starts from ``bos_token_id``.
+        attention_mask: ``(batch, prompt_len)``, 1 for tokens and 0 for padding; inferred from ``pad_token_id``
+            when omitted, as transformers does.
+        generation_config: the base settings; defaults to ``model.generation_config``, whose values fill the fields
+            left unset (None) here. Keyword arguments override both.
+        streamer: receives the prompt, then each step's tokens (``put``), then ``end()``; greedy and sampling only.
+        generator: the random generator for sampling (seed it for reproducible draws).
+        stream: return a :class:`~decoderkit.generation.streamer.GenerationStream` yielding each step's tokens.
+        tokenizer: needed for ``stop_strings``.
+        logits_processor, stopping_criteria: extra processors / criteria, applied after the built-in ones.
+        compile: compile the decode step (implies ``cache_implementation="static"``).
+        kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...).
+
+    Returns:
+        The sequences, a :class:`GenerateOutput` with ``return_dict_in_generate=True``, or a ``GenerationStream``.
+        ``num_return_sequences`` rows per prompt, consecutive.
+
+    Raises:
+        ValueError: naming the argument, for unknown arguments and invalid inputs, before any computation.
+    """
+    if "inputs" in kwargs:
+        if input_ids is not None:
+            raise ValueError("pass the prompt as either `inputs` or `input_ids`, not both")
+        input_ids = kwargs.pop("inputs")
+    for name in _UNSUPPORTED:
+        if name in kwargs:
+            raise ValueError(f"generate: `{name}` is not supported by decoderkit")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__} (pass "
+                         "generation_config by keyword)")
+    config = _resolve_config(model, generation_config, kwargs)
+    if compile is None:
+        compile = bool(getattr(config, "compile", False))
+    if compile:
+        if kwargs.get("use_cache") is False:
+            raise ValueError("compile=True compiles the cached decode step: it cannot run with use_cache=False")
+        # A checkpoint's use_cache=false (MPT's default) only reflects its training setup: compiling asks for a cache
+        config.use_cache = True
+    plan = _Plan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
+                       logits_processor, stopping_criteria, compile)
+    steps = plan.beam_search() if config.num_beams > 1 else plan.sample()
+    if stream:
+        return GenerationStream(steps)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+    base = getattr(model, "generation_config", None)
+    if base is None:
+        mc = model.config
+        base = GenerationConfig.from_dict({k: getattr(mc, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+                                           if getattr(mc, k) is not None})
+    if generation_config is None:
+        config = copy.deepcopy(base)
+    elif not isinstance(generation_config, GenerationConfig):
+        raise ValueError(f"generation_config must be a decoderkit GenerationConfig, got {type(generation_config)}")
+    else:
+        config = copy.deepcopy(generation_config)
+        # As in transformers, the model's own settings fill what the given config leaves unset
+        for field in dataclasses.fields(GenerationConfig):
+            if field.default is None and getattr(config, field.name) is None:
+                setattr(config, field.name, copy.deepcopy(getattr(base, field.name, None)))
+        config.validate()
+    config.update(**kwargs)  # raises ValueError naming an unknown or invalid argument
+    return config
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything decided and checked before the first forward pass."""
+
+    model: Any
+    config: GenerationConfig
+    prompt: torch.Tensor  # (batch, L), not expanded
+    ids: torch.Tensor  # (rows, max_length) output buffer; the prompt, expanded, fills [:, :L]
+    padding: torch.Tensor | None  # (rows, L) bool prompt mask, None without padding
+    positions: torch.Tensor  # (rows, L) prompt position ids
+    max_length: int
+    pad_token_id: int | None
+    eos: torch.Tensor | None
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList  # beyond max length and EOS: stop strings, the caller's
+    cache: Cache | None
+    streamer: BaseStreamer | None
+    generator: torch.Generator | None
+    compile: bool
+
+    @classmethod
+    def build(cls, model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
+              logits_processor, stopping_criteria, compile) -> _Plan:
+        mc = model.config
+        device = model.device
+        if input_ids is None:
+            if config.bos_token_id is None:
+                raise ValueError("input_ids: no prompt was given and the generation config has no bos_token_id")
+            input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=device)
+        prompt, mask = _check_prompt(input_ids, attention_mask, mc.vocab_size)
+        prompt, mask = prompt.to(device), (mask.to(device) if mask is not None else None)
+        batch, L = prompt.shape
+        if getattr(mc, "add_cross_attention", False):
+            raise ValueError("generate does not support models with cross-attention (config add_cross_attention)")
+        max_length = config.max_length_for(L, mc.max_position_embeddings)
+        if max_length < L or (max_length == L and config.max_new_tokens != 0):
+            raise ValueError(f"max_length: {max_length} leaves no room after the prompt of {L} tokens; set "
+                             "max_new_tokens instead")
+        if mc.hard_max_positions:
+            limit = mc.max_position_embeddings
+            if L > limit:
+                raise ValueError(f"input_ids: the prompt has {L} tokens, longer than this {mc.model_type} model's "
+                                 f"context (max_position_embeddings={limit})")
+            if max_length > limit:
+                name = "max_new_tokens" if config.max_new_tokens is not None else "max_length"
+                raise ValueError(f"{name}: prompt ({L}) + new tokens = {max_length} tokens, longer than this "
+                                 f"{mc.model_type} model's context (max_position_embeddings={limit})")
+        beams = config.num_beams > 1
+        if config.stop_strings is not None and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass tokenizer= to generate")
+        if beams and (streamer is not None or stream):
+            raise ValueError("streamer / stream=True cannot be used with beam search (num_beams > 1)")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != device.type:
+                raise ValueError(f"generator is on {generator.device}, the model on {device}")
+        cache_kind = config.cache_implementation
+        if compile and cache_kind in _DYNAMIC_CACHES and cache_kind is not None:
+            raise ValueError("compile=True needs fixed shapes: use cache_implementation='static' (or leave it unset)")
+        if compile:
+            if mc.attn_implementation == "flash_attention_2":
+                raise ValueError("compile=True does not support attn_implementation='flash_attention_2'; use 'sdpa'")
+            cache_kind = "static"
+        if cache_kind not in _STATIC_CACHES and cache_kind not in _DYNAMIC_CACHES:
+            raise ValueError(f"cache_implementation={cache_kind!r} is not supported by decoderkit; use 'static' "
+                             "or 'dynamic'")
+
+        eos_ids = config.eos_token_ids
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+        if mask is None and pad is not None and pad not in eos_ids and bool((prompt == pad).any()):
+            mask = prompt != pad  # transformers infers the padding from pad_token_id when it differs from EOS
+        if mask is None:
+            mask = torch.ones_like(prompt, dtype=torch.bool)
+        expand = max(config.num_beams, config.num_return_sequences)
+        rows = batch * expand
+        prompt_rows = prompt.repeat_interleave(expand, dim=0)
+        mask = mask.repeat_interleave(expand, dim=0)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
+        # transformers drops an all-ones mask (plain causal attention); flash attention on a static cache keeps it
+        # because it is the only record of which cache slots are filled
+        padding = None if bool(mask.all()) else mask
+        ids = torch.full((rows, max_length), pad if pad is not None else 0, dtype=torch.long, device=device)
+        ids[:, :L] = prompt_rows
+
+        processors = build_logits_processors(config, L, padding)
+        if logits_processor:
+            processors.extend(logits_processor)
+        criteria = StoppingCriteriaList()
+        if config.stop_strings is not None:
+            criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
+        if stopping_criteria:
+            criteria.extend(stopping_criteria)
+
+        cache: Cache | None = None
+        if config.use_cache and max_length > L:
+            if cache_kind in _STATIC_CACHES:
+                # Prompt + new tokens (the last token is never fed back, but one spare slot costs nothing). A compiled
+                # step is specialised on the cache length: rounding it up lets other lengths reuse the graph
+                slots = -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET if compile else max_length
+                cache = StaticCache(mc, rows, slots, device=device, dtype=model.dtype)
+            else:
+                cache = DynamicCache()
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+        return cls(model, config, prompt, ids, padding, positions, max_length, pad, eos, processors, criteria, cache,
+                   streamer, generator, compile)
+
+    # ---------------------------------------------------------------------------------------------- the loops
+    def _prefill(self) -> torch.Tensor:
+        L = self.prompt.shape[1]
+        cache = self.cache
+        if cache is None or not cache.is_static:
+            return _forward_full(self.model, self.ids[:, :L], self.padding, self.positions, cache)
+        # Through a static cache the prompt would attend over every slot under an explicit mask, which loses the
+        # causal SDPA kernel; a dynamic cache keeps it, then its entries are copied into the static buffers
+        prompt_cache = DynamicCache()
+        logits = _forward_full(self.model, self.ids[:, :L], self.padding, self.positions, prompt_cache)
+        for layer, (k, v) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
+            cache.keys[layer][:, :, :L].copy_(k)
+            cache.values[layer][:, :, :L].copy_(v)
+        _mark_filled(cache, L)
+        return logits
+
+    def _stepper(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function: the tokens just chosen (rows,) -> logits (rows, V) for the next position."""
+        L = self.prompt.shape[1]
+        if self.cache is not None:
+            return _DecodeStep(self.model, self.cache, self.padding, self.positions[:, -1] + 1, L, self.max_length,
+                               self.compile)
+        # Without a cache every step reruns the whole sequence, as transformers does with use_cache=False
+        full_mask = torch.ones_like(self.ids, dtype=torch.bool)
+        full_pos = self.positions[:, -1:] + torch.arange(1, self.max_length - L + 1, device=self.ids.device)
+        full_pos = torch.cat([self.positions, full_pos], dim=1)
+        if self.padding is not None:
+            full_mask[:, :L] = self.padding
+        length = [L]
+
+        def rerun(tokens: torch.Tensor) -> torch.Tensor:
+            length[0] += 1
+            n = length[0]
+            mask = full_mask[:, :n] if self.padding is not None else None
+            return _forward_full(self.model, self.ids[:, :n], mask, full_pos[:, :n], None)
+
+        return rerun
+
+    def _output(self, sequences: torch.Tensor, scores: tuple, logits: tuple, **beam: Any) -> Any:
+        config = self.config
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateOutput(sequences=sequences, scores=scores if config.output_scores else None,
+                              logits=logits if config.output_logits else None, past_key_values=self.cache, **beam)
+
+    def sample(self) -> Generator[torch.Tensor, None, Any]:
+        """Greedy search or multinomial sampling; yields each step's tokens (rows,), returns the output."""
+        config, ids, streamer = self.config, self.ids, self.streamer
+        L, rows = self.prompt.shape[1], ids.shape[0]
+        scores: tuple = ()
+        raw: tuple = ()
+        if streamer is not None:
+            streamer.put(ids[:, :L].cpu())
+        cur = L
+        try:
+            if self.max_length > L:
+                unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
+                can_stop = self.eos is not None or len(self.criteria) > 0
+                with torch.no_grad():
+                    logits = self._prefill()
+                step = self._stepper()
+                while True:
+                    with torch.no_grad():
+                        next_scores = self.processors(ids[:, :cur], logits)
+                        if config.do_sample:
+                            probs = next_scores.softmax(dim=-1)
+                            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+                        else:
+                            tokens = next_scores.argmax(dim=-1)
+                        if self.eos is not None:
+                            # Finished rows continue with padding, as transformers does with an EOS criterion
+                            tokens = torch.where(unfinished, tokens, self.pad_token_id)
+                        ids[:, cur] = tokens
+                        cur += 1
+                        if config.return_dict_in_generate and config.output_scores:
+                            scores += (next_scores,)
+                        if config.return_dict_in_generate and config.output_logits:
+                            raw += (logits.clone(),)
+                        if self.eos is not None:
+                            unfinished &= ~torch.isin(tokens, self.eos)
+                        if self.criteria:
+                            unfinished &= ~self.criteria(ids[:, :cur], scores or None)
+                    if streamer is not None:
+                        streamer.put(tokens.cpu())
+                    yield tokens
+                    if cur == self.max_length or (can_stop and not bool(unfinished.any())):
+                        break
+                    with torch.no_grad():
+                        logits = step(tokens)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return self._output(ids[:, :cur], scores, raw)
+
+    def beam_search(self) -> Generator[torch.Tensor, None, Any]:
+        """Beam search (or beam sampling) driven by :class:`BeamSearchState`; returns the output."""
+        config = self.config
+        L = self.prompt.shape[1]
+        if self.max_length == L:
+            return self._output(self.ids, (), (), sequences_scores=None, beam_indices=None)
+        state = BeamSearchState.from_config(self.prompt, config, self.max_length,
+                                            stopping_criteria=self.criteria or None, generator=self.generator)
+        scores: tuple = ()
+        raw: tuple = ()
+        with torch.no_grad():
+            logits = self._prefill()
+        step = self._stepper()
+        while True:
+            with torch.no_grad():
+                log_probs = self.processors(state.sequences, logits.log_softmax(dim=-1))
+                if config.return_dict_in_generate and config.output_scores:
+                    scores += (log_probs,)
+                if config.return_dict_in_generate and config.output_logits:
+                    raw += (logits.clone(),)
+                tokens, beam_idx = state.step(log_probs)
+            yield tokens
+            if state.is_done():
+                break
+            with torch.no_grad():
+                if self.cache is not None:
+                    self.cache.reorder(beam_idx)
+                else:
+                    self.ids[:, : state.cur_len] = state.sequences
+                logits = step(tokens)
+        out = state.finalize()
+        return self._output(out.sequences, scores, raw, beam_indices=out.beam_indices,
+                            sequences_scores=out.sequences_scores if config.output_scores else None)
+
+
+def _check_prompt(input_ids: Any, attention_mask: torch.Tensor | None,
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor (batch, sequence), got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}; "
+                         "for a single prompt use input_ids[None]")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids: the batch is empty")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids: the prompt is empty (length 0); give at least one token, e.g. the BOS id")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids holds ids in [{low}, {high}]; the vocabulary has {vocab_size} entries")
+    if attention_mask is None:
+        return input_ids.long(), None
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected input_ids' "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask.dtype.is_floating_point or bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token) as integers or booleans")
+    mask = attention_mask.bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask: rows {empty} are all padding; every prompt needs at least one token")
+    if input_ids.shape[0] > 1 and not bool(mask[:, -1].all()):
+        warnings.warn("right padding detected in attention_mask: decoder-only models need left padding for batched "
+                      "generation (tokenizer padding_side='left')", UserWarning, stacklevel=4)
+    return input_ids.long(), mask
+
+
+def _forward_full(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                  cache: Cache | None) -> torch.Tensor:
+    """Logits (rows, V) in fp32 for the last position of `ids` (and everything before it fed to the cache)."""
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=cache is not None, validate=False)
+    return model.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+class _SlotCache(Cache):
+    """A static cache's buffers written at `cache_position`, with no Python-side state a compiled graph would
+    specialise on (StaticCache counts stored tokens in a Python int)."""
+
+    is_static = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key, value, layer_idx, cache_position=None):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, cache_position, key.to(k.dtype))
+        v.index_copy_(2, cache_position, value.to(v.dtype))
+        return k, v
+
+
+def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
+                 mask: torch.Tensor | None, padding_mask: torch.Tensor | None,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None, alibi: torch.Tensor | None,
+                 cache: Cache) -> torch.Tensor:
+    """One token per row through the stack, given the per-step inputs `DecoderStack.forward` would build."""
+    stack = model.model
+    config = stack.config
+    x = stack.embed(tokens)  # (B, 1, D)
+    if config.position_embedding == "learned":
+        x = x + stack.embed_positions(position_ids).to(x.dtype)
+    x = stack.embed_dropout(x)
+    if rope is None and stack.rotary is not None:
+        rope = stack.rotary(position_ids, x.dtype)
+    inputs = AttentionInputs(mask=mask, causal=config.is_causal, rope=rope, alibi=alibi,
+                             alibi_slopes=stack.alibi_slopes if alibi is not None else None,
+                             cache_position=cache_position, padding_mask=padding_mask)
+    for layer in stack.layers:
+        x, _ = layer(x, inputs, cache)
+    return model.lm_head(stack.norm(x)[:, -1]).float()
+
+
+def _forward_one_static(model, tokens, position_ids, cache_position, mask, rope, alibi, keys, values):
+    return _forward_one(model, tokens, position_ids, cache_position, mask, None, rope, alibi, _SlotCache(keys, values))
+
+
+# Measured on a 2-core Sapphire Rapids, 125M Llama (benchmarks/generate.py): freezing prepacks the weights for the
+# MKL / oneDNN GEMMs (bf16 batch 1: ~1.5x); concat_linear then merges q/k/v and gate/up into one GEMM each (the fused
+# projections, without changing the checkpoint layout); the C++ wrapper removes ~2 ms of Python per step
+_CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "cpp_wrapper": True}
+
+_COMPILED: weakref.WeakKeyDictionary[Any, tuple[tuple, Callable[..., torch.Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
+    """`_forward_one_static` compiled for `model`'s current weights.
+
+    On CPU, inductor's freezing folds the weights into the graph as constants, prepacked for the oneDNN / MKL GEMMs
+    (the largest CPU gain: small-batch GEMMs on packed weights run near memory bandwidth). A graph compiled for other
+    weights must then never run: the step is keyed on every parameter's storage and version counter, which in-place
+    updates (optimizer steps, load_state_dict) and reassignment both change.
+    """
+    import torch._inductor.config as inductor_config
+
+    fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    entry = _COMPILED.get(model)
+    if entry is not None and entry[0] == fingerprint:
+        return entry[1]
+    # A fresh code object has its own dynamo cache, so graphs built for the old weights are dropped with it
+    fn = types.FunctionType(_forward_one_static.__code__.replace(), globals(), "_forward_one_static")
+    # fullgraph: a graph break would leave Python work on the hot path, which defeats the purpose
+    if model.device.type == "cuda":
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    else:
+        # torch.compile(options=...) does not reach the freezing pass (torch 2.13): patch the config around every
+        # call instead, which covers the first compilation and any recompilation
+        step = torch.compile(fn, fullgraph=True, dynamic=False)
+
+        def compiled(*args: Any) -> torch.Tensor:
+            with inductor_config.patch(_CPU_INDUCTOR_OPTIONS):
+                return step(*args)
+
+    _COMPILED[model] = (fingerprint, compiled)
+    return compiled
+
+
+class _DecodeStep:
+    """Feeds the tokens just chosen (one per row) to the model and returns the next logits: the decode hot path.
+
+    Per-step inputs live in buffers advanced in place (token ids, position ids, the cache slot, the attention mask),
+    so a step allocates nothing outside the model itself and a compiled step sees the same tensors every time.
+    """
+
+    def __init__(self, model: Any, cache: Cache, padding: torch.Tensor | None, next_position: torch.Tensor,
+                 prompt_len: int, max_length: int, compile: bool) -> None:
+        stack = model.model
+        device = next_position.device
+        rows, steps = next_position.shape[0], max_length - prompt_len
+        self.model, self.cache = model, cache
+        self.static = cache.is_static
+        self.prompt_len = prompt_len
+        self.filled = prompt_len  # tokens in the cache; the next one goes to slot `filled`
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.position_ids = (next_position - 1)[:, None].clone()  # advanced before each step
+        self.cache_position = torch.full((1,), prompt_len - 1, dtype=torch.long, device=device)
+        # (rows, max_length) bool: the prompt's padding, then every generated token visible
+        self.visible = torch.ones(rows, max_length, dtype=torch.bool, device=device)
+        if padding is not None:
+            self.visible[:, :prompt_len] = padding
+        self.padded = padding is not None
+        if self.static:
+            # Key axis = cache slots; a slot becomes visible when its token is written
+            self.allowed = torch.zeros(rows, 1, 1, cache.max_cache_len, dtype=torch.bool, device=device)
+            self.allowed[:, 0, 0, :prompt_len] = self.visible[:, :prompt_len]
+        self.rope_table = None
+        if stack.rotary is not None and stack.rotary.rope_type not in _STATEFUL_ROPE:
+            # Every future position is known now (the same elementwise cos/sin the model computes per call)
+            future = next_position[:, None] + torch.arange(steps, device=device)
+            cos, sin = stack.rotary(future, model.dtype)
+            self.rope_table = (cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous())  # (steps, rows, R)
+        self.alibi = alibi_bias(stack.alibi_slopes, cache.max_cache_len) if self.static and hasattr(
+            stack, "alibi_slopes") else None
+        self.compiled = None
+        if compile:
+            self.compiled = _compiled_step(model)
+            if device.type == "cuda":
+                # CUDA graphs replay fixed addresses: the buffers mutated in place must be marked as such
+                for t in (*cache.keys, *cache.values, self.tokens, self.position_ids, self.cache_position,
+                          self.allowed):
+                    torch._dynamo.mark_static_address(t)
+
+    def _rope(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.rope_table is None:
+            return None  # stateful rope (or none): evaluated by the model on the position ids
+        cos, sin = self.rope_table
+        return cos[step][:, None], sin[step][:, None]
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        slot = self.filled
+        self.tokens.copy_(tokens[:, None])
+        self.position_ids.add_(1)
+        self.cache_position.add_(1)
+        stack = self.model.model
+        if self.static:
+            self.allowed[:, 0, 0, slot] = True
+            mask = self.allowed
+            if self.compiled is not None:
+                rope = None
+                if stack.rotary is not None and stack.rotary.rope_type in _STATEFUL_ROPE:
+                    rope = stack.rotary(self.position_ids, self.model.dtype)
+                if self.tokens.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask, rope,
+                                       self.alibi, self.cache.keys, self.cache.values)
+                if logits.device.type == "cuda":
+                    logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+                _mark_filled(self.cache, slot + 1)
+                self.filled += 1
+                return logits
+            padding_mask = self.visible[:, : slot + 1]
+            alibi = self.alibi
+        else:
+            mask = self.visible[:, None, None, : slot + 1] if self.padded else None
+            padding_mask = self.visible[:, : slot + 1] if self.padded else None
+            alibi = alibi_bias(stack.alibi_slopes, slot + 1) if hasattr(stack, "alibi_slopes") else None
+        logits = _forward_one(self.model, self.tokens, self.position_ids, self.cache_position, mask, padding_mask,
+                              self._rope(slot - self.prompt_len), alibi, self.cache)
+        self.filled += 1
+        return logits
+
+
+def _mark_filled(cache: Cache, length: int) -> None:
+    # StaticCache exposes no setter for its fill level; the compiled step writes the slots itself, so the count is
+    # kept in step here for get_seq_length() on the returned cache
+    cache._seen = length
+
