@@ -121,6 +121,13 @@ class StaticCache(Cache):
         for buf in (*self.keys, *self.values):
             buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
 
+    def mark_filled(self, length: int) -> None:
+        """Declare the first `length` slots filled, for callers that write the buffers directly (a prefill copied in,
+        a compiled step whose in-place writes bypass `update`)."""
+        if not 0 <= length <= self.max_cache_len:
+            raise ValueError(f"StaticCache holds {self.max_cache_len} tokens; cannot mark {length} as filled")
+        self._seen = length
+
     def reset(self) -> None:
         """Forget the stored tokens (the buffers are reused, not freed)."""
         self._seen = 0

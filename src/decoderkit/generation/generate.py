@@ -287,7 +287,7 @@ class _Plan:
         for layer, (k, v) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
             cache.keys[layer][:, :, :L].copy_(k)
             cache.values[layer][:, :, :L].copy_(v)
-        _mark_filled(cache, L)
+        cache.mark_filled(L)
         return logits
 
     def _stepper(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -596,7 +596,7 @@ class _DecodeStep:
                                        self.alibi, self.cache.keys, self.cache.values)
                 if logits.device.type == "cuda":
                     logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-                _mark_filled(self.cache, slot + 1)
+                self.cache.mark_filled(slot + 1)
                 self.filled += 1
                 return logits
             padding_mask = self.visible[:, : slot + 1]
@@ -609,10 +609,3 @@ class _DecodeStep:
                               self._rope(slot - self.prompt_len), alibi, self.cache)
         self.filled += 1
         return logits
-
-
-def _mark_filled(cache: Cache, length: int) -> None:
-    # StaticCache exposes no setter for its fill level; the compiled step writes the slots itself, so the count is
-    # kept in step here for get_seq_length() on the returned cache
-    cache._seen = length
-

@@ -142,10 +142,10 @@ def sdpa_attention(
         # A finite minimum rather than -inf keeps fully masked (padding) rows finite, as in the eager path.
         mask = bias if dense is None else bias.masked_fill(~dense, torch.finfo(q.dtype).min)
         is_causal = False
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale)
+    # SDPA shares each key/value head across its query group itself: no expanded copy of the cache per step.
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def flash_attention(
