@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import TOKENIZER_VECTORS
 
 import decoderkit.chat_template as dk_chat
 from decoderkit.chat_template import ChatTemplateError, render_chat_template
@@ -16,8 +16,8 @@ from decoderkit.tokenizer import AutoTokenizer, tokenizer_from_gguf
 transformers = pytest.importorskip("transformers")
 hf_chat = pytest.importorskip("transformers.utils.chat_template_utils")
 
-TEMPLATES = sorted(Path("/work/shared/data/tokenizer-vectors/chat-templates").glob("*.jinja"))
-VOCAB = Path("/work/shared/data/tokenizer-vectors/ggml-vocab-llama-spm.gguf")
+TEMPLATES = sorted((TOKENIZER_VECTORS / "chat-templates").glob("*.jinja"))
+VOCAB = TOKENIZER_VECTORS / "ggml-vocab-llama-spm.gguf"
 
 WEATHER_TOOL = {
     "type": "function",

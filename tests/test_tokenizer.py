@@ -13,10 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_data import TOKENIZER_VECTORS
 
 from decoderkit.tokenizer import AutoTokenizer, BatchEncoding, StreamDecoder, Tokenizer, tokenizer_from_gguf
 
-VECTORS = Path("/work/shared/data/tokenizer-vectors")
+VECTORS = TOKENIZER_VECTORS
 VOCABS = ("llama-spm", "llama-bpe", "starcoder", "mpt", "gpt-2")
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -542,3 +543,9 @@ def test_setting_a_pad_token_enables_padding():
     out = tok(["a", "bb cc dd"], padding=True, padding_side="left")
     assert out.input_ids[0][0] == tok.eos_token_id and out.attention_mask[0][0] == 0
     assert out.attention_mask[1] == [1] * len(out.input_ids[1])
+
+
+def test_shared_tokenizer_vectors_are_present():
+    """The vector tests are parametrized over these files; without them they would silently collect nothing."""
+    assert len(list(VECTORS.glob("*.gguf"))) >= 5, f"no tokenizer vectors under {VECTORS}"
+    assert len(list((VECTORS / "chat-templates").glob("*.jinja"))) >= 50
