@@ -30,15 +30,18 @@ import functools
 import importlib.metadata
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, Keys
+
+if TYPE_CHECKING:
+    from decoderkit.families.base import Family
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -47,6 +50,9 @@ __all__ = [
     "iter_gguf_tensors",
     "open_gguf",
     "read_gguf",
+    "GGUFMetadata",
+    "hf_parameter_names",
+    "rotary_decoder_config",
     "unpermute_rope_rows",
 ]
 
@@ -80,7 +86,7 @@ class GGUFCheckpoint:
 # Reading metadata
 
 
-class _Metadata:
+class GGUFMetadata:
     """Typed access to one file's metadata, with errors that name the file and the key."""
 
     def __init__(self, reader: gguf.GGUFReader):
@@ -114,10 +120,10 @@ def _reader_path(reader: gguf.GGUFReader) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Per-architecture knowledge: the HF parameter names, the config builder and the tensor fix-ups
+# Shared by the families' GGUF support (each family module holds its own config builder, names and fix-ups)
 
 
-def _rope_parameters(meta: _Metadata, head_dim: int) -> dict[str, Any]:
+def _rope_parameters(meta: GGUFMetadata, head_dim: int) -> dict[str, Any]:
     theta = meta.get(Keys.Rope.FREQ_BASE, float, 10000.0)
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     kind = meta.get(Keys.Rope.SCALING_TYPE, str, None)
@@ -148,7 +154,7 @@ def _rope_parameters(meta: _Metadata, head_dim: int) -> dict[str, Any]:
     return params
 
 
-def _llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int, meta: _Metadata) -> dict[str, Any]:
+def _llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int, meta: GGUFMetadata) -> dict[str, Any]:
     """Recover transformers' ``llama3`` rope parameters from llama.cpp's per-frequency divisors.
 
     The converter computes, per inverse frequency with wavelength ``w``: ``1`` when ``w < L / high``, ``factor`` when
@@ -186,7 +192,7 @@ def _llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int, me
     }
 
 
-def _rotary_decoder_config(meta: _Metadata, model_type: str, architecture: str, hidden_act: str) -> dict[str, Any]:
+def rotary_decoder_config(meta: GGUFMetadata, model_type: str, architecture: str, hidden_act: str) -> dict[str, Any]:
     hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
     heads = meta.get(Keys.Attention.HEAD_COUNT, int)
     kv_heads = meta.get(Keys.Attention.HEAD_COUNT_KV, int, heads)
@@ -217,66 +223,9 @@ def _rotary_decoder_config(meta: _Metadata, model_type: str, architecture: str, 
     }
 
 
-def _llama_config(meta: _Metadata) -> dict[str, Any]:
-    config = _rotary_decoder_config(meta, "llama", "LlamaForCausalLM", "silu")
-    config["mlp_bias"] = "blk.0.ffn_up.bias" in meta.tensors
-    return config
-
-
-def _gemma_config(meta: _Metadata) -> dict[str, Any]:
-    return _rotary_decoder_config(meta, "gemma", "GemmaForCausalLM", "gelu_pytorch_tanh")
-
-
-def _starcoder_config(meta: _Metadata) -> dict[str, Any]:
-    hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
-    heads = meta.get(Keys.Attention.HEAD_COUNT, int)
-    # The converter writes head_count_kv=1 and feed_forward_length=4*n_embd whatever the model has, so the fused qkv
-    # and ffn_up shapes are the reliable source: qkv rows = hidden + 2 * kv_heads * head_dim.
-    qkv_rows = (meta.shape("blk.0.attn_qkv.weight") or (hidden + 2 * hidden // heads,))[0]
-    ffn_rows = (meta.shape("blk.0.ffn_up.weight") or (meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),))[0]
-    return {
-        "model_type": "gpt_bigcode",
-        "architectures": ["GPTBigCodeForCausalLM"],
-        "n_embd": hidden,
-        "n_inner": ffn_rows,
-        "n_layer": meta.get(Keys.LLM.BLOCK_COUNT, int),
-        "n_head": heads,
-        "n_positions": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
-        "layer_norm_epsilon": meta.get(Keys.Attention.LAYERNORM_EPS, float),
-        "multi_query": qkv_rows == hidden + 2 * hidden // heads,
-        "activation_function": "gelu_pytorch_tanh",
-    }
-
-
-def _mpt_config(meta: _Metadata) -> dict[str, Any]:
-    hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
-    heads = meta.get(Keys.Attention.HEAD_COUNT, int)
-    if (kv_heads := meta.get(Keys.Attention.HEAD_COUNT_KV, int, heads)) != heads:
-        raise ValueError(
-            f"{meta.path}: MPT with {kv_heads} kv heads for {heads} heads is not supported by transformers"
-        )
-    alibi_bias_max = meta.get(Keys.Attention.MAX_ALIBI_BIAS, float, 8.0)
-    if alibi_bias_max == 0.0 or "position_embd.weight" in meta.tensors:
-        raise ValueError(f"{meta.path}: MPT without ALiBi (learned positions) is not supported by transformers")
-    # feed_forward_length is written as 4 * d_model regardless of the model; ffn_up's shape is the truth
-    ffn_rows = (meta.shape("blk.0.ffn_up.weight") or (meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),))[0]
-    ratio = ffn_rows // hidden if ffn_rows % hidden == 0 else ffn_rows / hidden
-    return {
-        "model_type": "mpt",
-        "architectures": ["MptForCausalLM"],
-        "d_model": hidden,
-        "n_heads": heads,
-        "n_layers": meta.get(Keys.LLM.BLOCK_COUNT, int),
-        "expansion_ratio": ratio,
-        "max_seq_len": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
-        "layer_norm_epsilon": meta.get(Keys.Attention.LAYERNORM_EPS, float),
-        "no_bias": True,
-        "attn_config": {
-            "alibi": True,
-            "alibi_bias_max": int(alibi_bias_max) if alibi_bias_max.is_integer() else alibi_bias_max,
-            "clip_qkv": meta.get(Keys.Attention.CLAMP_KQV, float, None),
-        },
-    }
+def hf_parameter_names(*modules: str, bias: bool = True) -> tuple[str, ...]:
+    """The ``weight`` (and ``bias``) parameter names of ``modules``."""
+    return tuple(f"{m}.{p}" for m in modules for p in (("weight", "bias") if bias else ("weight",)))
 
 
 def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -291,100 +240,32 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _fix_llama(gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    if ".attn_q." in gguf_name:
-        return unpermute_rope_rows(weight, config["num_attention_heads"])
-    if ".attn_k." in gguf_name:
-        return unpermute_rope_rows(weight, config["num_key_value_heads"])
-    return weight
+def _families_by_architecture() -> dict[str, Family]:
+    from decoderkit.families import FAMILIES
+
+    return {f.gguf_architecture: f for f in FAMILIES.values() if f.gguf_architecture}
 
 
-def _fix_gemma(gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    return weight - 1.0 if gguf_name.endswith("norm.weight") else weight
-
-
-@dataclass(frozen=True)
-class _Architecture:
-    gguf_arch: gguf.MODEL_ARCH
-    model_type: str
-    build_config: Callable[[_Metadata], dict[str, Any]]
-    # transformers' parameter names, "{bid}" standing for the layer index; gguf's TensorNameMap supplies the GGUF names
-    hf_parameters: tuple[str, ...]
-    fix_tensor: Callable[[str, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
-    layers_key: str = "num_hidden_layers"
-
-
-def _params(*modules: str, bias: bool = True) -> tuple[str, ...]:
-    """The ``weight`` (and ``bias``) parameter names of ``modules``."""
-    return tuple(f"{m}.{p}" for m in modules for p in (("weight", "bias") if bias else ("weight",)))
-
-
-_LLAMA_PARAMETERS = (
-    "model.embed_tokens.weight",
-    "model.norm.weight",
-    "lm_head.weight",
-    "model.layers.{bid}.input_layernorm.weight",
-    "model.layers.{bid}.post_attention_layernorm.weight",
-    *_params(*(f"model.layers.{{bid}}.self_attn.{p}_proj" for p in "qkvo")),
-    *_params(*(f"model.layers.{{bid}}.mlp.{p}_proj" for p in ("gate", "up", "down"))),
-)
-
-_ARCHITECTURES: dict[str, _Architecture] = {
-    "llama": _Architecture(gguf.MODEL_ARCH.LLAMA, "llama", _llama_config, _LLAMA_PARAMETERS, _fix_llama),
-    "gemma": _Architecture(
-        gguf.MODEL_ARCH.GEMMA,
-        "gemma",
-        _gemma_config,
-        tuple(p for p in _LLAMA_PARAMETERS if p != "lm_head.weight" and not p.endswith(".bias")),
-        _fix_gemma,
-    ),
-    "starcoder": _Architecture(
-        gguf.MODEL_ARCH.STARCODER,
-        "gpt_bigcode",
-        _starcoder_config,
-        (
-            *_params("transformer.wte", "transformer.wpe", "lm_head", bias=False),
-            *_params("transformer.ln_f", "transformer.h.{bid}.ln_1", "transformer.h.{bid}.ln_2"),
-            *_params(*(f"transformer.h.{{bid}}.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))),
-        ),
-        layers_key="n_layer",
-    ),
-    "mpt": _Architecture(
-        gguf.MODEL_ARCH.MPT,
-        "mpt",
-        _mpt_config,
-        _params(
-            "transformer.wte",
-            "transformer.norm_f",
-            "lm_head",
-            *(f"transformer.blocks.{{bid}}.{m}" for m in ("norm_1", "attn.Wqkv", "attn.out_proj", "norm_2")),
-            *(f"transformer.blocks.{{bid}}.ffn.{m}" for m in ("up_proj", "down_proj")),
-            bias=False,
-        ),
-        layers_key="n_layers",
-    ),
-}
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_families_by_architecture())
 """GGUF ``general.architecture`` values this module reads (``starcoder`` becomes transformers' ``gpt_bigcode``)."""
 
 
-def _architecture(meta: _Metadata) -> _Architecture:
-    arch = _ARCHITECTURES.get(meta.arch)
-    if arch is None:
+def _architecture(meta: GGUFMetadata) -> Family:
+    family = _families_by_architecture().get(meta.arch)
+    if family is None:
         raise ValueError(
             f"{meta.path}: GGUF architecture {meta.arch!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return arch
+    return family
 
 
 @functools.cache
 def _gguf_to_hf_names(arch_name: str, n_layers: int) -> dict[str, str]:
-    arch = _ARCHITECTURES[arch_name]
-    name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_layers)
+    family = _families_by_architecture()[arch_name]
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name.upper()], n_layers)
     names = {}
-    for template in arch.hf_parameters:
+    for template in family.gguf_parameters():
         for bid in range(n_layers) if "{bid}" in template else (None,):
             hf_name = template.format(bid=bid)
             gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -418,13 +299,13 @@ def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def _check_tensors(meta: _Metadata, arch_name: str, n_layers: int) -> dict[str, str]:
+def _check_tensors(meta: GGUFMetadata, arch_name: str, n_layers: int) -> dict[str, str]:
     names = _gguf_to_hf_names(arch_name, n_layers)
     for tensor in meta.reader.tensors:
         if tensor.name not in names and tensor.name != _ROPE_FREQS:
             raise ValueError(
                 f"{meta.path}: tensor {tensor.name!r} has no counterpart in transformers' "
-                f"{_ARCHITECTURES[arch_name].model_type} model (an unsupported variant of {arch_name}?)"
+                f"{_families_by_architecture()[arch_name].model_type} model (an unsupported variant of {arch_name}?)"
             )
         if not _can_dequantize(tensor.tensor_type):
             raise ValueError(
@@ -471,9 +352,9 @@ def gguf_config(reader: gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> 
     Raises:
         ValueError: unsupported architecture, missing or malformed metadata, or tensors the HF model has no place for.
     """
-    meta = _Metadata(reader)
+    meta = GGUFMetadata(reader)
     arch = _architecture(meta)
-    config = arch.build_config(meta)
+    config = arch.config_from_gguf(meta)
     embed = meta.shape("token_embd.weight")
     vocab = embed[0] if embed else meta.get(Keys.LLM.VOCAB_SIZE, int, None)
     if vocab is None and (tokens := reader.get_field(Keys.Tokenizer.LIST)) is not None:
@@ -490,7 +371,7 @@ def gguf_config(reader: gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> 
         if (token_id := meta.get(gguf_key, int, None)) is not None:
             config[hf_key] = token_id
     config["dtype"] = str(dtype).removeprefix("torch.")
-    _check_tensors(meta, meta.arch, config[arch.layers_key])
+    _check_tensors(meta, meta.arch, config[arch.gguf_layers_key])
     return config
 
 
@@ -507,18 +388,17 @@ def iter_gguf_tensors(
         config: the dict ``gguf_config`` built for this reader (head counts drive the q/k un-permute).
         dtype: the floating-point dtype of the yielded tensors; dequantization itself runs in float32.
     """
-    meta = _Metadata(reader)
+    meta = GGUFMetadata(reader)
     arch = _architecture(meta)
-    names = _check_tensors(meta, meta.arch, config[arch.layers_key])
+    names = _check_tensors(meta, meta.arch, config[arch.gguf_layers_key])
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue
         weight = _dequantize(tensor)
-        if arch.fix_tensor is not None:
-            try:
-                weight = arch.fix_tensor(tensor.name, weight, config)
-            except ValueError as e:
-                raise ValueError(f"{meta.path}: tensor {tensor.name!r} of shape {tuple(weight.shape)}: {e}") from e
+        try:
+            weight = arch.fix_gguf_tensor(tensor.name, weight, config)
+        except ValueError as e:
+            raise ValueError(f"{meta.path}: tensor {tensor.name!r} of shape {tuple(weight.shape)}: {e}") from e
         yield names[tensor.name], weight.to(dtype)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from decoderkit.config import DecoderConfig
+
+if TYPE_CHECKING:
+    from decoderkit.gguf_model import GGUFMetadata
 
 HEADS = ("base", "causal_lm", "sequence_classification", "token_classification", "question_answering")
 
@@ -32,6 +35,11 @@ class Family:
     hf_head_names: dict[str, str] = {}
     # Heads transformers itself implements for this family (the others are ours alone).
     hf_heads: tuple[str, ...] = HEADS
+
+    # llama.cpp's `general.architecture` for this family's GGUF files ("" when there is none) and the config key that
+    # holds the layer count in the dict `config_from_gguf` returns.
+    gguf_architecture: str = ""
+    gguf_layers_key: str = "num_hidden_layers"
 
     # ------------------------------------------------------------------------------------------------ config
     def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
@@ -52,6 +60,19 @@ class Family:
 
     def hf_prefix(self, head: str) -> str:
         return self.hf_base_prefix
+
+    # ------------------------------------------------------------------------------------------------ GGUF
+    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
+        """A transformers config.json dict from a GGUF file's metadata (see `decoderkit.gguf_model`)."""
+        raise NotImplementedError(f"{self.model_type} has no GGUF support")
+
+    def gguf_parameters(self) -> tuple[str, ...]:
+        """transformers' parameter names of a causal LM, `{bid}` for the layer index; the gguf package maps them."""
+        raise NotImplementedError(f"{self.model_type} has no GGUF support")
+
+    def fix_gguf_tensor(self, gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+        """Undo what llama.cpp's converter changed in a tensor (q/k row order, norm offsets, ...)."""
+        return weight
 
     # ------------------------------------------------------------------------------------------------ weights
     def base_hf_to_ours(self, name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[tuple[str, torch.Tensor]]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from decoderkit.families.llama import LlamaFamily
+
+if TYPE_CHECKING:
+    from decoderkit.gguf_model import GGUFMetadata
 
 
 class GemmaFamily(LlamaFamily):
@@ -23,6 +28,22 @@ class GemmaFamily(LlamaFamily):
 
     def hf_prefix(self, head: str) -> str:
         return "model"
+
+    # GGUF: llama.cpp's "gemma" architecture (rotate-half rope there too, so no q/k permutation; tied output).
+    gguf_architecture = "gemma"
+    gguf_hidden_act = "gelu_pytorch_tanh"
+
+    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
+        config = super().config_from_gguf(meta)
+        config.pop("mlp_bias")
+        return config
+
+    def gguf_parameters(self) -> tuple[str, ...]:
+        return tuple(p for p in super().gguf_parameters() if p != "lm_head.weight" and not p.endswith(".bias"))
+
+    def fix_gguf_tensor(self, gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+        # llama.cpp multiplies by the stored norm weight, so its converter stores 1 + w; we keep w.
+        return weight - 1.0 if gguf_name.endswith("norm.weight") else weight
 
     def extra_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
         return dict(

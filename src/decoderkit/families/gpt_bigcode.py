@@ -7,11 +7,15 @@ as [q_h | k_h | v_h] for each head h.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from decoderkit.config import DecoderConfig
+
+if TYPE_CHECKING:
+    from decoderkit.gguf_model import GGUFMetadata
+
 from decoderkit.families.base import Family, NameMap, common_fields, common_to_hf, layer_groups, split_rows
 
 NAMES = NameMap([
@@ -77,6 +81,42 @@ class GPTBigCodeFamily(Family):
             scaled_output_init=True,
             use_cache=hf.get("use_cache", True),
             **common_fields({"bos_token_id": 50256, "eos_token_id": 50256, **hf}),
+        )
+
+    # GGUF: llama.cpp's "starcoder" architecture.
+    gguf_architecture = "starcoder"
+    gguf_layers_key = "n_layer"
+
+    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
+        from gguf import Keys
+
+        hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
+        heads = meta.get(Keys.Attention.HEAD_COUNT, int)
+        # The converter writes head_count_kv=1 and feed_forward_length=4*n_embd whatever the model has, so the fused
+        # qkv and ffn_up shapes are the reliable source: qkv rows = hidden + 2 * kv_heads * head_dim.
+        qkv_rows = (meta.shape("blk.0.attn_qkv.weight") or (hidden + 2 * hidden // heads,))[0]
+        ffn_rows = (meta.shape("blk.0.ffn_up.weight") or (meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),))[0]
+        return {
+            "model_type": "gpt_bigcode",
+            "architectures": ["GPTBigCodeForCausalLM"],
+            "n_embd": hidden,
+            "n_inner": ffn_rows,
+            "n_layer": meta.get(Keys.LLM.BLOCK_COUNT, int),
+            "n_head": heads,
+            "n_positions": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
+            "layer_norm_epsilon": meta.get(Keys.Attention.LAYERNORM_EPS, float),
+            "multi_query": qkv_rows == hidden + 2 * hidden // heads,
+            "activation_function": "gelu_pytorch_tanh",
+        }
+
+    def gguf_parameters(self) -> tuple[str, ...]:
+        from decoderkit.gguf_model import hf_parameter_names as names
+
+        layer = "transformer.h.{bid}"
+        return (
+            *names("transformer.wte", "transformer.wpe", "lm_head", bias=False),
+            *names("transformer.ln_f", f"{layer}.ln_1", f"{layer}.ln_2"),
+            *names(*(f"{layer}.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))),
         )
 
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:

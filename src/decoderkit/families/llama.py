@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from decoderkit.config import DecoderConfig
 from decoderkit.families.base import Family, common_fields, common_to_hf, standardize_rope
+
+if TYPE_CHECKING:
+    from decoderkit.gguf_model import GGUFMetadata
 
 
 class LlamaFamily(Family):
@@ -65,6 +70,40 @@ class LlamaFamily(Family):
 
     def extra_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    # GGUF: llama.cpp's "llama" architecture.
+    gguf_architecture = "llama"
+    gguf_hidden_act = "silu"
+
+    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
+        from decoderkit.gguf_model import rotary_decoder_config
+
+        config = rotary_decoder_config(meta, self.model_type, self.architecture("causal_lm"), self.gguf_hidden_act)
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in meta.tensors
+        return config
+
+    def gguf_parameters(self) -> tuple[str, ...]:
+        from decoderkit.gguf_model import hf_parameter_names
+
+        return (
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+            "model.layers.{bid}.input_layernorm.weight",
+            "model.layers.{bid}.post_attention_layernorm.weight",
+            *hf_parameter_names(*(f"model.layers.{{bid}}.self_attn.{p}_proj" for p in "qkvo")),
+            *hf_parameter_names(*(f"model.layers.{{bid}}.mlp.{p}_proj" for p in ("gate", "up", "down"))),
+        )
+
+    def fix_gguf_tensor(self, gguf_name: str, weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+        # llama.cpp's convert script permutes q/k rows for its rope layout (see decoderkit.gguf_model).
+        from decoderkit.gguf_model import unpermute_rope_rows
+
+        if ".attn_q." in gguf_name:
+            return unpermute_rope_rows(weight, config["num_attention_heads"])
+        if ".attn_k." in gguf_name:
+            return unpermute_rope_rows(weight, config["num_key_value_heads"])
+        return weight
 
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
         out = common_to_hf(config)

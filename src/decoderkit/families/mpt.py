@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from decoderkit.config import DecoderConfig
 from decoderkit.families.base import Family, NameMap, common_fields, common_to_hf, layer_groups, split_rows
+
+if TYPE_CHECKING:
+    from decoderkit.gguf_model import GGUFMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,55 @@ class MptFamily(Family):
             initializer_range=hf.get("initializer_range", 0.02),
             use_cache=hf.get("use_cache", False),
             **common_fields(hf),
+        )
+
+    # GGUF: llama.cpp's "mpt" architecture.
+    gguf_architecture = "mpt"
+    gguf_layers_key = "n_layers"
+
+    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
+        from gguf import Keys
+
+        hidden = meta.get(Keys.LLM.EMBEDDING_LENGTH, int)
+        heads = meta.get(Keys.Attention.HEAD_COUNT, int)
+        if (kv_heads := meta.get(Keys.Attention.HEAD_COUNT_KV, int, heads)) != heads:
+            raise ValueError(
+                f"{meta.path}: MPT with {kv_heads} kv heads for {heads} heads is not supported by transformers"
+            )
+        alibi_bias_max = meta.get(Keys.Attention.MAX_ALIBI_BIAS, float, 8.0)
+        if alibi_bias_max == 0.0 or "position_embd.weight" in meta.tensors:
+            raise ValueError(f"{meta.path}: MPT without ALiBi (learned positions) is not supported by transformers")
+        # feed_forward_length is written as 4 * d_model regardless of the model; ffn_up's shape is the truth
+        ffn_rows = (meta.shape("blk.0.ffn_up.weight") or (meta.get(Keys.LLM.FEED_FORWARD_LENGTH, int),))[0]
+        ratio = ffn_rows // hidden if ffn_rows % hidden == 0 else ffn_rows / hidden
+        return {
+            "model_type": "mpt",
+            "architectures": ["MptForCausalLM"],
+            "d_model": hidden,
+            "n_heads": heads,
+            "n_layers": meta.get(Keys.LLM.BLOCK_COUNT, int),
+            "expansion_ratio": ratio,
+            "max_seq_len": meta.get(Keys.LLM.CONTEXT_LENGTH, int),
+            "layer_norm_epsilon": meta.get(Keys.Attention.LAYERNORM_EPS, float),
+            "no_bias": True,
+            "attn_config": {
+                "alibi": True,
+                "alibi_bias_max": int(alibi_bias_max) if alibi_bias_max.is_integer() else alibi_bias_max,
+                "clip_qkv": meta.get(Keys.Attention.CLAMP_KQV, float, None),
+            },
+        }
+
+    def gguf_parameters(self) -> tuple[str, ...]:
+        from decoderkit.gguf_model import hf_parameter_names
+
+        block = "transformer.blocks.{bid}"
+        return hf_parameter_names(
+            "transformer.wte",
+            "transformer.norm_f",
+            "lm_head",
+            *(f"{block}.{m}" for m in ("norm_1", "attn.Wqkv", "attn.out_proj", "norm_2")),
+            *(f"{block}.ffn.{m}" for m in ("up_proj", "down_proj")),
+            bias=False,
         )
 
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
