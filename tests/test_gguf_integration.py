@@ -48,15 +48,11 @@ pytestmark = [
 def models():
     transformers = pytest.importorskip("transformers")
     path = _smollm2_path()
-    # On a small shared CPU box, a second intra-op thread that has to wait for a core makes each step ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     ours = decoderkit.AutoModelForCausalLM.from_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                dtype=torch.float32).eval()
     tokenizer = decoderkit.AutoTokenizer.from_pretrained(path)
-    yield ours, theirs, tokenizer
-    torch.set_num_threads(threads)
+    return ours, theirs, tokenizer
 
 
 def test_parameters_are_identical(models):

@@ -36,15 +36,6 @@ hf_sc = transformers.generation.stopping_criteria
 FAST = settings(max_examples=50, deadline=None, database=None)  # no example database in the repo
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and spares the cores other test runs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Bitwise equality (-inf == -inf), with a readable diff."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
