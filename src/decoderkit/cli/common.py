@@ -1,0 +1,352 @@
+"""What every subcommand shares: errors, argument types, logging, model loading, streamed generation."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+if TYPE_CHECKING:
+    import torch
+
+    from decoderkit.model import PreTrainedDecoder
+    from decoderkit.tokenizer import Tokenizer
+
+PROG = "decoderkit"
+logger = logging.getLogger(__name__)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DTYPE_NAMES = {
+    "auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model")  # fmt: skip
+
+
+class CLIError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+class UsageError(CLIError):
+    """A bad combination of arguments found after parsing: exit status 2."""
+
+# ---------------------------------------------------------------------------------------------- argument types
+def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse `type` that parses with `kind` and enforces `check`, naming the rule in the error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, ">= 0")
+positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "> 0")
+temperature_value = _number(float, lambda v: v > 0 and v != float("inf"), "> 0 (use --greedy for deterministic output)")
+top_p_value = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+min_p_value = _number(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def dtype_name(text: str) -> str:
+    """`--dtype`: a canonical dtype name from a name or alias."""
+    name = DTYPE_NAMES.get(text.lower().removeprefix("torch."))
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+def device_name(text: str) -> str:
+    """`--device`: checked for shape here; whether the device exists is checked once torch is loaded."""
+    if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:N, mps or xpu")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error, pointing at `--help` instead of repeating the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an exception: OSErrors without their `[Errno N]` prefix, other types named when unexpected."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror if err.filename is None or str(err.filename) in err.strerror else (
+            f"{err.filename}: {err.strerror}")
+    elif isinstance(err, (CLIError, ValueError, OSError)):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split()) or type(err).__name__
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (it may be replaced after setup, as in tests)."""
+
+    @property
+    def stream(self) -> TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+
+
+@contextlib.contextmanager
+def _cli_logging(verbose: bool, quiet: bool) -> Iterator[None]:
+    """Route decoderkit's log records and warnings to stderr as one-line messages for the command's duration.
+
+    The previous logger and warnings state comes back afterwards, so calling `main()` in-process (tests, notebooks)
+    leaves no trace on the caller's logging.
+    """
+    import warnings
+
+    package = logging.getLogger("decoderkit")
+    saved = (package.level, package.propagate, warnings.formatwarning)
+    package.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    package.addHandler(_HANDLER)
+    package.propagate = False
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            elif not verbose:
+                # One line per warning, without the library source line Python shows by default.
+                warnings.formatwarning = lambda message, category, *_, **__: f"{PROG}: warning: {message}\n"
+            yield
+    finally:
+        package.removeHandler(_HANDLER)
+        package.level, package.propagate, warnings.formatwarning = saved
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit; pointing it at devnull keeps a closed pipe from printing a second error.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    """A status line on stderr, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def default_model_path() -> Path:
+    """The small Llama shipped in the package (decoderkit/assets/default-model)."""
+    return Path(str(resources.files("decoderkit") / "assets" / "default-model"))
+
+
+def locate_model(name: str | None) -> Path:
+    """A local path for `--model`: a directory, a .gguf file, or a hub id found in the local cache."""
+    if name is None:
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise CLIError(f"no --model given and the shipped default model is missing ({path}); pass --model")
+        return path
+    from decoderkit.checkpoint import resolve_model_path
+
+    try:
+        path = resolve_model_path(name)
+    except FileNotFoundError as err:
+        message = _describe(err)
+        if "download" not in message and not Path(name).exists() and "/" in name.strip("/") \
+                and not name.startswith((".", "/", "~")) and not name.endswith(".gguf"):
+            message += f"; fetch it with `hf download {name}` (huggingface_hub's CLI) where there is network"
+        raise CLIError(message) from None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            found = sorted(p.name for p in path.iterdir())
+            listing = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise CLIError(f"{path}: not a model checkpoint (no config.json; it holds {listing or 'nothing'})")
+    elif path.suffix != ".gguf":
+        raise CLIError(f"{path}: not a model checkpoint (expected a directory with config.json or a .gguf file)")
+    return path
+
+
+def pick_device(name: str | None) -> str:
+    """The requested device after checking it exists; by default cuda when available."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name}: MPS is not available on this machine")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise CLIError(f"--device {name}: XPU is not available on this machine")
+    return name
+
+
+def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTrainedDecoder, Tokenizer | None, Path]:
+    """The causal LM (and its tokenizer) named by `--model`, on `--device` in `--dtype`."""
+    from decoderkit import AutoModelForCausalLM
+
+    path = locate_model(args.model)
+    device = pick_device(args.device)
+    tok = None
+    if tokenizer:
+        # The tokenizer first: it is quick, and a missing one should fail before minutes of weight loading.
+        from decoderkit.tokenizer import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    # The loader draws a progress bar only when stderr is a terminal; --quiet turns it off there too.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
+                                                 progress=False if getattr(args, "quiet", False) else None)
+    return model, tok, path
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+class TokenStreamer:
+    """A streamer with transformers' protocol (`put` / `end`) that records each row's new tokens and their timing.
+
+    transformers' `generate` first puts the prompt ids (B, T), then each step's new tokens (B,). Row 0's text is
+    written to `out` as it completes (UTF-8 safe, via the tokenizer's `StreamDecoder`) when one row is generated.
+    Tokens after a row's end-of-sequence token (padding) are not recorded.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], eos_ids: Sequence[int],
+                 out: TextIO | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = len(prompt_ids)
+        self.eos_ids = set(eos_ids)
+        self.out = out
+        self.rows: list[list[int]] = []
+        self.finished: list[bool] = []
+        self.first_token_at: float | None = None
+        self.ended = False
+        self._prompt_seen = False
+        self._decoder = tokenizer.stream_decoder(skip_special_tokens=True, prefix_ids=prompt_ids) if tokenizer else None
+
+    def put(self, value: torch.Tensor) -> None:
+        """Receive the prompt (skipped) or one step's tokens."""
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            # The prompt comes as (1, T) or (B, T); step tokens as (B,).
+            if value.dim() == 2 and value.shape[-1] == self.prompt_length:
+                return
+        step = value.reshape(value.shape[0], -1).tolist() if value.dim() > 0 else [[int(value)]]
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            self.rows = [[] for _ in step]
+            self.finished = [False] * len(step)
+        for row, tokens in enumerate(step):
+            for token in tokens:
+                if self.finished[row]:
+                    break
+                self.rows[row].append(token)
+                if token in self.eos_ids:
+                    self.finished[row] = True
+                elif row == 0 and len(self.rows) == 1:
+                    self._emit(self._decoder.push(token) if self._decoder else "")
+
+    def end(self) -> None:
+        """The generation finished: release any held-back text."""
+        self.flush()
+        self.ended = True
+
+    def flush(self) -> None:
+        """Write out text held back for an incomplete character (also used after an interrupt)."""
+        if self._decoder is not None and len(self.rows) <= 1:
+            self._emit(self._decoder.flush())
+
+    def _emit(self, text: str) -> None:
+        if text and self.out is not None:
+            self.out.write(text)
+            self.out.flush()
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate` keyword arguments for the options given; unset ones fall back to the generation config."""
+    sampling = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p")}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, **sampling}
+    if args.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = args.repetition_penalty
+    n = getattr(args, "num_return_sequences", 1)
+    do_sample = args.do_sample
+    if do_sample is False and n > 1:
+        raise UsageError("--num-return-sequences > 1 needs sampling; drop --greedy")
+    if do_sample is None and (sampling or n > 1):
+        do_sample = True  # asking for a temperature or several samples means sampling
+    if do_sample is not None:
+        kwargs["do_sample"] = do_sample
+    if n > 1:
+        kwargs["num_return_sequences"] = n
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+        kwargs["generator"] = torch.Generator().manual_seed(args.seed)
+    return kwargs
+
+
+def eos_token_ids(model: PreTrainedDecoder) -> list[int]:
+    """The ids that end a sequence, from the generation config (else the model config)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def fit_new_tokens(args: argparse.Namespace, model: PreTrainedDecoder, prompt_tokens: int, wanted: int) -> int:
+    """`wanted` new tokens, cut to what fits the context window after the prompt (with a notice)."""
+    context = model.config.max_position_embeddings
+    if prompt_tokens >= context:
+        raise CLIError(f"the prompt has {prompt_tokens} tokens; the model's context window is {context}")
+    if prompt_tokens + wanted > context:
+        _note(args, f"{PROG}: note: max new tokens cut from {wanted} to {context - prompt_tokens} to fit the "
+                    f"{context}-token context window")
+        return context - prompt_tokens
+    return wanted
+
+
+def run_generate(model: PreTrainedDecoder, prompt_ids: list[int], kwargs: dict[str, Any],
+                 streamer: TokenStreamer) -> bool:
+    """Generate with `streamer`; return False when interrupted by Ctrl-C (what was generated is in the streamer)."""
+    import torch
+
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    except KeyboardInterrupt:
+        streamer.flush()
+        return False
+    return True
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)

@@ -1,0 +1,95 @@
+"""`decoderkit train`, `serve` and `convert`: the commands that hand off to other parts of decoderkit."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from decoderkit.cli.common import EXIT_ERROR, EXIT_OK, PROG, TOKENIZER_FILES, CLIError, UsageError, _note, locate_model
+
+if TYPE_CHECKING:
+
+
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    """`decoderkit train ...`: run `python -m decoderkit.training ...` in this process."""
+    import importlib.util
+    import runpy
+
+    try:
+        found = importlib.util.find_spec("decoderkit.training.__main__") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise CLIError("the trainer (decoderkit.training) is not available in this installation")
+    saved = sys.argv
+    sys.argv = [f"{PROG} train", *args.trainer_args]
+    try:
+        runpy.run_module("decoderkit.training", run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or EXIT_OK
+        print(stop.code, file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        sys.argv = saved
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`decoderkit serve ...`: the OpenAI-compatible server (needs the `serve` extra: fastapi, uvicorn)."""
+    try:
+        from decoderkit.serve.app import main as serve_main
+    except ImportError as err:
+        raise CLIError(f"the server needs the serve extra ({err}); pip install 'decoderkit[serve]'") from None
+    return serve_main(args.trainer_args)
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`decoderkit convert`: a .gguf file or model directory to a (re-typed) Hugging Face directory."""
+    from decoderkit import AutoModelForCausalLM
+
+    source = locate_model(args.source)
+    output = Path(args.output)
+    if output.exists() and output.resolve() == source.resolve():
+        raise UsageError("OUTPUT must differ from SOURCE (the weights are read while the output is written)")
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not args.force:
+        raise CLIError(f"{output}: directory is not empty; pass --force to write into it")
+    if source.is_dir() and args.dtype is None:
+        raise UsageError("converting a model directory needs --dtype (a .gguf source needs no options)")
+    from decoderkit.checkpoint import parse_size
+
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as err:
+        raise UsageError(f"--max-shard-size: {err}") from None
+
+    start = time.perf_counter()
+    # A quantized GGUF tensor has no dtype of its own: it is dequantized to float32 unless told otherwise.
+    dtype = args.dtype or ("float32" if source.is_file() else "auto")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu",
+                                                 progress=False if getattr(args, "quiet", False) else None)
+    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    if source.is_file():
+        from decoderkit.tokenizer import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(output)
+    else:
+        # Copied byte for byte: the directory's tokenizer files are already what transformers reads.
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, output / name)
+    _note(args, f"wrote {output} ({str(model.dtype).removeprefix('torch.')}, {model.num_parameters():,} parameters) "
+                f"in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+

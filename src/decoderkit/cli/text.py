@@ -1,0 +1,214 @@
+"""`decoderkit generate` and `decoderkit chat`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from decoderkit.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PROG,
+    CLIError,
+    TokenStreamer,
+    UsageError,
+    _describe,
+    _note,
+    _round,
+    eos_token_ids,
+    fit_new_tokens,
+    generation_kwargs,
+    load_model,
+    logger,
+    run_generate,
+)
+
+if TYPE_CHECKING:
+
+
+    from decoderkit.tokenizer import Tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt argument, or all of stdin when it is absent or '-'."""
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    stdin = sys.stdin
+    if stdin is None:
+        raise UsageError("no PROMPT given and stdin is closed")
+    if args.prompt is None and stdin.isatty():
+        raise UsageError("no PROMPT given; pass it as an argument or pipe it on stdin")
+    try:
+        return _decode_stdin(_raw(stdin).read(), "utf-8-sig")
+    except OSError as err:
+        raise CLIError(f"cannot read the prompt from stdin: {_describe(err)}") from None
+
+
+def _raw(stdin: TextIO) -> Any:
+    # Bytes, decoded here: Python's own stdin decoding depends on the locale (and in the C locale lets invalid bytes
+    # through as surrogates that fail later, deep inside the tokenizer).
+    return getattr(stdin, "buffer", stdin)
+
+
+def _decode_stdin(data: str | bytes, encoding: str = "utf-8") -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise CLIError(f"stdin is not valid UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`decoderkit generate`: complete a prompt, streaming text or printing one JSON record."""
+    prompt = read_prompt(args)
+    kwargs = generation_kwargs(args)
+    start = time.perf_counter()
+    model, tok, path = load_model(args)
+    load_s = time.perf_counter() - start
+    prompt_ids = tok.encode(prompt)
+    if not prompt_ids:
+        raise CLIError("the prompt is empty and the tokenizer adds no start token; give some text")
+    kwargs["max_new_tokens"] = fit_new_tokens(args, model, len(prompt_ids), kwargs["max_new_tokens"])
+    n = args.num_return_sequences
+    stream = not args.json and n == 1
+    streamer = TokenStreamer(tok, prompt_ids, eos_token_ids(model), out=sys.stdout if stream else None)
+
+    begin = time.perf_counter()
+    completed = run_generate(model, prompt_ids, kwargs, streamer)
+    total_s = time.perf_counter() - begin
+    rows = streamer.rows or [[] for _ in range(n)]
+    texts = [completion_text(tok, prompt_ids, row) for row in rows]
+    completion_tokens = sum(len(row) for row in rows)
+    ttft = streamer.first_token_at - begin if streamer.first_token_at is not None else None
+
+    if args.json:
+        record = {
+            "model": str(path), "prompt": prompt, "completions": texts, "prompt_tokens": len(prompt_ids),
+            "completion_tokens": completion_tokens,
+            "timings": {"load_s": round(load_s, 4), "time_to_first_token_s": _round(ttft), "total_s": round(total_s, 4),
+                        "tokens_per_s": _round(completion_tokens / total_s if total_s > 0 else None, 2)},
+            "interrupted": not completed,
+        }
+        print(json.dumps(record, ensure_ascii=False))
+    elif stream:
+        print(flush=True)
+    else:
+        for i, text in enumerate(texts):
+            print(f"--- completion {i + 1} ---\n{text}", flush=True)
+    if not args.json:
+        rate = completion_tokens / total_s if total_s > 0 else 0.0
+        _note(args, f"[{len(prompt_ids)} prompt + {completion_tokens} new tokens in {total_s:.2f} s, {rate:.1f} "
+                    f"tokens/s; load {load_s:.2f} s]")
+    if not completed:
+        _note(args, f"{PROG} generate: interrupted")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def completion_text(tok: Tokenizer, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+    """The text `ids` add after the prompt, exactly as streamed.
+
+    Decoding the new ids on their own can differ at the start: a SentencePiece decoder drops the first token's
+    leading space, which after a prompt is a real space.
+    """
+    decoder = tok.stream_decoder(skip_special_tokens=True, prefix_ids=prompt_ids)
+    return "".join(decoder.push(i) for i in ids) + decoder.flush()
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def read_messages(prompt: str) -> Any:
+    """User lines: `input()` on a terminal (line editing, a prompt), plain lines from a pipe."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise CLIError("stdin is closed; chat reads messages from stdin")
+    interactive = stdin.isatty()
+    while True:
+        try:
+            line = input(prompt) if interactive else _decode_stdin(_raw(stdin).readline())
+        except EOFError:
+            return
+        except UnicodeDecodeError as err:  # a terminal in a non-UTF-8 locale
+            raise CLIError(f"stdin is not valid {err.encoding} text (byte {err.start})") from None
+        if not interactive and not line:
+            return
+        yield line.rstrip("\r\n")
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: the contents of a file, or the text itself."""
+    path = Path(value)
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise CLIError(f"--chat-template {value}: no such file (and not an inline Jinja template)")
+    return value
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`decoderkit chat`: a conversation over stdin/stdout with history trimmed to the context window."""
+    kwargs = generation_kwargs(args)
+    model, tok, path = load_model(args)
+    if args.chat_template is not None:
+        tok.chat_template = load_chat_template(args.chat_template)
+    if not tok.chat_template:
+        raise CLIError(f"{path}: the tokenizer has no chat template; pass --chat-template, or use `generate`")
+    context = model.config.max_position_embeddings
+    if kwargs["max_new_tokens"] >= context:
+        raise UsageError(f"--max-new-tokens {kwargs['max_new_tokens']} leaves no room for the conversation in the "
+                         f"model's {context}-token context window")
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    eos = eos_token_ids(model)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        _note(args, f"Chatting with {path}. Commands: /reset clears the history, /exit quits (or Ctrl-D).")
+
+    for line in read_messages(">>> " if interactive else ""):
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            history.clear()
+            _note(args, "[history cleared]")
+            continue
+        history.append({"role": "user", "content": line})
+        prompt_ids = _fit_history(args, tok, opening, history, context - kwargs["max_new_tokens"])
+        if prompt_ids is None:
+            history.pop()
+            _note(args, f"[message too long for the {context}-token context window with --max-new-tokens "
+                        f"{kwargs['max_new_tokens']}; not sent]")
+            continue
+        logger.info("prompt: %d tokens from %d message(s)", len(prompt_ids), len(opening) + len(history))
+        streamer = TokenStreamer(tok, prompt_ids, eos, out=sys.stdout)
+        completed = run_generate(model, prompt_ids, kwargs, streamer)
+        reply = tok.decode(streamer.rows[0] if streamer.rows else [], skip_special_tokens=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+        if not completed:
+            _note(args, "[reply interrupted]")
+    return EXIT_OK
+
+
+def _fit_history(args: argparse.Namespace, tok: Tokenizer, opening: list[dict[str, str]],
+                 history: list[dict[str, str]], budget: int) -> list[int] | None:
+    """The prompt ids of the conversation, dropping the oldest turns (in place) until it fits `budget` tokens."""
+    while True:
+        ids = tok.apply_chat_template(opening + history, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if len(ids) <= budget:
+            return ids
+        if len(history) <= 1:
+            return None
+        # Drop a whole exchange (user + assistant) so the history never starts with an assistant turn.
+        dropped = 2 if len(history) > 2 and history[1]["role"] == "assistant" else 1
+        del history[:dropped]
+        _note(args, f"[context window full: dropped the oldest {'exchange' if dropped == 2 else 'message'}]")
