@@ -56,7 +56,7 @@ class PreTrainedDecoder(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
         """Write a directory transformers loads as the same model (config.json, safetensors shards, index)."""
-        from decoderkit.checkpoint import save_pretrained
+        from decoderkit.saving import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size)
 
