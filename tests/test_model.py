@@ -543,8 +543,7 @@ def test_bfloat16_matches_transformers(tmp_path, model_type, backend):
     with torch.no_grad():
         ref = hf(**kw).logits[mask.bool()]
         got = ours(**kw).logits[mask.bool()]
-    # MPT's reference adds the fp32 ALiBi bias to bf16 scores (promoting them); SDPA takes the bias in bf16.
-    assert rel_err(got, ref) <= (2e-2 if (model_type, backend) == ("mpt", "sdpa") else 1e-6)
+    assert rel_err(got, ref) <= 1e-6
 
 
 def test_dtype_auto_follows_checkpoint(tmp_path):

@@ -85,7 +85,11 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx, inputs.cache_position)
 
         dropout = self.dropout if self.training else 0.0
-        if output_attentions or self.implementation == "eager":
+        # ALiBi in half precision: MPT adds its fp32 bias to the half-precision scores (promoting them to fp32);
+        # SDPA would take the bias in half precision, so such models use the eager math to give the same numbers.
+        # (flash_attention_2 applies ALiBi inside its kernel and stays as asked.)
+        half_alibi_sdpa = self.implementation == "sdpa" and inputs.alibi is not None and q.dtype != torch.float32
+        if output_attentions or self.implementation == "eager" or half_alibi_sdpa:
             out, weights = eager_attention(q, k, v, inputs, self.scale, dropout, self.training)
         elif self.implementation == "flash_attention_2":
             out, weights = flash_attention(q, k, v, inputs, self.scale, dropout), None
