@@ -423,3 +423,13 @@ def test_cuda_device_is_checked(capsys, tiny_model):
 def test_help(capsys, command):
     code, out, _ = run_main(capsys, command, "--help")
     assert code == 0 and f"usage: decoderkit {command}" in out
+
+
+def test_serve_is_forwarded_to_the_server(capsys):
+    """`decoderkit serve` hands every argument, --help included, to the server's own parser."""
+    code, out, _ = run_main(capsys, "serve", "--help")
+    assert code == 0
+    assert "OpenAI-compatible server" in out and "--api-key" in out
+    code, _, err = run_main(capsys, "serve", "--model", "/definitely/not/here")
+    assert code != 0
+    assert "/definitely/not/here" in err

@@ -6,6 +6,7 @@ import argparse
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,15 +33,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = sys.argv
     sys.argv = [f"{PROG} train", *args.trainer_args]
     try:
-        runpy.run_module("decoderkit.training", run_name="__main__", alter_sys=True)
+        return _exit_status(lambda: runpy.run_module("decoderkit.training", run_name="__main__", alter_sys=True))
+    finally:
+        sys.argv = saved
+
+
+def _exit_status(run: Callable[[], object]) -> int:
+    """Run a program that reports through SystemExit (argparse's --help and errors): its status as an int, a message
+    exit printed on stderr as status 1."""
+    try:
+        result = run()
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
             return stop.code or EXIT_OK
         print(stop.code, file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        sys.argv = saved
-    return EXIT_OK
+    return result if isinstance(result, int) else EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -49,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from decoderkit.serve.app import main as serve_main
     except ImportError as err:
         raise CLIError(f"the server needs the serve extra ({err}); pip install 'decoderkit[serve]'") from None
-    return serve_main(args.trainer_args)
+    return _exit_status(lambda: serve_main(args.trainer_args))
 
 
 # ---------------------------------------------------------------------------------------------- convert
