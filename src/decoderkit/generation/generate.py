@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import warnings
-import weakref
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -47,11 +45,10 @@ import torch
 from decoderkit.cache import Cache, DynamicCache, StaticCache
 from decoderkit.generation.beam_search import BeamSearchState
 from decoderkit.generation.config import GenerationConfig
+from decoderkit.generation.decode_step import DecodeStep, forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
 from decoderkit.generation.stopping import StoppingCriteriaList, StopStringCriteria
 from decoderkit.generation.streamer import BaseStreamer, GenerationStream
-from decoderkit.layers.alibi import alibi_bias
-from decoderkit.layers.attention import AttentionInputs
 from decoderkit.outputs import ModelOutput
 
 if TYPE_CHECKING:
@@ -63,7 +60,6 @@ __all__ = ["GenerateOutput", "generate"]
 _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunked"})
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
 # Rope rules whose frequencies depend on the longest position seen so far: evaluated step by step, as the model does
-_STATEFUL_ROPE = frozenset({"dynamic", "longrope"})
 _COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
 _UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "assistant_model", "prefix_allowed_tokens_fn",
@@ -279,11 +275,11 @@ class _Plan:
         L = self.prompt.shape[1]
         cache = self.cache
         if cache is None or not cache.is_static:
-            return _forward_full(self.model, self.ids[:, :L], self.padding, self.positions, cache)
+            return forward_full(self.model, self.ids[:, :L], self.padding, self.positions, cache)
         # Through a static cache the prompt would attend over every slot under an explicit mask, which loses the
         # causal SDPA kernel; a dynamic cache keeps it, then its entries are copied into the static buffers
         prompt_cache = DynamicCache()
-        logits = _forward_full(self.model, self.ids[:, :L], self.padding, self.positions, prompt_cache)
+        logits = forward_full(self.model, self.ids[:, :L], self.padding, self.positions, prompt_cache)
         for layer, (k, v) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
             cache.keys[layer][:, :, :L].copy_(k)
             cache.values[layer][:, :, :L].copy_(v)
@@ -294,7 +290,7 @@ class _Plan:
         """A function: the tokens just chosen (rows,) -> logits (rows, V) for the next position."""
         L = self.prompt.shape[1]
         if self.cache is not None:
-            return _DecodeStep(self.model, self.cache, self.padding, self.positions[:, -1] + 1, L, self.max_length,
+            return DecodeStep(self.model, self.cache, self.padding, self.positions[:, -1] + 1, L, self.max_length,
                                self.compile)
         # Without a cache every step reruns the whole sequence, as transformers does with use_cache=False
         full_mask = torch.ones_like(self.ids, dtype=torch.bool)
@@ -308,7 +304,7 @@ class _Plan:
             length[0] += 1
             n = length[0]
             mask = full_mask[:, :n] if self.padding is not None else None
-            return _forward_full(self.model, self.ids[:, :n], mask, full_pos[:, :n], None)
+            return forward_full(self.model, self.ids[:, :n], mask, full_pos[:, :n], None)
 
         return rerun
 
@@ -434,178 +430,3 @@ def _check_prompt(input_ids: Any, attention_mask: torch.Tensor | None,
         warnings.warn("right padding detected in attention_mask: decoder-only models need left padding for batched "
                       "generation (tokenizer padding_side='left')", UserWarning, stacklevel=4)
     return input_ids.long(), mask
-
-
-def _forward_full(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
-                  cache: Cache | None) -> torch.Tensor:
-    """Logits (rows, V) in fp32 for the last position of `ids` (and everything before it fed to the cache)."""
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=cache is not None, validate=False)
-    return model.lm_head(out.last_hidden_state[:, -1]).float()
-
-
-class _SlotCache(Cache):
-    """A static cache's buffers written at `cache_position`, with no Python-side state a compiled graph would
-    specialise on (StaticCache counts stored tokens in a Python int)."""
-
-    is_static = True
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key, value, layer_idx, cache_position=None):
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        k.index_copy_(2, cache_position, key.to(k.dtype))
-        v.index_copy_(2, cache_position, value.to(v.dtype))
-        return k, v
-
-
-def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
-                 mask: torch.Tensor | None, padding_mask: torch.Tensor | None,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None, alibi: torch.Tensor | None,
-                 cache: Cache) -> torch.Tensor:
-    """One token per row through the stack, given the per-step inputs `DecoderStack.forward` would build."""
-    stack = model.model
-    config = stack.config
-    x = stack.embed(tokens)  # (B, 1, D)
-    if config.position_embedding == "learned":
-        x = x + stack.embed_positions(position_ids).to(x.dtype)
-    x = stack.embed_dropout(x)
-    if rope is None and stack.rotary is not None:
-        rope = stack.rotary(position_ids, x.dtype)
-    inputs = AttentionInputs(mask=mask, causal=config.is_causal, rope=rope, alibi=alibi,
-                             alibi_slopes=stack.alibi_slopes if alibi is not None else None,
-                             cache_position=cache_position, padding_mask=padding_mask)
-    for layer in stack.layers:
-        x, _ = layer(x, inputs, cache)
-    return model.lm_head(stack.norm(x)[:, -1]).float()
-
-
-def _forward_one_static(model, tokens, position_ids, cache_position, mask, rope, alibi, keys, values):
-    return _forward_one(model, tokens, position_ids, cache_position, mask, None, rope, alibi, _SlotCache(keys, values))
-
-
-# Measured on a 2-core Sapphire Rapids, 125M Llama (benchmarks/generate.py): freezing prepacks the weights for the
-# MKL / oneDNN GEMMs (bf16 batch 1: ~1.5x); concat_linear then merges q/k/v and gate/up into one GEMM each (the fused
-# projections, without changing the checkpoint layout); the C++ wrapper removes ~2 ms of Python per step
-_CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "cpp_wrapper": True}
-
-_COMPILED: weakref.WeakKeyDictionary[Any, tuple[tuple, Callable[..., torch.Tensor]]] = weakref.WeakKeyDictionary()
-
-
-def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
-    """`_forward_one_static` compiled for `model`'s current weights.
-
-    On CPU, inductor's freezing folds the weights into the graph as constants, prepacked for the oneDNN / MKL GEMMs
-    (the largest CPU gain: small-batch GEMMs on packed weights run near memory bandwidth). A graph compiled for other
-    weights must then never run: the step is keyed on every parameter's storage and version counter, which in-place
-    updates (optimizer steps, load_state_dict) and reassignment both change.
-    """
-    import torch._inductor.config as inductor_config
-
-    fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    entry = _COMPILED.get(model)
-    if entry is not None and entry[0] == fingerprint:
-        return entry[1]
-    # A fresh code object has its own dynamo cache, so graphs built for the old weights are dropped with it
-    fn = types.FunctionType(_forward_one_static.__code__.replace(), globals(), "_forward_one_static")
-    # fullgraph: a graph break would leave Python work on the hot path, which defeats the purpose
-    if model.device.type == "cuda":
-        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    else:
-        # torch.compile(options=...) does not reach the freezing pass (torch 2.13): patch the config around every
-        # call instead, which covers the first compilation and any recompilation
-        step = torch.compile(fn, fullgraph=True, dynamic=False)
-
-        def compiled(*args: Any) -> torch.Tensor:
-            with inductor_config.patch(_CPU_INDUCTOR_OPTIONS):
-                return step(*args)
-
-    _COMPILED[model] = (fingerprint, compiled)
-    return compiled
-
-
-class _DecodeStep:
-    """Feeds the tokens just chosen (one per row) to the model and returns the next logits: the decode hot path.
-
-    Per-step inputs live in buffers advanced in place (token ids, position ids, the cache slot, the attention mask),
-    so a step allocates nothing outside the model itself and a compiled step sees the same tensors every time.
-    """
-
-    def __init__(self, model: Any, cache: Cache, padding: torch.Tensor | None, next_position: torch.Tensor,
-                 prompt_len: int, max_length: int, compile: bool) -> None:
-        stack = model.model
-        device = next_position.device
-        rows, steps = next_position.shape[0], max_length - prompt_len
-        self.model, self.cache = model, cache
-        self.static = cache.is_static
-        self.prompt_len = prompt_len
-        self.filled = prompt_len  # tokens in the cache; the next one goes to slot `filled`
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.position_ids = (next_position - 1)[:, None].clone()  # advanced before each step
-        self.cache_position = torch.full((1,), prompt_len - 1, dtype=torch.long, device=device)
-        # (rows, max_length) bool: the prompt's padding, then every generated token visible
-        self.visible = torch.ones(rows, max_length, dtype=torch.bool, device=device)
-        if padding is not None:
-            self.visible[:, :prompt_len] = padding
-        self.padded = padding is not None
-        if self.static:
-            # Key axis = cache slots; a slot becomes visible when its token is written
-            self.allowed = torch.zeros(rows, 1, 1, cache.max_cache_len, dtype=torch.bool, device=device)
-            self.allowed[:, 0, 0, :prompt_len] = self.visible[:, :prompt_len]
-        self.rope_table = None
-        if stack.rotary is not None and stack.rotary.rope_type not in _STATEFUL_ROPE:
-            # Every future position is known now (the same elementwise cos/sin the model computes per call)
-            future = next_position[:, None] + torch.arange(steps, device=device)
-            cos, sin = stack.rotary(future, model.dtype)
-            self.rope_table = (cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous())  # (steps, rows, R)
-        self.alibi = alibi_bias(stack.alibi_slopes, cache.max_cache_len) if self.static and hasattr(
-            stack, "alibi_slopes") else None
-        self.compiled = None
-        if compile:
-            self.compiled = _compiled_step(model)
-            if device.type == "cuda":
-                # CUDA graphs replay fixed addresses: the buffers mutated in place must be marked as such
-                for t in (*cache.keys, *cache.values, self.tokens, self.position_ids, self.cache_position,
-                          self.allowed):
-                    torch._dynamo.mark_static_address(t)
-
-    def _rope(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.rope_table is None:
-            return None  # stateful rope (or none): evaluated by the model on the position ids
-        cos, sin = self.rope_table
-        return cos[step][:, None], sin[step][:, None]
-
-    @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        slot = self.filled
-        self.tokens.copy_(tokens[:, None])
-        self.position_ids.add_(1)
-        self.cache_position.add_(1)
-        stack = self.model.model
-        if self.static:
-            self.allowed[:, 0, 0, slot] = True
-            mask = self.allowed
-            if self.compiled is not None:
-                rope = None
-                if stack.rotary is not None and stack.rotary.rope_type in _STATEFUL_ROPE:
-                    rope = stack.rotary(self.position_ids, self.model.dtype)
-                if self.tokens.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask, rope,
-                                       self.alibi, self.cache.keys, self.cache.values)
-                if logits.device.type == "cuda":
-                    logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-                self.cache.mark_filled(slot + 1)
-                self.filled += 1
-                return logits
-            padding_mask = self.visible[:, : slot + 1]
-            alibi = self.alibi
-        else:
-            mask = self.visible[:, None, None, : slot + 1] if self.padded else None
-            padding_mask = self.visible[:, : slot + 1] if self.padded else None
-            alibi = alibi_bias(stack.alibi_slopes, slot + 1) if hasattr(stack, "alibi_slopes") else None
-        logits = _forward_one(self.model, self.tokens, self.position_ids, self.cache_position, mask, padding_mask,
-                              self._rope(slot - self.prompt_len), alibi, self.cache)
-        self.filled += 1
-        return logits
