@@ -63,14 +63,6 @@ class DynamicCache(Cache):
             self.keys[i] = self.keys[i].index_select(0, beam_idx.to(self.keys[i].device))
             self.values[i] = self.values[i].index_select(0, beam_idx.to(self.values[i].device))
 
-    def crop(self, max_length: int) -> None:
-        """Drop everything after the first `max_length` tokens."""
-        self.keys = [k[..., :max_length, :] for k in self.keys]
-        self.values = [v[..., :max_length, :] for v in self.values]
-
-    def to_legacy(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        return tuple(zip(self.keys, self.values))
-
 
 class StaticCache(Cache):
     """Fixed-size buffers for `max_batch_size` sequences of up to `max_cache_len` tokens."""

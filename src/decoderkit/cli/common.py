@@ -86,7 +86,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-
 def _describe(err: BaseException) -> str:
     """One line for an exception: OSErrors without their `[Errno N]` prefix, other types named when unexpected."""
     if isinstance(err, OSError) and err.strerror:

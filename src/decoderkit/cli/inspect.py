@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
 # ---------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     """`decoderkit bench`: prefill and decode throughput, time to first token and peak memory."""

@@ -8,14 +8,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from decoderkit.cli.common import EXIT_ERROR, EXIT_OK, PROG, TOKENIZER_FILES, CLIError, UsageError, _note, locate_model
-
-if TYPE_CHECKING:
-
-
-    pass
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -29,8 +29,6 @@ from decoderkit.cli.common import (
 )
 
 if TYPE_CHECKING:
-
-
     from decoderkit.tokenizer import Tokenizer
 
 

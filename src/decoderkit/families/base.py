@@ -8,7 +8,7 @@ fused projections on load and fusing them again on save.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,21 +151,6 @@ def layer_groups(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, dict[str
         if m:
             groups.setdefault(m.group(1), {})[m.group(2)] = value
     yield from groups.items()
-
-
-def pop_many(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    """The value of the first of `keys` present in `d` (all of them removed), else `default`."""
-    value = default
-    found = False
-    for key in keys:
-        if key in d:
-            v = d.pop(key)
-            if not found:
-                value, found = v, True
-    return value
-
-
-ConfigReader = Callable[[dict[str, Any]], DecoderConfig]
 
 
 def standardize_rope(hf: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
