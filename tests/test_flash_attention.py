@@ -181,3 +181,18 @@ def test_cross_attention_honours_the_encoder_mask(tmp_path, flash_backend):
 
     expected, got = _both(model, run)
     assert rel_err(got, expected) <= flash_backend.tol
+
+
+def test_beam_search_on_a_static_cache_matches_sdpa(checkpoint, flash_backend):
+    """Beams reorder the static cache between steps; flash must keep reading only the written slots."""
+    model = _load(checkpoint, flash_backend)
+    ids, mask, _ = (t.to(flash_backend.device) for t in left_padded_batch(97, [6, 3]))
+
+    def run():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=3,
+                              use_cache=True, cache_implementation="static", return_dict_in_generate=True,
+                              output_scores=True)
+
+    expected, got = _both(model, run)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert rel_err(got.sequences_scores, expected.sequences_scores) <= flash_backend.tol
