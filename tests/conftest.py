@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -14,3 +18,36 @@ def single_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class FlashBackend:
+    """Where the flash_attention_2 tests run: the CPU double in fp32, or the real kernel on CUDA in bf16."""
+
+    name: str
+    device: str
+    dtype: torch.dtype
+    tol: float  # relative, of flash against sdpa on the same device and dtype
+
+
+def _real_flash_attn() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.fixture(params=["double", "cuda"])
+def flash_backend(request, monkeypatch) -> FlashBackend:
+    """Makes attn_implementation="flash_attention_2" usable: on CPU through tests/flash_attn_double.py patched in as
+    the flash_attn package; with a GPU and flash_attn installed, the same tests run once more on the real kernel."""
+    if request.param == "cuda":
+        if not _real_flash_attn():
+            pytest.skip("not applicable: needs CUDA and the flash_attn package")
+        return FlashBackend("cuda", "cuda", torch.bfloat16, 2e-2)
+    import flash_attn_double
+
+    import decoderkit.layers.attention
+    import decoderkit.model
+
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_double)
+    for module in (decoderkit.layers.attention, decoderkit.model):
+        monkeypatch.setattr(module, "flash_attention_available", lambda: True)
+    return FlashBackend("double", "cpu", torch.float32, 1e-4)

@@ -139,11 +139,12 @@ class DecoderStack(nn.Module):
         x = self.embed_dropout(x)
 
         k_len = cache.key_length(past + T) if cache is not None else T
-        packed = position_ids if (attention_mask is None and cache is None and T > 1) else None
+        packed = packed_segments(position_ids, B) if (attention_mask is None and cache is None and T > 1) else None
         mask = build_attention_mask(attention_mask, B, T, k_len, cache_position, config.is_causal, past + T,
                                     packed, x.device)
         inputs = AttentionInputs(mask=mask, causal=config.is_causal, cache_position=cache_position,
-                                 padding_mask=attention_mask.bool() if attention_mask is not None else None)
+                                 padding_mask=attention_mask.bool() if attention_mask is not None else None,
+                                 filled=past + T, packed_segments=packed)
         if self.rotary is not None:
             inputs.rope = self.rotary(position_ids, x.dtype)
         if config.position_embedding == "alibi":
@@ -154,7 +155,9 @@ class DecoderStack(nn.Module):
             enc_mask = None
             if encoder_attention_mask is not None:
                 enc_mask = encoder_attention_mask.bool()[:, None, None, :].expand(B, 1, T, -1)
-            encoder_inputs = AttentionInputs(mask=enc_mask, causal=False, padding_mask=None)
+            encoder_inputs = AttentionInputs(
+                mask=enc_mask, causal=False,
+                padding_mask=encoder_attention_mask.bool() if encoder_attention_mask is not None else None)
 
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
@@ -230,6 +233,18 @@ def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
                          f"{vocab_size} entries, so ids must be in [0, {vocab_size - 1}]")
 
 
+def packed_segments(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """(B, T) document ids where position ids restart (packed sequences), or None when nothing restarts.
+
+    Meant for inputs without a 2-D mask and without a cache: there, as in transformers, each document attends only
+    within itself.
+    """
+    ids = position_ids.expand(batch, -1)
+    diff = torch.diff(ids, prepend=ids[:, :1] - 1, dim=-1)
+    segments = (diff != 1).cumsum(-1)
+    return segments if bool((segments[:, -1] != 0).any()) else None
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     batch: int,
@@ -238,23 +253,16 @@ def build_attention_mask(
     cache_position: torch.Tensor,
     causal: bool,
     filled: int,
-    packed_position_ids: torch.Tensor | None,
+    packed_segments: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor | None:
     """Boolean (B, 1, Q, K) mask, True = may attend; None when plain causal attention needs no mask.
 
     Query i sits at absolute position cache_position[i]; key j at slot j. Slots past `filled` (a static cache's unused
-    tail) are masked; `attention_mask` (B, filled) masks padding. Without a 2-D mask and without a cache, position ids
-    that restart mark packed sequences, which attend only within themselves (as transformers does).
+    tail) are masked; `attention_mask` (B, filled) masks padding; `packed_segments` (B, T) keeps each packed document
+    to itself.
     """
     padding = attention_mask is not None and not bool(attention_mask.all())
-    packed_segments = None
-    if packed_position_ids is not None:
-        ids = packed_position_ids.expand(batch, -1)
-        diff = torch.diff(ids, prepend=ids[:, :1] - 1, dim=-1)
-        segments = (diff != 1).cumsum(-1)
-        if bool((segments[:, -1] != 0).any()):
-            packed_segments = segments
     if not padding and packed_segments is None and k_len == filled and (q_len == k_len or q_len == 1):
         return None
     k_idx = torch.arange(k_len, device=device)

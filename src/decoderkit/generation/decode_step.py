@@ -52,8 +52,12 @@ class _SlotCache(Cache):
 def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
                  mask: torch.Tensor | None, padding_mask: torch.Tensor | None,
                  rope: tuple[torch.Tensor, torch.Tensor] | None, alibi: torch.Tensor | None,
-                 cache: Cache) -> torch.Tensor:
-    """One token per row through the stack, given the per-step inputs `DecoderStack.forward` would build."""
+                 cache: Cache, filled: int | None = None) -> torch.Tensor:
+    """One token per row through the stack, given the per-step inputs `DecoderStack.forward` would build.
+
+    `filled` (tokens in the cache, this one included) is left out of the compiled step, which would specialise on it;
+    the flash kernels, which take no dense mask, need it to ignore a static cache's unwritten slots.
+    """
     stack = model.model
     config = stack.config
     x = stack.embed(tokens)  # (B, 1, D)
@@ -64,7 +68,7 @@ def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, c
         rope = stack.rotary(position_ids, x.dtype)
     inputs = AttentionInputs(mask=mask, causal=config.is_causal, rope=rope, alibi=alibi,
                              alibi_slopes=stack.alibi_slopes if alibi is not None else None,
-                             cache_position=cache_position, padding_mask=padding_mask)
+                             cache_position=cache_position, padding_mask=padding_mask, filled=filled)
     for layer in stack.layers:
         x, _ = layer(x, inputs, cache)
     return model.lm_head(stack.norm(x)[:, -1]).float()
@@ -195,6 +199,6 @@ class DecodeStep:
             padding_mask = self.visible[:, : slot + 1] if self.padded else None
             alibi = alibi_bias(stack.alibi_slopes, slot + 1) if hasattr(stack, "alibi_slopes") else None
         logits = _forward_one(self.model, self.tokens, self.position_ids, self.cache_position, mask, padding_mask,
-                              self._rope(slot - self.prompt_len), alibi, self.cache)
+                              self._rope(slot - self.prompt_len), alibi, self.cache, filled=slot + 1)
         self.filled += 1
         return logits

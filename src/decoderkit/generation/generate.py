@@ -242,8 +242,7 @@ class _Plan:
         prompt_rows = prompt.repeat_interleave(expand, dim=0)
         mask = mask.repeat_interleave(expand, dim=0)
         positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
-        # transformers drops an all-ones mask (plain causal attention); flash attention on a static cache keeps it
-        # because it is the only record of which cache slots are filled
+        # transformers drops an all-ones mask (plain causal attention)
         padding = None if bool(mask.all()) else mask
         ids = torch.full((rows, max_length), pad if pad is not None else 0, dtype=torch.long, device=device)
         ids[:, :L] = prompt_rows

@@ -2,7 +2,7 @@
 
 - "eager": explicit matmuls and an fp32 softmax; the only backend that can return attention weights.
 - "sdpa": `torch.nn.functional.scaled_dot_product_attention` (the default).
-- "flash_attention_2": the flash_attn package on CUDA, with the varlen path for padded batches.
+- "flash_attention_2": the flash_attn package on CUDA, with the varlen path for padded batches and packed sequences.
 
 Masks arrive as a boolean (B, 1, Q, K) tensor where True means "may attend", or None for plain causal attention with
 no padding. ALiBi arrives as an fp32 (1, H, 1, K) bias.
@@ -32,7 +32,10 @@ class AttentionInputs:
     alibi: torch.Tensor | None = None  # (1, H, 1, K) fp32
     alibi_slopes: torch.Tensor | None = None  # (H,) for flash attention
     cache_position: torch.Tensor | None = None
-    padding_mask: torch.Tensor | None = None  # (B, K) bool, for the flash varlen path
+    # For the flash kernels, which take no dense mask:
+    padding_mask: torch.Tensor | None = None  # (B, filled) bool, True = a real token
+    filled: int | None = None  # key slots written so far (a static cache's later slots are unused); None = all
+    packed_segments: torch.Tensor | None = None  # (B, T) document ids of packed sequences
 
 
 def flash_attention_available() -> bool:
@@ -92,7 +95,8 @@ class Attention(nn.Module):
         if output_attentions or self.implementation == "eager" or half_alibi_sdpa:
             out, weights = eager_attention(q, k, v, inputs, self.scale, dropout, self.training)
         elif self.implementation == "flash_attention_2":
-            out, weights = flash_attention(q, k, v, inputs, self.scale, dropout), None
+            out = flash_attention(q, k, v, inputs, self.scale, dropout, queries_are_keys=not self.cross)
+            weights = None
         else:
             out, weights = sdpa_attention(q, k, v, inputs, self.scale, dropout), None
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
@@ -153,34 +157,56 @@ def sdpa_attention(
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float, dropout: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, scale: float, dropout: float,
+    queries_are_keys: bool = True,
 ) -> torch.Tensor:
-    """flash_attn 2 kernels; padded batches go through the varlen kernel on unpadded tokens."""
+    """flash_attn 2 kernels on (B, H, T, D) tensors; padded batches and packed sequences go through the varlen kernel.
+
+    flash_attn aligns a causal mask to the bottom-right corner (query i sees keys j <= i + Tk - Tq), so the keys must
+    end where the queries end: a static cache's unwritten tail is cut off first (`inputs.filled`). With
+    `queries_are_keys` (self-attention) the queries are the last Tq of those keys and share their padding.
+    """
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) as flash_attn expects
-    slopes = inputs.alibi_slopes
-    # flash_attn's ALiBi adds -slope * |i - j|, which equals slope * (j - i) under a causal mask.
-    kwargs = dict(dropout_p=dropout, softmax_scale=scale, causal=inputs.causal and q.shape[1] > 1)
-    if slopes is not None:
-        kwargs["alibi_slopes"] = slopes.float()
-    padding = inputs.padding_mask
-    if padding is None or bool(padding.all()):
-        if q.shape[1] == 1 and k.shape[1] > 1:
-            kwargs["causal"] = False
+    B, _, Tq, _ = q.shape
+    filled = k.shape[2] if inputs.filled is None else inputs.filled
+    q = q.transpose(1, 2)  # (B, Tq, H, D) as flash_attn expects
+    k, v = (t[:, :, :filled].transpose(1, 2) for t in (k, v))  # (B, Tk, H_kv, D)
+    # Decoding needs no mask (the one query sees every key), and flash_attn before 2.1 aligned it to the top-left
+    kwargs: dict = dict(dropout_p=dropout, softmax_scale=scale, causal=inputs.causal and Tq > 1)
+    if inputs.alibi_slopes is not None:
+        # -slope * |i - j| under a causal mask equals MPT's slope * (j - i); varlen measures i, j within each sequence
+        kwargs["alibi_slopes"] = inputs.alibi_slopes.float()
+    keys, queries = inputs.padding_mask, None
+    if inputs.packed_segments is not None:
+        # Each packed document is its own sequence of the varlen kernel (no cache here, so queries are keys)
+        segments = inputs.packed_segments
+        starts = F.pad(segments[:, 1:] != segments[:, :-1], (1, 0), value=True)  # (B, T): a document starts here
+        cu = F.pad(starts.flatten().nonzero().squeeze(1).to(torch.int32), (0, 1), value=B * Tq)
+        longest = int(cu.diff().max())
+        out = flash_attn_varlen_func(q.reshape(B * Tq, *q.shape[2:]), k.reshape(B * Tq, *k.shape[2:]),
+                                     v.reshape(B * Tq, *v.shape[2:]), cu, cu, longest, longest, **kwargs)
+        return out.view(B, Tq, *out.shape[1:]).transpose(1, 2)
+    if keys is not None:
+        keys = keys[:, :filled]
+        queries = keys[:, filled - Tq:] if queries_are_keys else None
+    if keys is None or bool(keys.all()):
         return flash_attn_func(q, k, v, **kwargs).transpose(1, 2)
-    B, Tq = q.shape[:2]
-    Tk = k.shape[1]
-    kv_keep = padding[:, -Tk:] if padding.shape[1] >= Tk else F.pad(padding, (0, Tk - padding.shape[1]))
-    q_keep = kv_keep[:, -Tq:]
-    q_idx, k_idx = q_keep.flatten().nonzero().squeeze(1), kv_keep.flatten().nonzero().squeeze(1)
-    cu_q = F.pad(q_keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-    cu_k = F.pad(kv_keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    k_idx = keys.flatten().nonzero().squeeze(1)
+    cu_k = F.pad(keys.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    if queries is None:
+        q_idx = torch.arange(B * Tq, device=q.device)
+        cu_q = torch.arange(0, B * Tq + 1, Tq, dtype=torch.int32, device=q.device)
+        longest_q = Tq
+    else:
+        q_idx = queries.flatten().nonzero().squeeze(1)
+        cu_q = F.pad(queries.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+        longest_q = int(queries.sum(1).max())
     out = flash_attn_varlen_func(
-        q.reshape(B * Tq, *q.shape[2:])[q_idx], k.reshape(B * Tk, *k.shape[2:])[k_idx],
-        v.reshape(B * Tk, *v.shape[2:])[k_idx], cu_q, cu_k, int(q_keep.sum(1).max()), int(kv_keep.sum(1).max()),
-        **kwargs,
+        q.reshape(B * Tq, *q.shape[2:])[q_idx], k.reshape(B * filled, *k.shape[2:])[k_idx],
+        v.reshape(B * filled, *v.shape[2:])[k_idx], cu_q, cu_k, longest_q, int(keys.sum(1).max()), **kwargs,
     )
+    # Padding queries attend to nothing: zeros, as transformers' flash path leaves them
     full = torch.zeros(B * Tq, *out.shape[1:], dtype=out.dtype, device=out.device)
     full[q_idx] = out
     return full.view(B, Tq, *out.shape[1:]).transpose(1, 2)
