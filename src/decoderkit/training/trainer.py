@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from decoderkit.checkpoint import _listing
 from decoderkit.training.data import IGNORE_INDEX, DataCollator
 from decoderkit.training.distributed import (
     STRATEGIES,
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
+RUN_FILES = frozenset({"final", "merged", "log.jsonl", "loss_curve.png"})
+RUN_DIR_RE = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|old)")
 
 
 @dataclass
@@ -409,17 +412,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _prepare_output_dir(self) -> None:
-        """Resume if asked, or refuse to mix a fresh run into a directory that already holds checkpoints."""
+        """Resume if asked; otherwise start in an empty output directory, or in one cleared of an earlier run's files
+        when `overwrite_output_dir` is set. Anything else is refused, so a second run never silently mixes into (or
+        replaces) the first one's checkpoints, model and log."""
         args = self.args
         if args.resume_from is not None:
             source = self._resolve_resume(args.resume_from)
             if source is not None:
                 self.load_checkpoint(source)
                 return
-        existing = list_checkpoints(self.output_dir)
-        if existing and not args.overwrite_output_dir and self.step == 0:
-            raise ValueError(f"{self.output_dir} already holds checkpoints ({existing[-1].name}); pass "
-                             "resume_from='latest' to continue that run, or overwrite_output_dir=True to start over")
+        if self.step > 0:  # train() again on this Trainer (or after load_checkpoint) continues its own run
+            return
+        check_output_dir(self.output_dir, overwrite=args.overwrite_output_dir, resume_from=args.resume_from)
+        barrier()  # every rank has looked before rank 0 deletes anything
+        if args.overwrite_output_dir and self.ctx.is_main:
+            clear_run_outputs(self.output_dir)
+        barrier()
 
     def _resolve_resume(self, resume_from: str) -> Path | None:
         if resume_from == "latest":
@@ -472,11 +480,15 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint directory.
 
-        Raises ValueError, before changing anything, when the checkpoint was written for a different model.
+        Raises ValueError, before changing anything, when the checkpoint was written for a different model or its RNG
+        state is not plain tensors and numbers (it is read with `weights_only=True`, so a crafted file runs no code).
         """
         path = Path(path)
         state = json.loads((path / STATE_FILE).read_text())
         check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
+        rng_file = path / f"rng_state_{self.ctx.rank}.pt"
+        same_world = state.get("world_size") == self.ctx.world_size and rng_file.exists()
+        rng = _load_rng_state(rng_file) if same_world else None
         from safetensors.torch import load_file
 
         model_state = load_file(path / "model.safetensors")
@@ -488,9 +500,8 @@ class Trainer:
         if state.get("total_steps") != self.total_steps:
             logger.warning("%s was written for %s total steps, this run has %s: the learning-rate schedule differs",
                            path, state.get("total_steps"), self.total_steps)
-        rng_file = path / f"rng_state_{self.ctx.rank}.pt"
-        if state.get("world_size") == self.ctx.world_size and rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng is not None:
+            _set_rng_state(rng)
         else:
             # A different process count cannot continue the old random streams; derive fresh ones deterministically.
             _seed_everything(self.args.seed + 7919 * self.step + self.ctx.rank)
@@ -559,6 +570,50 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def run_outputs(output_dir: str | os.PathLike) -> list[Path]:
+    """What a run leaves in its output directory: checkpoints (and their staging copies), the final model, the merged
+    model of the command line's `--merge`, the log and the loss curve."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name in RUN_FILES or RUN_DIR_RE.fullmatch(p.name))
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resume_from: str | None,
+                     overwrite_flag: str = "overwrite_output_dir=True",
+                     resume_flag: str = "resume_from='latest'") -> None:
+    """Refuse to start a fresh run in a directory that is not empty (ValueError naming what it holds and the flags
+    that allow it), unless `overwrite` is set or `resume_from` continues a run from a checkpoint.
+
+    `overwrite_flag` and `resume_flag` are how the caller spells those options (the command line passes its own)."""
+    root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: the output directory exists and is not a directory")
+    if overwrite or not root.is_dir():
+        return
+    checkpoints = list_checkpoints(root)
+    if resume_from is not None and (resume_from != "latest" or checkpoints):
+        return
+    contents = sorted(p.name for p in root.iterdir())
+    if not contents:
+        return
+    if checkpoints:
+        raise ValueError(f"{root} already holds checkpoints of an earlier run ({checkpoints[-1].name}); pass "
+                         f"{resume_flag} to continue that run, or {overwrite_flag} to delete its files and start over")
+    unresumable = " and no checkpoint to resume from" if resume_from is not None else ""
+    raise ValueError(f"{root} is not empty (it holds {_listing(contents)}){unresumable}; pass {overwrite_flag} to "
+                     "delete an earlier run's files and start over, or choose another output directory")
+
+
+def clear_run_outputs(output_dir: str | os.PathLike) -> None:
+    """Delete an earlier run's files (`run_outputs`) from an output directory; other files stay."""
+    for path in run_outputs(output_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What identifies a model for resuming: its type, head, trainable parameter shapes, and a digest of a sample of
     the frozen weights (so a LoRA run cannot resume on top of a different base checkpoint)."""
@@ -621,15 +676,46 @@ def _publish_dir(staging: Path, final: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state a training step draws from (python, numpy, torch CPU, CUDA), as tensors and plain numbers only,
+    so that `torch.load(weights_only=True)` reads it back: a checkpoint from elsewhere cannot run code on resume."""
+    version, python_key, python_gauss = random.getstate()
+    kind, numpy_key, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python_version": int(version), "python_key": torch.tensor(python_key, dtype=torch.int64),
+        "python_gauss": python_gauss, "numpy_kind": str(kind),
+        "numpy_key": torch.from_numpy(numpy_key.astype(np.int64)), "numpy_pos": int(numpy_pos),
+        "numpy_has_gauss": int(numpy_has_gauss), "numpy_gauss": float(numpy_gauss), "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _load_rng_state(file: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written from `_rng_state()` with `weights_only=True`; ValueError for anything else (a pickle that
+    would build other objects, such as one that runs code, is refused before any of it runs)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for a forbidden global; others for a damaged file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{file}: not an RNG state that loads safely ({type(err).__name__}: {first}); it may be "
+                         "from an older decoderkit or not from decoderkit at all. Only tensors and plain numbers are "
+                         "read; delete the file to resume with freshly seeded random streams instead") from None
+    kinds = {"python_version": int, "python_key": torch.Tensor, "python_gauss": (float, type(None)),
+             "numpy_kind": str, "numpy_key": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int,
+             "numpy_gauss": float, "torch": torch.Tensor}
+    wrong = [k for k, kind in kinds.items() if not isinstance(state, dict) or k not in state
+             or not isinstance(state[k], kind)]
+    if wrong:
+        raise ValueError(f"{file}: not an RNG state written by decoderkit (missing or mistyped: {', '.join(wrong)})")
+    return state
+
+
 def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore the RNG states captured by `_rng_state()`."""
+    random.setstate((state["python_version"], tuple(state["python_key"].tolist()), state["python_gauss"]))
+    np.random.set_state((state["numpy_kind"], state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -675,4 +761,5 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-__all__ = ["TrainOutput", "Trainer", "TrainingArguments", "list_checkpoints", "lr_lambda"]
+__all__ = ["TrainOutput", "Trainer", "TrainingArguments", "check_output_dir", "clear_run_outputs", "list_checkpoints",
+           "lr_lambda", "run_outputs"]
