@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from decoderkit.checkpoint import _listing
+from decoderkit.fileio import save_safetensors
 from decoderkit.training.data import IGNORE_INDEX, DataCollator
 from decoderkit.training.distributed import (
     STRATEGIES,
@@ -647,8 +648,6 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], wher
 
 
 def _save_tensors(state: Mapping[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
     seen: dict[tuple[int, int], str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -659,7 +658,7 @@ def _save_tensors(state: Mapping[str, torch.Tensor], file: Path) -> None:
             continue
         seen[key] = name
         out[name] = tensor.contiguous()
-    save_file(out, file)
+    save_safetensors(out, file)
 
 
 def _publish_dir(staging: Path, final: Path) -> None:
