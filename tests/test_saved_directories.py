@@ -102,8 +102,8 @@ def test_every_file_of_a_saved_directory_has_the_same_permissions(tmp_path, umas
         trainer_for(full, tmp_path / "full", tokenizer, save_steps=2).train()
     finally:
         os.umask(previous)
-    directories = [tmp_path / "sharded", tmp_path / "model", tmp_path / "adapter", tmp_path / "run/checkpoint-2", tmp_path / "run/final",
-                   tmp_path / "full/checkpoint-2", tmp_path / "full/final"]
+    directories = [tmp_path / name for name in ("sharded", "model", "adapter", "run/checkpoint-2", "run/final",
+                                                 "full/checkpoint-2", "full/final")]
     expected = 0o666 & ~umask
     for directory in directories:
         modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in directory.iterdir() if p.is_file()}
