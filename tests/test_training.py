@@ -274,11 +274,11 @@ def test_rng_state_is_plain_tensors_and_numbers_and_round_trips(tmp_path):
     Trainer(tiny_model(), args_for(tmp_path, max_steps=2, save_steps=2), data).train()
     # What resuming reads must load without unpickling arbitrary objects (numpy arrays included).
     torch.load(tmp_path / "run/checkpoint-2/rng_state_0.pt", weights_only=True)
-    from decoderkit.training.trainer import _load_rng_state, _rng_state, _set_rng_state
+    from decoderkit.training.rng import load_rng_state, rng_state, set_rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # a cached second normal is part of both states
-    torch.save(_rng_state(), tmp_path / "rng.pt")
+    torch.save(rng_state(), tmp_path / "rng.pt")
 
     def draws():
         return (random.random(), random.gauss(0, 1), float(np.random.standard_normal()), float(np.random.rand()),
@@ -286,7 +286,7 @@ def test_rng_state_is_plain_tensors_and_numbers_and_round_trips(tmp_path):
 
     expected = draws()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    _set_rng_state(_load_rng_state(tmp_path / "rng.pt"))
+    set_rng_state(load_rng_state(tmp_path / "rng.pt"))
     assert draws() == expected
 
 

@@ -22,7 +22,8 @@ import torch
 
 from decoderkit.training.data import TASKS, detect_task, load_dataset
 from decoderkit.training.distributed import STRATEGIES
-from decoderkit.training.trainer import Trainer, TrainingArguments, check_output_dir
+from decoderkit.training.output_dir import check_output_dir
+from decoderkit.training.trainer import Trainer, TrainingArguments
 
 HEAD_FOR_TASK = {"causal_lm": "causal_lm", "chat": "causal_lm", "sequence_classification": "sequence_classification",
                  "token_classification": "token_classification", "question_answering": "question_answering"}

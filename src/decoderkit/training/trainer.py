@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from decoderkit.checkpoint import _listing
 from decoderkit.fileio import save_safetensors
 from decoderkit.training.data import IGNORE_INDEX, DataCollator
 from decoderkit.training.distributed import (
@@ -47,13 +45,12 @@ from decoderkit.training.distributed import (
     load_full_state_dicts,
     wrap_model,
 )
+from decoderkit.training.output_dir import check_output_dir, clear_run_outputs, list_checkpoints
+from decoderkit.training.rng import load_rng_state, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
-RUN_FILES = frozenset({"final", "merged", "log.jsonl", "loss_curve.png"})
-RUN_DIR_RE = re.compile(r"checkpoint-\d+|\.checkpoint-\d+\.(tmp|old)")
 
 
 @dataclass
@@ -463,7 +460,7 @@ class Trainer:
                      "fingerprint": self.fingerprint, "args": _jsonable(dataclasses.asdict(self.args))}
             (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
         barrier()
-        torch.save(_rng_state(), staging / f"rng_state_{self.ctx.rank}.pt")
+        torch.save(rng_state(), staging / f"rng_state_{self.ctx.rank}.pt")
         barrier()
         if self.ctx.is_main:
             _publish_dir(staging, final)
@@ -489,7 +486,7 @@ class Trainer:
         check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
         rng_file = path / f"rng_state_{self.ctx.rank}.pt"
         same_world = state.get("world_size") == self.ctx.world_size and rng_file.exists()
-        rng = _load_rng_state(rng_file) if same_world else None
+        rng = load_rng_state(rng_file) if same_world else None
         from safetensors.torch import load_file
 
         model_state = load_file(path / "model.safetensors")
@@ -502,7 +499,7 @@ class Trainer:
             logger.warning("%s was written for %s total steps, this run has %s: the learning-rate schedule differs",
                            path, state.get("total_steps"), self.total_steps)
         if rng is not None:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         else:
             # A different process count cannot continue the old random streams; derive fresh ones deterministically.
             _seed_everything(self.args.seed + 7919 * self.step + self.ctx.rank)
@@ -562,59 +559,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The `checkpoint-<step>` directories of an output directory, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def run_outputs(output_dir: str | os.PathLike) -> list[Path]:
-    """What a run leaves in its output directory: checkpoints (and their staging copies), the final model, the merged
-    model of the command line's `--merge`, the log and the loss curve."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name in RUN_FILES or RUN_DIR_RE.fullmatch(p.name))
-
-
-def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resume_from: str | None,
-                     overwrite_flag: str = "overwrite_output_dir=True",
-                     resume_flag: str = "resume_from='latest'") -> None:
-    """Refuse to start a fresh run in a directory that is not empty (ValueError naming what it holds and the flags
-    that allow it), unless `overwrite` is set or `resume_from` continues a run from a checkpoint.
-
-    `overwrite_flag` and `resume_flag` are how the caller spells those options (the command line passes its own)."""
-    root = Path(output_dir)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{root}: the output directory exists and is not a directory")
-    if overwrite or not root.is_dir():
-        return
-    checkpoints = list_checkpoints(root)
-    if resume_from is not None and (resume_from != "latest" or checkpoints):
-        return
-    contents = sorted(p.name for p in root.iterdir())
-    if not contents:
-        return
-    if checkpoints:
-        raise ValueError(f"{root} already holds checkpoints of an earlier run ({checkpoints[-1].name}); pass "
-                         f"{resume_flag} to continue that run, or {overwrite_flag} to delete its files and start over")
-    unresumable = " and no checkpoint to resume from" if resume_from is not None else ""
-    raise ValueError(f"{root} is not empty (it holds {_listing(contents)}){unresumable}; pass {overwrite_flag} to "
-                     "delete an earlier run's files and start over, or choose another output directory")
-
-
-def clear_run_outputs(output_dir: str | os.PathLike) -> None:
-    """Delete an earlier run's files (`run_outputs`) from an output directory; other files stay."""
-    for path in run_outputs(output_dir):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What identifies a model for resuming: its type, head, trainable parameter shapes, and a digest of a sample of
     the frozen weights (so a LoRA run cannot resume on top of a different base checkpoint)."""
@@ -674,52 +618,6 @@ def _publish_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG state a training step draws from (python, numpy, torch CPU, CUDA), as tensors and plain numbers only,
-    so that `torch.load(weights_only=True)` reads it back: a checkpoint from elsewhere cannot run code on resume."""
-    version, python_key, python_gauss = random.getstate()
-    kind, numpy_key, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python_version": int(version), "python_key": torch.tensor(python_key, dtype=torch.int64),
-        "python_gauss": python_gauss, "numpy_kind": str(kind),
-        "numpy_key": torch.from_numpy(numpy_key.astype(np.int64)), "numpy_pos": int(numpy_pos),
-        "numpy_has_gauss": int(numpy_has_gauss), "numpy_gauss": float(numpy_gauss), "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _load_rng_state(file: str | os.PathLike) -> dict[str, Any]:
-    """Read a file written from `_rng_state()` with `weights_only=True`; ValueError for anything else (a pickle that
-    would build other objects, such as one that runs code, is refused before any of it runs)."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for a forbidden global; others for a damaged file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{file}: not an RNG state that loads safely ({type(err).__name__}: {first}); it may be "
-                         "from an older decoderkit or not from decoderkit at all. Only tensors and plain numbers are "
-                         "read; delete the file to resume with freshly seeded random streams instead") from None
-    kinds = {"python_version": int, "python_key": torch.Tensor, "python_gauss": (float, type(None)),
-             "numpy_kind": str, "numpy_key": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int,
-             "numpy_gauss": float, "torch": torch.Tensor}
-    wrong = [k for k, kind in kinds.items() if not isinstance(state, dict) or k not in state
-             or not isinstance(state[k], kind)]
-    if wrong:
-        raise ValueError(f"{file}: not an RNG state written by decoderkit (missing or mistyped: {', '.join(wrong)})")
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the RNG states captured by `_rng_state()`."""
-    random.setstate((state["python_version"], tuple(state["python_key"].tolist()), state["python_gauss"]))
-    np.random.set_state((state["numpy_kind"], state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -760,5 +658,4 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-__all__ = ["TrainOutput", "Trainer", "TrainingArguments", "check_output_dir", "clear_run_outputs", "list_checkpoints",
-           "lr_lambda", "run_outputs"]
+__all__ = ["TrainOutput", "Trainer", "TrainingArguments", "list_checkpoints", "lr_lambda"]
