@@ -557,6 +557,41 @@ def test_damaged_shard_index(hf_dirs, tmp_path):
         load(tmp_path / "sharded")
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_tensor_in_two_shards(hf_dirs, tmp_path, fmt):
+    """Which copy of a tensor held twice would load depends on the reading order: an error naming both files."""
+    hf = hf_dirs("llama")[0]
+    directory = tmp_path / fmt
+    if fmt == "safetensors":
+        hf.save_pretrained(directory, max_shard_size="20KB")
+        index_file = directory / checkpoint.SAFE_INDEX
+    else:
+        _write_bin(hf, directory, 3)
+        index_file = directory / checkpoint.BIN_INDEX
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    name = "model.norm.weight"
+    home = weight_map[name]
+    other = next(f for f in sorted(set(weight_map.values())) if f != home)
+
+    # The index names the tensor in two shards (JSON keeps the last of repeated keys, so this is otherwise unseen).
+    pairs = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in weight_map.items())
+    index_file.write_text(f'{{"metadata": {{}}, "weight_map": {{{pairs}, {json.dumps(name)}: "{other}"}}}}')
+    with pytest.raises(ValueError, match=f"names tensor {name} twice, in {home} and in {other}"):
+        load(directory)
+
+    # The index is right, but a second shard holds another copy (different values) of the tensor.
+    index_file.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if fmt == "safetensors":
+        shard = load_file(directory / other)
+        save_file({**shard, name: torch.full_like(hf.model.norm.weight, 7.0)}, directory / other)
+    else:
+        shard = torch.load(directory / other, weights_only=True)
+        torch.save({**shard, name: torch.full_like(hf.model.norm.weight, 7.0)}, directory / other)
+    first, second = sorted([home, other])
+    with pytest.raises(ValueError, match=f"tensor {name} is in two shard files, {first} and {second}"):
+        load(directory)
+
+
 def test_no_weights_and_unreadable_bin(llama_copy):
     (llama_copy / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights found"):

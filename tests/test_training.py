@@ -255,6 +255,80 @@ def test_checkpoint_write_is_atomic_and_never_clobbers(tmp_path):
     assert {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir()} == saved
 
 
+class _RunsCode:
+    """Unpickles by calling exec: what a crafted checkpoint would hold to run code on the machine that resumes it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_rng_state_is_plain_tensors_and_numbers_and_round_trips(tmp_path):
+    import random
+
+    import numpy as np
+
+    data = PackedDataset(torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(0)))
+    Trainer(tiny_model(), args_for(tmp_path, max_steps=2, save_steps=2), data).train()
+    # What resuming reads must load without unpickling arbitrary objects (numpy arrays included).
+    torch.load(tmp_path / "run/checkpoint-2/rng_state_0.pt", weights_only=True)
+    from decoderkit.training.rng import load_rng_state, rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # a cached second normal is part of both states
+    torch.save(rng_state(), tmp_path / "rng.pt")
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), float(np.random.standard_normal()), float(np.random.rand()),
+                torch.rand(3).tolist())
+
+    expected = draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load_rng_state(tmp_path / "rng.pt"))
+    assert draws() == expected
+
+
+def test_resume_refuses_an_rng_file_that_would_run_code(tmp_path):
+    data = PackedDataset(torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(0)))
+    Trainer(tiny_model(), args_for(tmp_path, max_steps=2, save_steps=2), data).train()
+    marker = tmp_path / "code-ran"
+    torch.save({"python": _RunsCode(marker)}, tmp_path / "run/checkpoint-2/rng_state_0.pt")
+    trainer = Trainer(tiny_model(seed=1), args_for(tmp_path, max_steps=4, resume_from="latest"), data)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match=r"rng_state_0.pt: not an RNG state that loads safely .*Unpickl"):
+        trainer.train()
+    assert not marker.exists()
+    assert trainer.step == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())  # nothing was restored
+
+
+def test_trainer_refuses_a_non_empty_output_dir(tmp_path):
+    data = PackedDataset(torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(0)))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"run is not empty \(it holds notes.txt\); pass overwrite_output_dir=True"):
+        Trainer(tiny_model(), args_for(tmp_path, max_steps=2), data).train()
+    with pytest.raises(ValueError, match="and no checkpoint to resume from"):
+        Trainer(tiny_model(), args_for(tmp_path, max_steps=2, resume_from="latest"), data).train()
+    first = Trainer(tiny_model(), args_for(tmp_path, max_steps=4, save_steps=2, save_total_limit=None,
+                                           overwrite_output_dir=True), data).train()
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(ValueError, match=r"already holds checkpoints .*checkpoint-4.*resume_from='latest'.*"
+                                         r"overwrite_output_dir=True"):
+        Trainer(tiny_model(), args_for(tmp_path, max_steps=2), data).train()
+    second = Trainer(tiny_model(seed=1), args_for(tmp_path, max_steps=3, save_steps=3, overwrite_output_dir=True),
+                     data).train()
+    # The earlier run's checkpoints and log are gone (not mixed with or pruned in favour of the new ones); the
+    # user's own file stays.
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-3"]
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [3]
+    assert (run / "notes.txt").read_text() == "mine"
+    assert len(first.losses) == 4 and len(second.losses) == 3
+
+
 # ------------------------------------------------------------------------------------------------- bad inputs
 def test_missing_and_empty_data_files(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="nope.txt: no such data file"):
@@ -314,6 +388,58 @@ def test_cli_trains_from_config_and_with_lora(tmp_path, tokenizer_dir, capsys):
     # A bad input is an error message and exit status 2, not a traceback.
     assert cli_main(["--model", str(final), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.txt")]) == 2
     assert "none.txt: no such data file" in capsys.readouterr().err
+
+
+# runpy warns because this module imported decoderkit.training.__main__ before `decoderkit train` runs it.
+@pytest.mark.filterwarnings("ignore:.decoderkit.training.__main__. found in sys.modules:RuntimeWarning")
+def test_cli_train_refuses_an_earlier_run_unless_overwrite_or_resume(tmp_path, tokenizer_dir, capsys):
+    from decoderkit import cli
+
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, base / file.name)
+    (tmp_path / "train.txt").write_text(" ".join(WORDS * 8))
+    out = tmp_path / "out"
+    common = ["--model", str(base), "--data", str(tmp_path / "train.txt"), "--out", str(out), "--block-size", "32",
+              "--batch-size", "2", "--no-progress", "--no-plot", "--lora", "--lora-r", "2", "--logging-steps", "1"]
+
+    def train(*extra: str) -> tuple[int, str]:
+        code = cli.main(["train", *common, *extra])
+        return code, capsys.readouterr().err
+
+    def logged_steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+    # The issue's case: a finished run without checkpoints (adapter, merged model, log), then a second run.
+    assert train("--steps", "4", "--merge")[0] == 0
+    adapter = (out / "final/adapter_model.safetensors").read_bytes()
+    code, err = train("--steps", "1")
+    assert code == 2 and "out is not empty (it holds final, log.jsonl, merged); pass --overwrite" in err
+    assert (out / "final/adapter_model.safetensors").read_bytes() == adapter and logged_steps() == [1, 2, 3, 4]
+
+    assert train("--steps", "2", "--save-steps", "2", "--overwrite")[0] == 0
+    # The earlier run is gone as a whole: no stale merged model, a log of this run only, a new adapter.
+    assert not (out / "merged").exists()
+    assert logged_steps() == [1, 2]
+    assert (out / "final/adapter_model.safetensors").read_bytes() != adapter
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+    code, err = train("--steps", "1")
+    assert code == 2
+    assert "already holds checkpoints of an earlier run (checkpoint-2); pass --resume latest" in err
+    assert "or --overwrite" in err
+
+    assert train("--steps", "3", "--save-steps", "2", "--resume", "latest")[0] == 0
+    assert logged_steps() == [1, 2, 3]  # continued, not restarted
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/notes.txt").write_text("mine")
+    code = cli.main(["train", *common[:4], "--out", str(tmp_path / "other"), *common[6:], "--steps", "1",
+                     "--resume", "latest"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not empty (it holds notes.txt) and no checkpoint to resume from" in err
+    assert "--overwrite" in err
 
 
 # ------------------------------------------------------------------------------------------------- shipped model

@@ -13,11 +13,12 @@ randomly initialised and thrown away, and peak memory stays near the size of the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,12 +165,20 @@ def weight_files(directory: Path) -> tuple[list[Path], str, dict[str, str] | Non
     for index_name, single, fmt in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (BIN_INDEX, BIN_SINGLE, "bin")):
         index = directory / index_name
         if index.exists():
+            twice: list[tuple[str, Any, Any]] = []
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(),
+                                        object_pairs_hook=functools.partial(_pairs_to_dict, twice=twice))["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError("weight_map is not an object")
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{index}: invalid shard index ({type(err).__name__}: {err})") from None
+            # json keeps the last of repeated keys: a tensor named twice would silently come from one of its shards.
+            clash = next(((name, a, b) for name, a, b in twice if isinstance(a, str) and isinstance(b, str) and a != b),
+                         None)
+            if clash is not None:
+                raise ValueError(f"{index}: the shard index names tensor {clash[0]} twice, in {clash[1]} and in "
+                                 f"{clash[2]}; each tensor must be in exactly one shard")
             files = sorted({directory / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -180,6 +189,16 @@ def weight_files(directory: Path) -> tuple[list[Path], str, dict[str, str] | Non
     raise FileNotFoundError(
         f"{directory}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
     )
+
+
+def _pairs_to_dict(pairs: list[tuple[str, Any]], twice: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, noting in `twice` each (key, first value, later value) of a repeated key."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            twice.append((key, out[key], value))
+        out[key] = value
+    return out
 
 
 def _listing(names: list[str]) -> str:
@@ -238,9 +257,11 @@ class _SafetensorsSource(_Source):
     def __init__(self, files: list[Path], weight_map: dict[str, str] | None, label: str) -> None:
         self.files, self.label, self.entries = files, label, []
         self.layout: dict[Path, list[tuple[int, _Entry]]] = {}
+        owners: dict[str, Path] = {}
         for file in files:
             with _safe_open(file) as f:
                 names = set(f.keys())
+            _claim(owners, names, file, label)
             data_start, header = _safetensors_header(file)
             rows = []
             for name in names:
@@ -307,8 +328,11 @@ def _read_exactly(fh: Any, offset: int, out: torch.Tensor, file: Path) -> None:
 class _TorchBinSource(_Source):
     def __init__(self, files: list[Path], label: str) -> None:
         self.files, self.label, self.entries = files, label, []
+        owners: dict[str, Path] = {}
         for file in files:
-            for name, tensor in _torch_load(file).items():
+            state = _torch_load(file)
+            _claim(owners, state, file, label)
+            for name, tensor in state.items():
                 self.entries.append(_Entry(name, tuple(tensor.shape), tensor.dtype,
                                            tensor.numel() * tensor.element_size()))
         self.checkpoint_dtype = _first_float(self.entries)
@@ -323,6 +347,16 @@ class _TorchBinSource(_Source):
                 if wanted(name):
                     yield name, tensor, tensor.numel() * tensor.element_size()
             del state
+
+
+def _claim(owners: dict[str, Path], names: Iterable[str], file: Path, label: str) -> None:
+    """Record that `file` holds `names`; ValueError when another shard already holds one of them (which copy would
+    be loaded would depend on the reading order)."""
+    for name in sorted(names):
+        if name in owners:
+            raise ValueError(f"{label}: tensor {name} is in two shard files, {owners[name].name} and {file.name}; "
+                             "each tensor must be in exactly one shard")
+        owners[name] = file
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
@@ -431,6 +465,8 @@ def load_pretrained(
     _assign(model, state, plan.missing_heads(), device, target, source.label)
     model.eval()
     _attach_generation_config(model, directory, hf_config)
+    given = Path(path).expanduser()
+    model.name_or_path = str(given.absolute()) if given.exists() else os.fspath(path)
     return model
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def current_umask() -> int:
@@ -30,4 +35,16 @@ def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """`safetensors.torch.save_file`, with the usual permissions: safetensors writes its files private (0600), which
+    would leave the weights of a saved directory unreadable to those who can read every other file beside them."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(dict(tensors), path, metadata=dict(metadata) if metadata is not None else None)
+    os.chmod(path, 0o666 & ~current_umask())
     return path

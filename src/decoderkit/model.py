@@ -25,6 +25,9 @@ class PreTrainedDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderStack(config)
+        # Where from_pretrained found the weights (a hub id, or an absolute path), as transformers' `name_or_path`;
+        # a saved LoRA adapter names it as its base so that PEFT can load the adapter on its own.
+        self.name_or_path: str | None = None
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod

@@ -14,7 +14,7 @@ import torch
 
 from decoderkit.checkpoint import SAFE_INDEX, SAFE_SINGLE, WEIGHT_FILE, expected_tensors, parse_size
 from decoderkit.families import get_family
-from decoderkit.fileio import current_umask
+from decoderkit.fileio import current_umask, save_safetensors
 
 if TYPE_CHECKING:
     from decoderkit.model import PreTrainedDecoder
@@ -97,13 +97,11 @@ def _hf_config(model: PreTrainedDecoder) -> dict[str, Any]:
 
 def _write_checkpoint(model: PreTrainedDecoder, directory: Path, hf_state: dict[str, torch.Tensor],
                       hf_config: dict[str, Any], shards: list[list[str]], files: list[str]) -> None:
-    from safetensors.torch import save_file
-
     from decoderkit.generation.config import GenerationConfig
 
     for file, names in zip(files, shards):
         shard = {n: hf_state[n].contiguous().cpu() for n in names}
-        save_file(shard, directory / file, metadata={"format": "pt"})
+        save_safetensors(shard, directory / file, metadata={"format": "pt"})
         del shard
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in hf_state.values())

@@ -5,6 +5,7 @@
 JSONL with `messages` is chat (loss on assistant turns). Run it under `torchrun --nproc_per_node N` for N processes
 (`--strategy ddp` or `fsdp`). The trained model (or, with `--lora`, the PEFT adapter) lands in `OUT/final`, next to
 `log.jsonl`, `loss_curve.png` and the `checkpoint-<step>` directories (`--resume latest` continues from the newest).
+A non-empty `--out` is refused unless `--resume` continues the run in it or `--overwrite` deletes that run's files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from decoderkit.training.data import TASKS, detect_task, load_dataset
 from decoderkit.training.distributed import STRATEGIES
+from decoderkit.training.output_dir import check_output_dir
 from decoderkit.training.trainer import Trainer, TrainingArguments
 
 HEAD_FOR_TASK = {"causal_lm": "causal_lm", "chat": "causal_lm", "sequence_classification": "sequence_classification",
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-total-limit", type=int, default=2)
     r.add_argument("--logging-steps", type=int, default=10)
     r.add_argument("--resume", help="'latest' or a checkpoint directory")
-    r.add_argument("--overwrite", action="store_true", help="start over in an output directory with checkpoints")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty output directory (an earlier run's files there are deleted first)")
     r.add_argument("--strategy", default="auto", choices=("auto", *STRATEGIES),
                    help="multi-process strategy under torchrun (auto: ddp)")
     r.add_argument("--no-progress", action="store_true")
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from decoderkit.tokenizer import AutoTokenizer
 
+    # Before anything slow: a second run must not silently replace the first one's adapter and append to its log.
+    check_output_dir(args.out, overwrite=args.overwrite, resume_from=args.resume, overwrite_flag="--overwrite",
+                     resume_flag="--resume latest")
     task = detect_task(args.data[0]) if args.task == "auto" else args.task
     head = HEAD_FOR_TASK[task]
     tokenizer_dir = args.tokenizer or (args.model if Path(args.model).is_dir() else None)

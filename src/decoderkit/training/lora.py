@@ -252,9 +252,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Map
     """Write `adapter_config.json` and `adapter_model.safetensors` in PEFT's format.
 
     `state_dict` (a full state dict with our names) replaces the module's own tensors, e.g. when the model is
-    sharded across processes. Raises ValueError for an adapter on a projection the family fuses.
+    sharded across processes. `base_model_name_or_path` (default: the path or hub id the model was loaded from) is
+    what PEFT's `AutoPeftModel*.from_pretrained` loads the base from. Raises ValueError for an adapter on a
+    projection the family fuses.
     """
-    from safetensors.torch import save_file
+    from decoderkit.fileio import save_safetensors
 
     config: LoraConfig | None = getattr(model, "lora_config", None)
     modules = dict(lora_modules(model))
@@ -286,9 +288,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Map
               and (h := _hf_param_name(model, f"{n}.weight", m.weight.shape)) is not None]
     clash = any(h.removesuffix(".weight").rsplit(".", 1)[-1] in leaves for h in all_hf)
     target_modules: list[str] = sorted(hf_modules) if clash else leaves
+    base = base_model_name_or_path or getattr(model, "name_or_path", None)
     adapter_config = {
         "peft_type": "LORA", "task_type": TASK_TYPES.get(getattr(model, "head", "causal_lm")),
-        "base_model_name_or_path": base_model_name_or_path, "r": config.r, "lora_alpha": config.lora_alpha,
+        "base_model_name_or_path": base, "r": config.r, "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout, "target_modules": target_modules,
         "modules_to_save": sorted(set(saved_modules)) or None, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": config.use_rslora, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
@@ -299,7 +302,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Map
     out.mkdir(parents=True, exist_ok=True)
     # Each file goes in under a temporary name so a reader never sees a half-written adapter.
     tmp_weights = out / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, tmp_weights, metadata={"format": "pt"})
+    save_safetensors(tensors, tmp_weights, metadata={"format": "pt"})
     os.replace(tmp_weights, out / ADAPTER_WEIGHTS)
     tmp_config = out / f".{ADAPTER_CONFIG}.tmp"
     tmp_config.write_text(json.dumps(adapter_config, indent=2) + "\n")

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from decoderkit.fileio import save_safetensors
 from decoderkit.training.data import IGNORE_INDEX, DataCollator
 from decoderkit.training.distributed import (
     STRATEGIES,
@@ -45,10 +45,11 @@ from decoderkit.training.distributed import (
     load_full_state_dicts,
     wrap_model,
 )
+from decoderkit.training.output_dir import check_output_dir, clear_run_outputs, list_checkpoints
+from decoderkit.training.rng import load_rng_state, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
 
 
@@ -409,17 +410,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _prepare_output_dir(self) -> None:
-        """Resume if asked, or refuse to mix a fresh run into a directory that already holds checkpoints."""
+        """Resume if asked; otherwise start in an empty output directory, or in one cleared of an earlier run's files
+        when `overwrite_output_dir` is set. Anything else is refused, so a second run never silently mixes into (or
+        replaces) the first one's checkpoints, model and log."""
         args = self.args
         if args.resume_from is not None:
             source = self._resolve_resume(args.resume_from)
             if source is not None:
                 self.load_checkpoint(source)
                 return
-        existing = list_checkpoints(self.output_dir)
-        if existing and not args.overwrite_output_dir and self.step == 0:
-            raise ValueError(f"{self.output_dir} already holds checkpoints ({existing[-1].name}); pass "
-                             "resume_from='latest' to continue that run, or overwrite_output_dir=True to start over")
+        if self.step > 0:  # train() again on this Trainer (or after load_checkpoint) continues its own run
+            return
+        check_output_dir(self.output_dir, overwrite=args.overwrite_output_dir, resume_from=args.resume_from)
+        barrier()  # every rank has looked before rank 0 deletes anything
+        if args.overwrite_output_dir and self.ctx.is_main:
+            clear_run_outputs(self.output_dir)
+        barrier()
 
     def _resolve_resume(self, resume_from: str) -> Path | None:
         if resume_from == "latest":
@@ -454,7 +460,7 @@ class Trainer:
                      "fingerprint": self.fingerprint, "args": _jsonable(dataclasses.asdict(self.args))}
             (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
         barrier()
-        torch.save(_rng_state(), staging / f"rng_state_{self.ctx.rank}.pt")
+        torch.save(rng_state(), staging / f"rng_state_{self.ctx.rank}.pt")
         barrier()
         if self.ctx.is_main:
             _publish_dir(staging, final)
@@ -472,11 +478,15 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from a checkpoint directory.
 
-        Raises ValueError, before changing anything, when the checkpoint was written for a different model.
+        Raises ValueError, before changing anything, when the checkpoint was written for a different model or its RNG
+        state is not plain tensors and numbers (it is read with `weights_only=True`, so a crafted file runs no code).
         """
         path = Path(path)
         state = json.loads((path / STATE_FILE).read_text())
         check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
+        rng_file = path / f"rng_state_{self.ctx.rank}.pt"
+        same_world = state.get("world_size") == self.ctx.world_size and rng_file.exists()
+        rng = load_rng_state(rng_file) if same_world else None
         from safetensors.torch import load_file
 
         model_state = load_file(path / "model.safetensors")
@@ -488,9 +498,8 @@ class Trainer:
         if state.get("total_steps") != self.total_steps:
             logger.warning("%s was written for %s total steps, this run has %s: the learning-rate schedule differs",
                            path, state.get("total_steps"), self.total_steps)
-        rng_file = path / f"rng_state_{self.ctx.rank}.pt"
-        if state.get("world_size") == self.ctx.world_size and rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng is not None:
+            set_rng_state(rng)
         else:
             # A different process count cannot continue the old random streams; derive fresh ones deterministically.
             _seed_everything(self.args.seed + 7919 * self.step + self.ctx.rank)
@@ -550,15 +559,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The `checkpoint-<step>` directories of an output directory, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What identifies a model for resuming: its type, head, trainable parameter shapes, and a digest of a sample of
     the frozen weights (so a LoRA run cannot resume on top of a different base checkpoint)."""
@@ -592,8 +592,6 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], wher
 
 
 def _save_tensors(state: Mapping[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
     seen: dict[tuple[int, int], str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -604,7 +602,7 @@ def _save_tensors(state: Mapping[str, torch.Tensor], file: Path) -> None:
             continue
         seen[key] = name
         out[name] = tensor.contiguous()
-    save_file(out, file)
+    save_safetensors(out, file)
 
 
 def _publish_dir(staging: Path, final: Path) -> None:
@@ -618,21 +616,6 @@ def _publish_dir(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _seed_everything(seed: int) -> None:
