@@ -46,5 +46,8 @@ class LogprobFormatter:
         if unscored_first is not None:
             add(unscored_first, None, None)
         for lp in logprobs or []:
-            add(lp.token_id, lp.logprob, {self.token_text(t): v for t, v in lp.top})
+            top: dict[str, float] = {}
+            for t, v in lp.top:  # ids that decode alike share a key: it keeps the likelier one's value
+                top.setdefault(self.token_text(t), v)
+            add(lp.token_id, lp.logprob, top)
         return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
