@@ -22,7 +22,7 @@ from pydantic import BaseModel  # noqa: E402
 from test_serve import API_KEY, MODEL_NAME, PROMPTS, RunningServer, chat, error_of  # noqa: E402
 
 from decoderkit.serve.app import ServerSettings  # noqa: E402
-from decoderkit.serve.engine import Engine  # noqa: E402
+from decoderkit.serve.engine import Engine, SamplingParams  # noqa: E402
 from decoderkit.serve.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -268,3 +268,31 @@ def test_tokenizer_endpoints_as_lm_eval_probes_them(server: RunningServer, token
     assert eos == [tokenizer.eos_token_id]
     back = httpx.post(f"{server.base}/detokenize", json={"tokens": ids}, timeout=10).json()["prompt"]
     assert back == tokenizer.decode(ids) == PROMPTS[2]
+
+
+def test_prompt_scores_survive_preemption(model, tokenizer) -> None:
+    import threading
+
+    # A pool of one context: the four requests cannot all fit, so some are preempted and prefilled again.
+    engine = Engine(model, tokenizer, kv_cache_tokens=256, block_size=4, max_prefill_tokens=8)
+    preempted, preempt = [], engine._preempt
+    engine._preempt = lambda req: (preempted.append(req), preempt(req))
+    engine.start()
+    try:
+        prompts = [tokenizer.encode(p) for p in PROMPTS]
+        params = SamplingParams(max_tokens=100, temperature=0, stop_token_ids=(), prompt_logprobs=2)
+        outputs: list = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, engine.generate(prompts[i], params)))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        assert sum(o.completion_tokens for o in outputs) == 400 and preempted
+        for ids, out in zip(prompts, outputs):
+            expected, expected_top = direct_logprobs(model, tokenizer, ids, 2)
+            assert [lp.token_id for lp in out.prompt_logprobs] == ids[1:]
+            assert [lp.logprob for lp in out.prompt_logprobs] == pytest.approx(expected, abs=1e-4)
+            assert [len(lp.top) for lp in out.prompt_logprobs] == [2] * (len(ids) - 1)
+    finally:
+        engine.stop()

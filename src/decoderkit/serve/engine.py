@@ -318,7 +318,7 @@ class Engine:
         if not scheduled:
             return
         segments = [Segment(req.num_cached, req.tokens[req.num_cached: end], req.blocks) for req, end in scheduled]
-        scoring = [req.params.prompt_logprobs is not None and req.num_cached < len(req.prompt_ids) - 1
+        scoring = [req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
                    for req, _ in scheduled]
         if any(scoring):
             every = self.runner.forward(segments, all_positions=True)  # (N, V): a row per token of the step
