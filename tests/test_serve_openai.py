@@ -196,7 +196,6 @@ def test_bad_inputs_are_openai_400s(server: RunningServer) -> None:
         ("/v1/chat/completions", {**chat_ok, "stop": "y" * (MAX_STOP_LENGTH + 1)}, "stop",
          f"at most {MAX_STOP_LENGTH} characters"),
         ("/v1/chat/completions", {**chat_ok, "echo": True}, "echo", "chat completions"),
-        ("/v1/completions", {**completion_ok, "echo": True, "stream": True}, "echo", "stream"),
         ("/v1/completions", {**completion_ok, "max_tokens": -1}, "max_tokens", "0"),
         ("/tokenize", {"prompt": 5}, "prompt", "string"),
         ("/detokenize", {"tokens": [10**6]}, "tokens", "token id"),
@@ -252,6 +251,18 @@ def test_echo_scores_the_prompt_as_the_model_does(server: RunningServer, model, 
     echoed = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=0, echo=True)
     assert echoed.choices[0].text == tokenizer.decode(tokenizer.encode(PROMPTS[1]))
     assert echoed.choices[0].logprobs is None
+    # Streamed, the prompt and its scores come first, and the pieces add up to the whole answer.
+    whole = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=5, echo=True, logprobs=2, temperature=0)
+    pieces = [c.choices[0] for c in client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=5, echo=True,
+                                                              logprobs=2, temperature=0, stream=True)]
+    assert "".join(p.text for p in pieces) == whole.choices[0].text
+    streamed = {field: [v for p in pieces for v in getattr(p.logprobs, field)]
+                for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    want = whole.choices[0].logprobs
+    assert streamed["tokens"] == want.tokens and streamed["text_offset"] == want.text_offset
+    assert streamed["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-5)
+    for got, top in zip(streamed["top_logprobs"], want.top_logprobs, strict=True):
+        assert got == top if top is None else got == pytest.approx(top, abs=1e-5)
 
 
 def test_tokenizer_endpoints_as_lm_eval_probes_them(server: RunningServer, tokenizer) -> None:

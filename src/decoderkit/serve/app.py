@@ -38,6 +38,7 @@ from decoderkit.serve.protocol import (
     ChatDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -234,8 +235,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         authorize(request)
         body = await parse_body(request, CompletionRequest)
         model = check_model(body.model)
-        if body.echo and body.stream:
-            raise APIError(400, "echo is supported only without stream", param="echo", code="invalid_value")
         prompts = completion_prompts(body.prompt)
         logprobs = body.logprobs is not None
         scored = body.logprobs if body.echo and logprobs else None  # echo with logprobs scores the prompt
@@ -243,19 +242,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                   for p in prompts]
         job = submit(request, prompts, params)
         request_id = new_id("cmpl")
+        echoes = [prompts[i // body.n] if body.echo else None for i in range(job.size)]
         if body.stream:
-            return sse(completion_stream(job, request_id, model, logprobs, body.include_usage()))
+            return sse(completion_stream(job, request_id, model, logprobs, body.include_usage(), echoes))
         results = await job.collect()
         choices = []
         for i, r in enumerate(results):
-            prompt, text, lp = prompts[i // body.n], r.text, None
-            if body.echo:
-                echoed = tokenizer.decode(prompt)
-                text = echoed + text
-                if logprobs:
-                    lp = fmt.completion([*(r.prompt_logprobs or []), *(r.logprobs or [])], 0, prompt[0])
-            elif logprobs:
-                lp = fmt.completion(r.logprobs)
+            text, lp = completion_piece(r, echoes[i], logprobs)
             choices.append(CompletionChoice(index=i, text=text, finish_reason=r.finish_reason, logprobs=lp))
         return JSONResponse(Completion(id=request_id, model=model, choices=choices, usage=usage(job, results),
                                        system_fingerprint=FINGERPRINT).model_dump())
@@ -340,14 +333,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if include_usage:
             yield chunk([], usage(job, job.finals()))
 
-    async def completion_stream(job: Job, request_id: str, model: str, logprobs: bool,
-                                include_usage: bool) -> AsyncIterator[str]:
+    def completion_piece(out: RequestOutput, echo: list[int] | None, logprobs: bool,
+                         offset: int = 0) -> tuple[str, CompletionLogprobs | None]:
+        """A choice's text and logprobs; `echo` (the prompt, on a choice's first piece) puts the prompt first."""
+        if echo is None:
+            return out.text, fmt.completion(out.logprobs, offset) if logprobs else None
+        scored = [*(out.prompt_logprobs or []), *(out.logprobs or [])]
+        return tokenizer.decode(echo) + out.text, fmt.completion(scored, offset, echo[0]) if logprobs else None
+
+    async def completion_stream(job: Job, request_id: str, model: str, logprobs: bool, include_usage: bool,
+                                echoes: list[list[int] | None]) -> AsyncIterator[str]:
         offsets = [0] * job.size
         async for i, out in job.stream():
-            if out.text or out.finish_reason or (logprobs and out.logprobs):
-                lp = fmt.completion(out.logprobs, offsets[i]) if logprobs else None
+            echo, echoes[i] = echoes[i], None  # the prompt goes before a choice's first piece only
+            if echo or out.text or out.finish_reason or (logprobs and out.logprobs):
+                text, lp = completion_piece(out, echo, logprobs, offsets[i])
                 offsets[i] += sum(len(t) for t in lp.tokens) if lp else 0
-                choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason, logprobs=lp)
+                choice = CompletionChoice(index=i, text=text, finish_reason=out.finish_reason, logprobs=lp)
                 payload = Completion(id=request_id, model=model, choices=[choice], usage=None,
                                      system_fingerprint=FINGERPRINT)
                 yield f"data: {payload.model_dump_json()}\n\n"
