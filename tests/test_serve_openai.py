@@ -196,6 +196,8 @@ def test_bad_inputs_are_openai_400s(server: RunningServer) -> None:
         ("/v1/chat/completions", {**chat_ok, "stop": "y" * (MAX_STOP_LENGTH + 1)}, "stop",
          f"at most {MAX_STOP_LENGTH} characters"),
         ("/v1/chat/completions", {**chat_ok, "echo": True}, "echo", "chat completions"),
+        ("/v1/chat/completions", {**chat_ok, "stream_options": {"include_usage": True}}, "stream_options",
+         "stream is true"),
         ("/v1/completions", {**completion_ok, "max_tokens": -1}, "max_tokens", "0"),
         ("/tokenize", {"prompt": 5}, "prompt", "string"),
         ("/detokenize", {"tokens": [10**6]}, "tokens", "token id"),

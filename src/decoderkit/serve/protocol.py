@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 if TYPE_CHECKING:
     from fastapi import Request
@@ -78,6 +78,13 @@ class _SamplingFields(_Request):
         if longest > MAX_STOP_LENGTH:
             raise ValueError(f"a stop string may have at most {MAX_STOP_LENGTH} characters, got one of {longest}")
         return stop
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream", False):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
 
     def include_usage(self) -> bool:
         # As OpenAI: a stream ends with a usage chunk (choices: []) only when the client asks for it.
