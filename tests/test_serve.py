@@ -277,9 +277,9 @@ def test_chat_completion_streamed_and_not(server: RunningServer, model, tokenize
     assert whole.usage.total_tokens == len(prompt) + len(expected)
 
     chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=chat(PROMPTS[0]), max_tokens=20,
-                                                 temperature=0, stream=True))
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
     quiet = list(client.chat.completions.create(model=MODEL_NAME, messages=chat(PROMPTS[0]), max_tokens=20,
-                                                temperature=0, stream=True, stream_options={"include_usage": False}))
+                                                temperature=0, stream=True))
     assert chunks[-1].usage is not None and all(c.usage is None for c in quiet) and len(quiet) == len(chunks) - 1
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -295,7 +295,8 @@ def test_completion_streamed_and_not(server: RunningServer, model, tokenizer) ->
     expected = reference_greedy(model, tokenizer.encode(PROMPTS[2]), 12)
     assert whole.choices[0].text == tokenizer.decode([t for t in expected if t != 2], skip_special_tokens=True)
     assert whole.usage.completion_tokens == len(expected)
-    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=12, temperature=0, stream=True)
+    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
@@ -507,7 +508,8 @@ def test_sixteen_concurrent_streaming_clients(server: RunningServer) -> None:
                 prompt = prompts[(i + j) % len(prompts)]
                 text, finish, usage = "", None, None
                 for chunk in client.chat.completions.create(model=MODEL_NAME, messages=chat(prompt), max_tokens=24,
-                                                            temperature=0, stream=True):
+                                                            temperature=0, stream=True,
+                                                            stream_options={"include_usage": True}):
                     if chunk.choices:
                         text += chunk.choices[0].delta.content or ""
                         finish = chunk.choices[0].finish_reason or finish

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+"""OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and the
+tokenizer endpoints (/tokenize, /detokenize, /tokenizer_info) that evaluation harnesses use.
 
 Every request is validated at the boundary and answered with OpenAI's error body on failure; generation runs on the
 shared `Engine` (continuous batching), whose outputs arrive on the event loop through a per-request asyncio queue.
@@ -17,14 +18,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from decoderkit import __version__
 from decoderkit.serve.engine import Engine, EngineStoppedError, QueueFullError, RequestOutput, SamplingParams
+from decoderkit.serve.logprobs import LogprobFormatter
 from decoderkit.serve.protocol import (
     APIError,
     AssistantMessage,
@@ -34,22 +36,22 @@ from decoderkit.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
-    ChoiceLogprobs,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
-    TokenLogprobEntry,
-    TopLogprob,
     Usage,
     error_body,
     new_id,
+    parse_body,
 )
+from decoderkit.serve.tokenize import tokenizer_router
 
 logger = logging.getLogger("decoderkit.serve")
-T = TypeVar("T", bound=BaseModel)
+FINGERPRINT = f"decoderkit-{__version__}"
+MODEL_FILE_SUFFIXES = (".gguf",)
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 
@@ -63,7 +65,13 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     retry_after_seconds: int = 1
     shutdown_drain_seconds: float = 0.0
+    model_path: str | None = None  # reported in /v1/models
     started: float = field(default_factory=time.time)
+
+    def accepts(self, name: str) -> bool:
+        """Whether a request's `model` names the served model: its name, with or without a model-file suffix."""
+        return name in {self.model_name, *(self.model_name + s for s in MODEL_FILE_SUFFIXES),
+                        *(self.model_name.removesuffix(s) for s in MODEL_FILE_SUFFIXES)}
 
 
 # ---------------------------------------------------------------------------------------------------- middleware
@@ -124,6 +132,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app over a (not yet started) engine; the app's lifespan starts and stops it."""
     tokenizer = engine.tokenizer
     context = engine.max_context
+    vocab_size = engine.model.config.vocab_size
+    fmt = LogprobFormatter(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -161,10 +171,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
                            "invalid_request_error", None, "invalid_api_key")
 
-    def check_model(name: str) -> None:
-        if name != settings.model_name:
+    def check_model(name: str) -> str:
+        """The served model's name, which responses carry, if `name` is one that means it."""
+        if not settings.accepts(name):
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{settings.model_name}`.",
                            "invalid_request_error", "model", "model_not_found")
+        return settings.model_name
+
+    app.include_router(tokenizer_router(tokenizer, context, check_model))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -175,7 +189,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> ModelList:
         authorize(request)
-        return ModelList(data=[ModelCard(id=settings.model_name, created=int(settings.started))])
+        return ModelList(data=[ModelCard(id=settings.model_name, created=int(settings.started),
+                                         root=settings.model_path, max_model_len=context)])
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -185,7 +200,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         body = await parse_body(request, ChatCompletionRequest)
-        check_model(body.model)
+        model = check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported on chat completions; use /v1/completions with echo=true",
+                           param="echo", code="invalid_value")
         if not body.messages:
             raise APIError(400, "messages must be a non-empty list", param="messages", code="invalid_value")
         messages = [{"role": m.role, "content": m.text() or "", **({"name": m.name} if m.name else {})}
@@ -204,36 +222,36 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         job = submit(request, [list(prompt)], [params])
         request_id = new_id("chatcmpl")
         if body.stream:
-            return sse(chat_stream(job, request_id, body.model, body.logprobs, body.include_usage()))
+            return sse(chat_stream(job, request_id, model, body.logprobs, body.include_usage()))
         results = await job.collect()
         choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                              logprobs=chat_logprobs(r) if body.logprobs else None) for i, r in enumerate(results)]
-        return JSONResponse(ChatCompletion(id=request_id, model=body.model, choices=choices,
-                                           usage=usage(job, results)).model_dump())
+                              logprobs=fmt.chat(r.logprobs) if body.logprobs else None)
+                   for i, r in enumerate(results)]
+        return JSONResponse(ChatCompletion(id=request_id, model=model, choices=choices, usage=usage(job, results),
+                                           system_fingerprint=FINGERPRINT).model_dump())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
         body = await parse_body(request, CompletionRequest)
-        check_model(body.model)
+        model = check_model(body.model)
         prompts = completion_prompts(body.prompt)
-        params = [sampling_params(body, p, body.max_tokens, body.logprobs is not None, body.logprobs or 0, "prompt")
+        logprobs = body.logprobs is not None
+        scored = body.logprobs if body.echo and logprobs else None  # echo with logprobs scores the prompt
+        params = [sampling_params(body, p, body.max_tokens, logprobs, body.logprobs or 0, "prompt", scored)
                   for p in prompts]
         job = submit(request, prompts, params)
         request_id = new_id("cmpl")
+        echoes = [prompts[i // body.n] if body.echo else None for i in range(job.size)]
         if body.stream:
-            return sse(completion_stream(job, request_id, body.model, body.logprobs is not None,
-                                         body.include_usage()))
+            return sse(completion_stream(job, request_id, model, logprobs, body.include_usage(), echoes))
         results = await job.collect()
         choices = []
         for i, r in enumerate(results):
-            text = r.text
-            if body.echo:
-                text = tokenizer.decode(prompts[i // body.n]) + text
-            choices.append(CompletionChoice(index=i, text=text, finish_reason=r.finish_reason,
-                                            logprobs=completion_logprobs(r) if body.logprobs is not None else None))
-        return JSONResponse(Completion(id=request_id, model=body.model, choices=choices,
-                                       usage=usage(job, results)).model_dump())
+            text, lp = completion_piece(r, echoes[i], logprobs)
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=r.finish_reason, logprobs=lp))
+        return JSONResponse(Completion(id=request_id, model=model, choices=choices, usage=usage(job, results),
+                                       system_fingerprint=FINGERPRINT).model_dump())
 
     # -------------------------------------------------------------------------------------------- helpers
 
@@ -256,7 +274,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return out
 
     def sampling_params(body: Any, prompt: list[int], max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                        prompt_param: str) -> list[SamplingParams]:
+                        prompt_param: str, prompt_logprobs: int | None = None) -> list[SamplingParams]:
         room = context - len(prompt)
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
@@ -270,7 +288,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             max_tokens=max_tokens if max_tokens is not None else room, temperature=body.temperature,
             top_p=body.top_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             stop=tuple(body.stop_list()), seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
-            top_logprobs=top_logprobs, stop_token_ids=() if body.ignore_eos else None,
+            top_logprobs=top_logprobs, stop_token_ids=() if body.ignore_eos else None, prompt_logprobs=prompt_logprobs,
+            logit_bias=body.logit_bias_ids(vocab_size),
         ) for i in range(body.n)]
 
     def submit(request: Request, prompts: list[list[int]], params: list[list[SamplingParams]]) -> Job:
@@ -290,29 +309,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise APIError(503, "The server is shutting down.", "server_error", None, "unavailable") from None
         return job
 
-    def token_text(token_id: int) -> str:
-        return tokenizer.decode([token_id])
-
-    def chat_logprobs(out: RequestOutput) -> ChoiceLogprobs:
-        entries = []
-        for lp in out.logprobs or []:
-            text = token_text(lp.token_id)
-            tops = [TopLogprob(token=token_text(t), logprob=v, bytes=list(token_text(t).encode())) for t, v in lp.top]
-            entries.append(TokenLogprobEntry(token=text, logprob=lp.logprob, bytes=list(text.encode()),
-                                             top_logprobs=tops))
-        return ChoiceLogprobs(content=entries)
-
-    def completion_logprobs(out: RequestOutput, offset: int = 0) -> CompletionLogprobs:
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in out.logprobs or []:
-            text = token_text(lp.token_id)
-            tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({token_text(t): v for t, v in lp.top})
-            offsets.append(offset)
-            offset += len(text)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
-
     def usage(job: Job, results: Sequence[RequestOutput]) -> Usage:
         # As OpenAI counts: the prompt once per prompt (not once per choice), completions over all choices.
         prompt_tokens = sum(job.prompt_lengths[:: job.n_per_prompt])
@@ -323,7 +319,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat_stream(job: Job, request_id: str, model: str, logprobs: bool,
                           include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage_: Usage | None = None) -> str:
-            payload = ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage_)
+            payload = ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage_,
+                                          system_fingerprint=FINGERPRINT)
             return f"data: {payload.model_dump_json()}\n\n"
 
         for i in range(job.size):
@@ -332,42 +329,36 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             if out.text or out.finish_reason or (logprobs and out.logprobs):
                 delta = ChatDelta(content=out.text) if out.text else ChatDelta()
                 yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=out.finish_reason,
-                                             logprobs=chat_logprobs(out) if logprobs else None)])
+                                             logprobs=fmt.chat(out.logprobs) if logprobs else None)])
         if include_usage:
             yield chunk([], usage(job, job.finals()))
 
-    async def completion_stream(job: Job, request_id: str, model: str, logprobs: bool,
-                                include_usage: bool) -> AsyncIterator[str]:
+    def completion_piece(out: RequestOutput, echo: list[int] | None, logprobs: bool,
+                         offset: int = 0) -> tuple[str, CompletionLogprobs | None]:
+        """A choice's text and logprobs; `echo` (the prompt, on a choice's first piece) puts the prompt first."""
+        if echo is None:
+            return out.text, fmt.completion(out.logprobs, offset) if logprobs else None
+        scored = [*(out.prompt_logprobs or []), *(out.logprobs or [])]
+        return tokenizer.decode(echo) + out.text, fmt.completion(scored, offset, echo[0]) if logprobs else None
+
+    async def completion_stream(job: Job, request_id: str, model: str, logprobs: bool, include_usage: bool,
+                                echoes: list[list[int] | None]) -> AsyncIterator[str]:
         offsets = [0] * job.size
         async for i, out in job.stream():
-            if out.text or out.finish_reason or (logprobs and out.logprobs):
-                lp = completion_logprobs(out, offsets[i]) if logprobs else None
+            echo, echoes[i] = echoes[i], None  # the prompt goes before a choice's first piece only
+            if echo or out.text or out.finish_reason or (logprobs and out.logprobs):
+                text, lp = completion_piece(out, echo, logprobs, offsets[i])
                 offsets[i] += sum(len(t) for t in lp.tokens) if lp else 0
-                choice = CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason, logprobs=lp)
-                payload = Completion(id=request_id, model=model, choices=[choice], usage=None)
+                choice = CompletionChoice(index=i, text=text, finish_reason=out.finish_reason, logprobs=lp)
+                payload = Completion(id=request_id, model=model, choices=[choice], usage=None,
+                                     system_fingerprint=FINGERPRINT)
                 yield f"data: {payload.model_dump_json()}\n\n"
         if include_usage:
-            final = Completion(id=request_id, model=model, choices=[], usage=usage(job, job.finals()))
+            final = Completion(id=request_id, model=model, choices=[], usage=usage(job, job.finals()),
+                               system_fingerprint=FINGERPRINT)
             yield f"data: {final.model_dump_json()}\n\n"
 
     return app
-
-
-async def parse_body(request: Request, model: type[T]) -> T:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
-                       code="invalid_type" if err["type"].endswith("_type") else "invalid_value") from None
 
 
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
@@ -453,9 +444,10 @@ class Job:
             parts = self.parts[i]
             last = parts[-1]
             logprobs = [lp for p in parts for lp in (p.logprobs or [])]
+            prompt_logprobs = next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)
             merged.append(RequestOutput(last.request_id, "".join(p.text for p in parts),
                                         [t for p in parts for t in p.token_ids], logprobs or None, last.finish_reason,
-                                        last.prompt_tokens, last.completion_tokens, last.error))
+                                        last.prompt_tokens, last.completion_tokens, last.error, prompt_logprobs))
         return merged
 
     async def collect(self) -> list[RequestOutput]:
@@ -529,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
+def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
     import torch
 
     from decoderkit.auto import AutoModelForCausalLM
@@ -549,7 +541,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                     max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                     max_queue=args.max_queue)
-    return engine, args.served_model_name or path.resolve().name
+    return engine, args.served_model_name or path.resolve().name, path.resolve()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,9 +554,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine, name = load_engine(args)
+    engine, name, path = load_engine(args)
     settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes, model_path=str(path))
     config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to the timeout above),

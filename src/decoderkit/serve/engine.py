@@ -62,9 +62,12 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None  # score the prompt too, with this many alternatives per position
+    logit_bias: dict[int, float] | None = None  # added to the logits before sampling
 
     def __post_init__(self) -> None:
-        checks = (("max_tokens", self.max_tokens >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
+        # max_tokens 0 only scores the prompt (echo with logprobs, as evaluation harnesses ask).
+        checks = (("max_tokens", self.max_tokens >= 0, ">= 0"), ("temperature", self.temperature >= 0, ">= 0"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_logprobs", self.top_logprobs >= 0, ">= 0"))
         for name, ok, rule in checks:
             if not ok:
@@ -90,6 +93,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # positions 1.. of the prompt; set on the first output only
 
 
 @dataclass(eq=False)  # identity, not field-by-field comparison: requests are looked up in lists every step
@@ -108,6 +112,7 @@ class _Request:
     emitted: int = 0  # characters of `text` already handed out
     first_token_at: float | None = None
     penalty: PresenceFrequencyPenaltyLogitsProcessor | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_generated(self) -> int:
@@ -268,8 +273,10 @@ class Engine:
             raise TimeoutError(f"request {rid} did not finish in {timeout} s")
         logprobs = [lp for p in parts for lp in (p.logprobs or [])] if params.logprobs else None
         last = parts[-1]
+        prompt_logprobs = next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)
         return RequestOutput(rid, "".join(p.text for p in parts), [t for p in parts for t in p.token_ids], logprobs,
-                             last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+                             last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error,
+                             prompt_logprobs)
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -311,11 +318,42 @@ class Engine:
         if not scheduled:
             return
         segments = [Segment(req.num_cached, req.tokens[req.num_cached: end], req.blocks) for req, end in scheduled]
-        logits = self.runner.forward(segments)
+        scoring = [req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
+                   for req, _ in scheduled]
+        if any(scoring):
+            every = self.runner.forward(segments, all_positions=True)  # (N, V): a row per token of the step
+            ends = list(itertools.accumulate(len(s.ids) for s in segments))
+            logits = every[torch.tensor(ends, device=every.device) - 1]
+            for (req, _), seg, last, wanted in zip(scheduled, segments, ends, scoring):
+                if wanted:
+                    self._score_prompt(req, seg.start, every[last - len(seg.ids): last].float())
+        else:
+            logits = self.runner.forward(segments)
         for row, (req, end) in enumerate(scheduled):
             req.num_cached = end
             if end == len(req.tokens):
-                self._advance(req, logits[row].float())
+                if req.params.max_tokens == 0:
+                    self._release(req, "length")
+                    self._emit(req, RequestOutput(req.request_id, "", [], None, "length", len(req.prompt_ids), 0,
+                                                  prompt_logprobs=req.prompt_logprobs))
+                else:
+                    self._advance(req, logits[row].float())
+
+    def _score_prompt(self, req: _Request, start: int, logits: torch.Tensor) -> None:
+        """Record the log-probabilities of the prompt tokens that logits (rows for positions start, ...) predict."""
+        # A preempted request prefills again: positions already scored are skipped, so each is recorded once.
+        first = len(req.prompt_logprobs)  # logits at position first predict prompt token first + 1
+        stop = min(start + len(logits), len(req.prompt_ids) - 1)
+        if stop <= first:
+            return
+        rows = logits[first - start: stop - start].log_softmax(-1)
+        targets = torch.tensor(req.prompt_ids[first + 1: stop + 1], device=rows.device)
+        chosen = rows.gather(1, targets[:, None])[:, 0].tolist()
+        k = req.params.prompt_logprobs or 0
+        top = rows.topk(k) if k else None
+        tops = zip(top.indices.tolist(), top.values.tolist()) if top is not None else (([], []) for _ in chosen)
+        for token, value, (ids, values) in zip(targets.tolist(), chosen, tops):
+            req.prompt_logprobs.append(TokenLogprob(token, value, list(zip(ids, values))))
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         """Pick this step's work: every decoding request, then prompt chunks within the prefill budget."""
@@ -402,14 +440,19 @@ class Engine:
         delta, req.emitted = req.text[req.emitted: safe], max(req.emitted, safe)
         if finish is not None:
             self._release(req, finish)  # before the final output, so a client that sees it finished sees it freed
+        prompt_logprobs = req.prompt_logprobs if p.prompt_logprobs is not None and req.num_generated == 1 else None
         self._emit(req, RequestOutput(req.request_id, delta, [token], [logprob] if logprob else None, finish,
-                                      len(req.prompt_ids), req.num_generated))
+                                      len(req.prompt_ids), req.num_generated, prompt_logprobs=prompt_logprobs))
 
     def _sample(self, req: _Request, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         p = req.params
         scores = logits[None]
         if req.penalty is not None:
             scores = req.penalty(torch.tensor([req.tokens], device=logits.device), scores)
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias.items())
+            scores = scores.index_add(1, torch.tensor(ids, device=scores.device),
+                                      torch.tensor([bias], dtype=scores.dtype, device=scores.device))
         if p.temperature == 0:
             token = int(scores.argmax(-1))
         else:

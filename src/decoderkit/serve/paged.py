@@ -95,8 +95,9 @@ class PagedRunner:
         self.device = pool.keys.device
 
     @torch.inference_mode()
-    def forward(self, segments: Sequence[Segment]) -> torch.Tensor:
-        """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V)."""
+    def forward(self, segments: Sequence[Segment], all_positions: bool = False) -> torch.Tensor:
+        """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V),
+        or with `all_positions` after every token of the step, in segment order (N, V)."""
         stack, pool, dev = self.stack, self.pool, self.device
         ids = torch.tensor([t for s in segments for t in s.ids], dtype=torch.long, device=dev)
         pos = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(dev)
@@ -137,6 +138,8 @@ class PagedRunner:
                 out[g.tokens.reshape(-1)] = og.transpose(1, 2).reshape(G * Tq, attn.num_heads, attn.head_dim)
             x = x + attn.o_proj(out.view(1, n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if all_positions:
+            return self.model.lm_head(stack.norm(x[0]))
         last = torch.tensor(list(itertools.accumulate(len(s.ids) for s in segments)), device=dev) - 1
         return self.model.lm_head(stack.norm(x[0, last]))
 

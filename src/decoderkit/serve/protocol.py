@@ -6,11 +6,23 @@ defines that the server does not implement are accepted and ignored, so that ord
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+T = TypeVar("T", bound=BaseModel)
+
+# Stop strings are checked after every generated token against the text's tail: bounding their number and length
+# bounds that per-token cost (OpenAI allows 4; evaluation harnesses send more).
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 64  # characters
+LOGIT_BIAS_BOUND = 100.0
 
 # ------------------------------------------------------------------------------------------------------- requests
 
@@ -20,7 +32,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = True
+    include_usage: bool = False
 
 
 class ContentPart(_Request):
@@ -52,15 +64,52 @@ class _SamplingFields(_Request):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON keys are) -> bias in [-100, 100]
+    echo: bool = False
     ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens tokens whatever the model says
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_LENGTH} characters, got one of {longest}")
+        return stop
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream", False):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
     def include_usage(self) -> bool:
-        # Unlike OpenAI (usage only when asked for), a stream ends with a usage chunk unless the client opts out.
-        return self.stream_options is None or self.stream_options.include_usage
+        # As OpenAI: a stream ends with a usage chunk (choices: []) only when the client asks for it.
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float] | None:
+        """`logit_bias` keyed by token id; APIError 400 on an id outside the vocabulary or a bias outside bounds."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            token = int(key) if key.isascii() and key.isdigit() else -1
+            if not 0 <= token < vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id; ids are integers in [0, {vocab_size - 1}]",
+                               param="logit_bias", code="invalid_value")
+            if not -LOGIT_BIAS_BOUND <= bias <= LOGIT_BIAS_BOUND:
+                raise APIError(400, f"logit_bias: the bias of token {token} is {bias:g}; biases must be in "
+                               f"[{-LOGIT_BIAS_BOUND:g}, {LOGIT_BIAS_BOUND:g}]", param="logit_bias",
+                               code="invalid_value")
+            out[token] = float(bias)
+        return out
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -72,9 +121,21 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: only score the prompt (with echo)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+
+
+class TokenizeRequest(_Request):
+    """Body of /tokenize (as vLLM and lm-evaluation-harness's remote tokenizer use it)."""
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[int]
+    model: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ responses
@@ -106,11 +167,13 @@ class TokenLogprobEntry(TopLogprob):
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobEntry] | None
+    refusal: list[TokenLogprobEntry] | None = None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -149,12 +212,15 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionLogprobs(BaseModel):
+    """Legacy logprobs; with echo the prompt's first token has None for its logprob and top_logprobs."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -180,6 +246,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "decoderkit"
+    root: str | None = None  # what is served: the model directory or GGUF file
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
@@ -209,3 +277,20 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+async def parse_body(request: Request, model: type[T]) -> T:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
+                       code="invalid_type" if err["type"].endswith("_type") else "invalid_value") from None
