@@ -2,8 +2,10 @@
 `generate(compile=True)` must give what the uncompiled decoder gives with the new weights, never the old graph's.
 
 Compilation is slow on a shared machine, so one tiny model (one layer, with a LoRA adapter and a stand-in for a
-quantized linear that keeps its weights in buffers) is shared by the whole module, and each test compiles once: the
-graph before its change is still the one the previous test left.
+quantized linear that keeps its weights in buffers) is shared by the compiling tests, each of which compiles once (the
+graph before its change is still the one the previous test left), and they cover one change of each kind: through
+the autograd-visible API (an optimizer step), through `.data`, in a buffer, by a LoRA merge. Every way of changing
+weights is then checked without compiling: it must make the next `generate` build a new graph.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ class Int8Linear(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    directory = oracle.save(oracle.build("llama", num_hidden_layers=1), tmp_path_factory.mktemp("compiled"))
+def directory(tmp_path_factory):
+    return oracle.save(oracle.build("llama", num_hidden_layers=1), tmp_path_factory.mktemp("compiled"))
+
+
+def build(directory):
     model = decoderkit.AutoModelForCausalLM.from_pretrained(directory).eval()
     mlp = model.model.layers[0].mlp
     mlp.down_proj = Int8Linear(mlp.down_proj)
@@ -46,9 +51,17 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         for _, module in lora_modules(model):
             module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=gen))
-    model.eval()
-    ids, mask, _ = oracle.left_padded_batch(97, [5, 3])
-    return model, ids, mask
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(directory):
+    # The C++ wrapper only changes how the graph is called, and costs a long C++ build per compilation
+    options = {k: v for k, v in decode_step._CPU_INDUCTOR_OPTIONS.items() if k != "cpp_wrapper"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_step, "_CPU_INDUCTOR_OPTIONS", options)
+        ids, mask, _ = oracle.left_padded_batch(97, [5, 3])
+        yield build(directory), ids, mask
 
 
 def logits(model, ids, mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +77,7 @@ def after_change(setup, change) -> tuple[torch.Tensor, torch.Tensor]:
     change(model)
     expected_ids, expected = logits(model, ids, mask, cache_implementation="static")
     got_ids, got = logits(model, ids, mask, compile=True)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert torch.equal(got_ids, expected_ids)
     return before, expected
 
@@ -115,27 +128,41 @@ def buffer_write(model) -> None:
     down.scale.data.mul_(2.0)
 
 
-@pytest.mark.parametrize("change", [optimizer_step, load_state_dict, data_mul, data_copy, no_grad_copy,
-                                    buffer_write], ids=lambda f: f.__name__)
+CHANGES = [optimizer_step, load_state_dict, data_mul, data_copy, no_grad_copy, buffer_write, merge_lora,
+           unmerge_lora]
+
+
+@pytest.mark.parametrize("change", [optimizer_step, data_copy, buffer_write], ids=lambda f: f.__name__)
 def test_compiled_generate_sees_changed_weights(setup, change):
     before, after = after_change(setup, change)
     assert changed(before, after)  # the change matters, so the old graph would have given other logits
 
 
-@pytest.mark.parametrize("change", [merge_lora, unmerge_lora], ids=lambda f: f.__name__)
-def test_compiled_generate_after_lora_merge_and_unmerge(setup, change):
+def test_compiled_generate_after_lora_merge(setup):
     model = setup[0]
     weight = param(model, "model.layers.0.self_attn.q_proj.weight").detach().clone()
     graph = decode_step._compiled_step(model)
-    after_change(setup, change)
+    after_change(setup, merge_lora)
     # Merging moves the update into the weight and leaves the outputs as they were: the graph frozen with the old
     # weight must still not be the one that runs
     assert changed(weight, param(model, "model.layers.0.self_attn.q_proj.weight"))
     assert decode_step._compiled_step(model) is not graph
 
 
-def test_fingerprint_covers_buffers_and_data_writes(setup):
-    model = setup[0]
+def test_every_kind_of_change_rebuilds_the_compiled_step(directory):
+    """`_compiled_step` only wraps the step (compilation happens at the first call), so this compiles nothing."""
+    model = build(directory)
+    graph = decode_step._compiled_step(model)
+    assert decode_step._compiled_step(model) is graph  # unchanged weights keep their graph
+    for change in CHANGES:
+        change(model)
+        rebuilt = decode_step._compiled_step(model)
+        assert rebuilt is not graph, change.__name__
+        graph = rebuilt
+
+
+def test_fingerprint_covers_buffers_and_data_writes(directory):
+    model = build(directory)
     start = decode_step.weights_fingerprint(model)
     assert decode_step.weights_fingerprint(model) == start  # unchanged weights keep their graph
     down = model.model.layers[0].mlp.down_proj
@@ -143,8 +170,5 @@ def test_fingerprint_covers_buffers_and_data_writes(setup):
     assert decode_step.weights_fingerprint(model) != start
     down.qweight.data[0, 0] -= 1
     assert decode_step.weights_fingerprint(model) == start
-    head = param(model, "lm_head.weight")
-    saved = head.detach().clone()
-    head.data[0, 0] += 1e-6
+    param(model, "lm_head.weight").data[0, 0] += 1e-6
     assert decode_step.weights_fingerprint(model) != start
-    head.data.copy_(saved)

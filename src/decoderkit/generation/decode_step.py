@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import xxhash
 
 from decoderkit.cache import Cache
 from decoderkit.layers.alibi import alibi_bias
@@ -92,6 +91,8 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
     the weights once at memory speed: about what one decode step reads. On CUDA the graph reads the weights from
     their storage at every replay, so in-place writes are seen and only a new storage needs a new graph.
     """
+    import xxhash
+
     entries = []
     for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
