@@ -20,9 +20,8 @@ if TYPE_CHECKING:
     pass
 
 
-# transformers' static-cache variants; none of these families has sliding-window layers, so all are a plain static cache
-
-_STATEFUL_ROPE = frozenset({"dynamic", "longrope"})
+# Rope rules whose frequencies depend on each row's length so far: evaluated step by step, as the model does
+_LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
 
 
 def forward_full(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
@@ -80,10 +79,39 @@ def _forward_one_static(model, tokens, position_ids, cache_position, mask, rope,
 
 # Measured on a 2-core Sapphire Rapids, 125M Llama (benchmarks/generate.py): freezing prepacks the weights for the
 # MKL / oneDNN GEMMs (bf16 batch 1: ~1.5x); concat_linear then merges q/k/v and gate/up into one GEMM each (the fused
-# projections, without changing the checkpoint layout); the C++ wrapper removes ~2 ms of Python per step
+# projections, without changing the checkpoint layout); the C++ wrapper removes ~2 ms of Python per step.
+# Freezing stays, made safe by keying the graph on a content hash of the weights (weights_fingerprint): the hash
+# reads the weights once per generate call, about what one decode step reads, where not freezing would give up the
+# gain at every step. (On a 2-core AVX2 EPYC without bf16 instructions, benchmarks/compiled_weights.py measured
+# frozen bf16 4x slower than not frozen: a case for choosing freezing per CPU and dtype, left open.)
 _CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True, "cpp_wrapper": True}
 
 _COMPILED: weakref.WeakKeyDictionary[Any, tuple[tuple, Callable[..., torch.Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """What a compiled step for `model` depends on: every parameter's and buffer's name, dtype, shape and either its
+    contents (CPU) or its storage (elsewhere).
+
+    On CPU the compiled graph holds a frozen copy of the weights, so only their contents say whether it is still
+    valid: storage pointers and version counters miss writes through `.data` (`p.data.mul_()`, `p.data.copy_()`), and
+    buffers (packed quantized weights, rope tables) are frozen too. The contents are hashed with XXH3-128, which reads
+    the weights once at memory speed: about what one decode step reads. On CUDA the graph reads the weights from
+    their storage at every replay, so in-place writes are seen and only a new storage needs a new graph.
+    """
+    import xxhash
+
+    entries = []
+    for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            t = t.detach()
+            if t.device.type == "cpu":
+                raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                ident: int = xxhash.xxh3_128_intdigest(raw)
+            else:
+                ident = t.data_ptr()
+            entries.append((kind, name, t.dtype, tuple(t.shape), t.device, ident))
+    return tuple(entries)
 
 
 def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
@@ -91,15 +119,17 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
 
     On CPU, inductor's freezing folds the weights into the graph as constants, prepacked for the oneDNN / MKL GEMMs
     (the largest CPU gain: small-batch GEMMs on packed weights run near memory bandwidth). A graph compiled for other
-    weights must then never run: the step is keyed on every parameter's storage and version counter, which in-place
-    updates (optimizer steps, load_state_dict) and reassignment both change.
+    weights must then never run: the step is keyed on `weights_fingerprint`, checked at every `generate` call.
     """
     import torch._inductor.config as inductor_config
 
-    fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    fingerprint = weights_fingerprint(model)
     entry = _COMPILED.get(model)
     if entry is not None and entry[0] == fingerprint:
         return entry[1]
+    # Dropped first, so the old graph's frozen weights are freed before the new graph freezes its own
+    entry = None
+    _COMPILED.pop(model, None)
     # A fresh code object has its own dynamo cache, so graphs built for the old weights are dropped with it
     fn = types.FunctionType(_forward_one_static.__code__.replace(), globals(), "_forward_one_static")
     # fullgraph: a graph break would leave Python work on the hot path, which defeats the purpose
@@ -147,7 +177,7 @@ class DecodeStep:
             self.allowed = torch.zeros(rows, 1, 1, cache.max_cache_len, dtype=torch.bool, device=device)
             self.allowed[:, 0, 0, :prompt_len] = self.visible[:, :prompt_len]
         self.rope_table = None
-        if stack.rotary is not None and stack.rotary.rope_type not in _STATEFUL_ROPE:
+        if stack.rotary is not None and stack.rotary.rope_type not in _LENGTH_DEPENDENT_ROPE:
             # Every future position is known now (the same elementwise cos/sin the model computes per call)
             future = next_position[:, None] + torch.arange(steps, device=device)
             cos, sin = stack.rotary(future, model.dtype)
@@ -165,7 +195,7 @@ class DecodeStep:
 
     def _rope(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.rope_table is None:
-            return None  # stateful rope (or none): evaluated by the model on the position ids
+            return None  # length-dependent rope (or none): evaluated by the model on the position ids
         cos, sin = self.rope_table
         return cos[step][:, None], sin[step][:, None]
 
@@ -181,7 +211,7 @@ class DecodeStep:
             mask = self.allowed
             if self.compiled is not None:
                 rope = None
-                if stack.rotary is not None and stack.rotary.rope_type in _STATEFUL_ROPE:
+                if stack.rotary is not None and stack.rotary.rope_type in _LENGTH_DEPENDENT_ROPE:
                     rope = stack.rotary(self.position_ids, self.model.dtype)
                 if self.tokens.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()

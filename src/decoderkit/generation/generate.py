@@ -23,9 +23,9 @@ Differences, all deliberate:
 Speed. ``cache_implementation="static"`` preallocates the KV cache for prompt + new tokens, so every decode step has
 the same shapes; ``compile=True`` (which implies the static cache) runs each step through ``torch.compile`` (CUDA graphs
 via ``mode="reduce-overhead"`` on CUDA, the default mode elsewhere). On CPU the compiled step freezes the weights into
-the graph, prepacked for the GEMM libraries (a second copy of the weights while it is alive); it is recompiled when a
-parameter changes, and the first call of each (batch, length bucket) pays the compilation. Whatever the cache, the
-decode loop prepares
+the graph, prepacked for the GEMM libraries (a second copy of the weights while it is alive); it is recompiled when the
+contents of a parameter or buffer change (a hash checked at every call), and the first call of each (batch, length
+bucket) pays the compilation. Whatever the cache, the decode loop prepares
 once what ``DecoderStack.forward`` would rebuild per token (the attention mask, now a buffer updated in place; rotary
 cos/sin of every future position; the ALiBi bias; position ids and cache slots, buffers advanced in place), calls the
 layers directly without input checks, writes tokens into a preallocated id buffer, and computes logits for the last
@@ -59,7 +59,6 @@ __all__ = ["GenerateOutput", "generate"]
 # transformers' static-cache variants; none of these families has sliding-window layers, so all are a plain static cache
 _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunked"})
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
-# Rope rules whose frequencies depend on the longest position seen so far: evaluated step by step, as the model does
 _COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
 _UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "assistant_model", "prefix_allowed_tokens_fn",

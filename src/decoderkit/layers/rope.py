@@ -1,7 +1,7 @@
 """Rotary position embeddings with every scaling rule transformers uses for these families.
 
 Each rule returns the inverse frequencies and a factor that scales cos and sin ("attention scaling"). `dynamic` and
-`longrope` depend on the sequence length seen, so `RotaryEmbedding` keeps the same state transformers keeps.
+`longrope` depend on the sequence length, which `RotaryEmbedding` takes per row instead of keeping state.
 """
 
 from __future__ import annotations
@@ -109,7 +109,13 @@ def _llama3(params: dict[str, Any], dim: int, base: float) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes (cos, sin) for position ids; holds the dynamic / longrope state between calls."""
+    """Computes (cos, sin) for position ids.
+
+    Stateless, so one module serves concurrent callers (generate and the server on one model). `dynamic` and
+    `longrope` pick their frequencies from the length of the sequence each position belongs to, per row: what
+    transformers computes for that sequence on its own, whatever shares the batch. (transformers takes the longest
+    position of the whole batch, and its `dynamic` rule also remembers the longest length of earlier calls.)
+    """
 
     def __init__(self, params: dict[str, Any], head_dim: int, max_position_embeddings: int) -> None:
         super().__init__()
@@ -122,44 +128,46 @@ class RotaryEmbedding(nn.Module):
         target = torch.empty(0).device
         with torch.device("cpu"):
             inv_freq, self.attention_scaling = rope_inv_freq(params, head_dim, max_position_embeddings)
-        inv_freq = inv_freq.to(target)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-        self.max_seq_len_cached = max_position_embeddings
-        self._long_inv_freq: torch.Tensor | None = None
+            long_inv_freq = None
+            if self.rope_type == "longrope":
+                long_inv_freq, _ = rope_inv_freq(params, head_dim, max_position_embeddings,
+                                                 params["original_max_position_embeddings"] + 1)
+        self.register_buffer("inv_freq", inv_freq.to(target), persistent=False)
+        if long_inv_freq is not None:
+            self.register_buffer("long_inv_freq", long_inv_freq.to(target), persistent=False)
 
     @property
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.shape[0]
 
-    def _update_for_length(self, position_ids: torch.Tensor) -> None:
-        seq_len = int(position_ids.max()) + 1
-        if self.rope_type == "dynamic":
-            # Grow the base once positions pass the cached length; return to the original below the trained length.
-            if seq_len > self.max_seq_len_cached:
-                inv_freq, self.attention_scaling = rope_inv_freq(
-                    self.params, self.head_dim, self.max_position_embeddings, seq_len
-                )
-                self.inv_freq = inv_freq.to(self.inv_freq.device)
-                self.max_seq_len_cached = seq_len
-            if seq_len < self.max_position_embeddings < self.max_seq_len_cached:
-                self.inv_freq = self.original_inv_freq.clone()
-                self.max_seq_len_cached = self.max_position_embeddings
-        elif self.rope_type == "longrope":
-            original = self.params["original_max_position_embeddings"]
-            if self._long_inv_freq is None:
-                self._long_inv_freq, _ = rope_inv_freq(
-                    self.params, self.head_dim, self.max_position_embeddings, original + 1
-                )
-            chosen = self._long_inv_freq if seq_len > original else self.original_inv_freq
-            self.inv_freq.copy_(chosen.to(self.inv_freq.device))
+    def _inv_freq_for(self, seq_len: torch.Tensor) -> torch.Tensor:
+        """seq_len (...) -> inv_freq (..., rotary_dim / 2) for sequences of those lengths."""
+        if self.rope_type == "longrope":
+            is_long = seq_len[..., None] > self.params["original_max_position_embeddings"]
+            return torch.where(is_long, self.long_inv_freq, self.inv_freq)
+        # dynamic: the base grows with lengths past the trained one; a handful of distinct lengths per call
+        lengths, index = torch.unique(seq_len.clamp(min=self.max_position_embeddings), return_inverse=True)
+        table = torch.stack([
+            self.inv_freq if n == self.max_position_embeddings else
+            rope_inv_freq(self.params, self.head_dim, self.max_position_embeddings, n)[0].to(self.inv_freq.device)
+            for n in lengths.tolist()
+        ])
+        return table[index]
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`."""
-        if self.rope_type in ("dynamic", "longrope"):
-            self._update_for_length(position_ids)
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`.
+
+        `seq_len`, broadcastable to `position_ids`: the length of the sequence each position belongs to, which
+        `dynamic` and `longrope` depend on. Default: each row's largest position + 1.
+        """
+        inv_freq = self.inv_freq
+        if self.rope_type in ("dynamic", "longrope") and position_ids.numel():
+            if seq_len is None:
+                seq_len = position_ids.amax(-1, keepdim=True) + 1  # (B, 1)
+            inv_freq = self._inv_freq_for(seq_len)
+        freqs = position_ids[..., None].float() * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 

@@ -16,10 +16,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from decoderkit.layers.attention import AttentionInputs, eager_attention
 from decoderkit.layers.rope import apply_rotary
 
 # scaled_dot_product_attention shares each key/value head across its query heads itself from torch 2.5 on.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+
+def _eager_math(implementation: str, alibi: bool, dtype: torch.dtype) -> bool:
+    """Whether the model's own attention (`Attention.forward`) takes the eager math here: asked for, or ALiBi in half
+    precision, whose fp32 bias SDPA would round to half precision. The server follows it to give the same numbers."""
+    return implementation == "eager" or (implementation == "sdpa" and alibi and dtype != torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------- KV blocks
@@ -82,7 +90,8 @@ class Segment:
 class _AttentionGroup:
     tokens: torch.Tensor  # (G, Tq) indices into the flat token axis
     slots: torch.Tensor  # (G, K) buffer rows of every key each sequence attends to (padded with row 0: the null block)
-    mask: torch.Tensor  # (G, 1, Tq, K) bool, True = attend; or a float bias with -inf-like entries under ALiBi
+    mask: torch.Tensor  # (G, 1, Tq, K) bool, True = attend
+    alibi: torch.Tensor | None  # (G, H, 1, K) fp32: slope * (j - last key of the row's sequence), as the model's bias
 
 
 class PagedRunner:
@@ -108,7 +117,12 @@ class PagedRunner:
         x = stack.embed(ids[None])  # (1, N, d)
         if stack.config.position_embedding == "learned":
             x = x + stack.embed_positions(pos[None]).to(x.dtype)
-        rope = stack.rotary(pos[None], x.dtype) if stack.rotary is not None else None
+        rope = None
+        if stack.rotary is not None:
+            # Each token's own sequence length picks the length-dependent rope factors (longrope, dynamic), so a
+            # request's numbers do not depend on what shares the step
+            seq_len = torch.cat([torch.full((len(s.ids),), s.end) for s in segments]).to(dev)
+            rope = stack.rotary(pos[None], x.dtype, seq_len=seq_len[None])
         n = ids.shape[0]
         for i, layer in enumerate(stack.layers):
             attn = layer.self_attn
@@ -132,9 +146,15 @@ class PagedRunner:
                 if gqa and not _SDPA_GQA:
                     groups_per_kv = attn.num_heads // attn.num_kv_heads
                     kg, vg = kg.repeat_interleave(groups_per_kv, 1), vg.repeat_interleave(groups_per_kv, 1)
-                mask = g.mask if g.mask.dtype == torch.bool else g.mask.to(q.dtype)
-                extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=attn.scale, **extra)  # (G,H,Tq,D)
+                if _eager_math(attn.implementation, g.alibi is not None, q.dtype):
+                    inputs = AttentionInputs(mask=g.mask, causal=True, alibi=g.alibi)
+                    og = eager_attention(qg, kg, vg, inputs, attn.scale, 0.0, False)[0]
+                else:
+                    mask = g.mask
+                    if g.alibi is not None:
+                        mask = g.alibi.to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+                    extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+                    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=attn.scale, **extra)
                 out[g.tokens.reshape(-1)] = og.transpose(1, 2).reshape(G * Tq, attn.num_heads, attn.head_dim)
             x = x + attn.o_proj(out.view(1, n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -159,11 +179,13 @@ class PagedRunner:
             q_pos = torch.stack([torch.arange(segments[i].start, segments[i].end) for i in members])  # (G, Tq)
             key_pos = torch.arange(k_len)
             allowed = key_pos[None, None, :] <= q_pos[:, :, None]  # causal; also hides the padding past each end
-            mask: torch.Tensor = allowed[:, None]
+            alibi = None
             if self.stack.config.position_embedding == "alibi":
                 slopes = self.stack.alibi_slopes.float().cpu()
-                # slope * (j - i): MPT's bias up to a per-row constant, which softmax ignores.
-                bias = slopes[None, :, None, None] * (key_pos[None, None, None, :] - q_pos[:, None, :, None])
-                mask = bias.masked_fill(~mask, torch.finfo(torch.float32).min)
-            groups.append(_AttentionGroup(tokens.to(self.device), slots.to(self.device), mask.to(self.device)))
+                last = torch.tensor([segments[i].end - 1 for i in members])
+                # Relative to the sequence's last key, as the model's bias (alibi_bias) is: the same fp32 numbers
+                alibi = slopes[None, :, None, None] * (key_pos[None, None, None, :] - last[:, None, None, None])
+                alibi = alibi.to(self.device)
+            groups.append(_AttentionGroup(tokens.to(self.device), slots.to(self.device),
+                                          allowed[:, None].to(self.device), alibi))
         return groups
