@@ -104,7 +104,9 @@ def generate(
         tokenizer: needed for ``stop_strings``.
         logits_processor, stopping_criteria: extra processors / criteria, applied after the built-in ones.
         compile: compile the decode step (implies ``cache_implementation="static"``).
-        kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...).
+        kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...), and
+            ``assistant_model`` (a draft model): with it or ``prompt_lookup_num_tokens``, decoding is speculative
+            (:mod:`decoderkit.generation.speculative`), with the same output.
 
     Returns:
         The sequences, a :class:`GenerateOutput` with ``return_dict_in_generate=True``, or a ``GenerationStream``.
