@@ -61,7 +61,11 @@ class Proposer:
 class PromptLookupProposer(Proposer):
     """Prompt lookup decoding: find the latest ``n`` tokens (``n = max_matching_ngram_size`` down to 1) earlier in the
     sequence and propose the ``num_tokens`` that followed the first such occurrence, as transformers'
-    ``PromptLookupCandidateGenerator`` does. Costs one scan of the ids per step and nothing when nothing matches."""
+    ``PromptLookupCandidateGenerator`` does. Costs one scan of the ids per step and nothing when nothing matches.
+
+    Unlike transformers, the number proposed backs off: after a rejection at most one more than were accepted is
+    proposed next, growing by 2 (up to ``num_tokens``) after each step that kept everything, because where the text
+    stops copying its source, verifying ``num_tokens`` doomed proposals costs more than it saves."""
 
     def __init__(self, num_tokens: int = 10, max_matching_ngram_size: int = 2) -> None:
         for name, value in (("prompt_lookup_num_tokens", num_tokens),
@@ -70,11 +74,18 @@ class PromptLookupProposer(Proposer):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.num_tokens = num_tokens
         self.max_matching_ngram_size = max_matching_ngram_size
+        self.cap = num_tokens
+
+    def start(self, prompt, processors, do_sample, generator) -> None:
+        self.cap = self.num_tokens
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        self.cap = min(self.num_tokens, self.cap + 2) if accepted == proposed else accepted + 1
 
     def propose(self, ids: torch.Tensor, limit: int) -> tuple[torch.Tensor, None]:
         seq = ids[0]
         n_ids = seq.shape[0]
-        want = min(self.num_tokens, limit)
+        want = min(self.cap, limit)
         for n in range(min(self.max_matching_ngram_size, n_ids - 1), 0, -1):
             # Windows that start before the final n-gram itself; the first match that has a continuation wins
             windows = seq[: n_ids - 1].unfold(0, n, 1)  # (n_ids - n, n)
