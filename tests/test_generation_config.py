@@ -32,6 +32,9 @@ def test_defaults_are_transformers_effective_defaults():
         if name == "max_length":
             # Unset on purpose: transformers' 20 means "20 new tokens" only while nobody set max_length
             assert ours.max_length is None and ours.max_length_for(7) == 7 + hf_defaults["max_length"]
+        elif name == "num_assistant_tokens_schedule":
+            # On purpose: a draft model that keeps missing proposes fewer tokens instead of slowing decoding down
+            assert ours.num_assistant_tokens_schedule == "heuristic" and hf_defaults[name] == "constant"
         elif name in hf_defaults:
             assert getattr(ours, name) == hf_defaults[name], name
         else:

@@ -35,6 +35,16 @@ class Cache:
         """Reorder the batch axis in place (beam search picks parents)."""
         raise NotImplementedError
 
+    def crop(self, length: int) -> None:
+        """Roll back to the first `length` tokens, as if the later ones had never been stored (speculative decoding
+        drops the rejected proposals this way)."""
+        raise NotImplementedError
+
+    def _check_crop(self, length: int) -> None:
+        stored = self.get_seq_length()
+        if not 0 <= length <= stored:
+            raise ValueError(f"{type(self).__name__}.crop: cannot roll back to {length} tokens; {stored} are stored")
+
     def __len__(self) -> int:
         return self.get_seq_length()
 
@@ -62,6 +72,13 @@ class DynamicCache(Cache):
         for i in range(len(self.keys)):
             self.keys[i] = self.keys[i].index_select(0, beam_idx.to(self.keys[i].device))
             self.values[i] = self.values[i].index_select(0, beam_idx.to(self.values[i].device))
+
+    def crop(self, length: int) -> None:
+        self._check_crop(length)
+        for i in range(len(self.keys)):
+            # Views: the next update concatenates into new tensors, so the dropped tail is never read again
+            self.keys[i] = self.keys[i][..., :length, :]
+            self.values[i] = self.values[i][..., :length, :]
 
 
 class StaticCache(Cache):
@@ -112,6 +129,14 @@ class StaticCache(Cache):
     def reorder(self, beam_idx: torch.Tensor) -> None:
         for buf in (*self.keys, *self.values):
             buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
+
+    def crop(self, length: int) -> None:
+        self._check_crop(length)
+        # Zeroed, the dropped slots are exactly what an unwritten slot holds: the buffers equal those of a cache that
+        # never saw the rejected tokens (attention never reads them anyway: a query sees only slots up to its position)
+        for buf in (*self.keys, *self.values):
+            buf[:, :, length:self._seen].zero_()
+        self._seen = length
 
     def mark_filled(self, length: int) -> None:
         """Declare the first `length` slots filled, for callers that write the buffers directly (a prefill copied in,

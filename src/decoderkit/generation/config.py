@@ -12,6 +12,8 @@ Differences from transformers 5.23, all deliberate:
   ``extra_fields``, written back on save, and do not affect generation (a warning lists them when their value would).
 - ``max_new_tokens=0`` is accepted (a prompt-only pass); transformers rejects it.
 - ``presence_penalty`` and ``frequency_penalty`` are decoderkit additions (OpenAI semantics, used by the server).
+- ``num_assistant_tokens_schedule`` defaults to ``"heuristic"`` (transformers: ``"constant"``), so a draft model that
+  keeps being rejected proposes fewer tokens instead of slowing decoding down.
 """
 
 from __future__ import annotations
@@ -119,6 +121,11 @@ class GenerationConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # speculative decoding (see generation/speculative.py)
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: Literal["heuristic", "heuristic_transient", "constant"] = "heuristic"
     # keys read from a file that decoderkit does not model; kept so that save_pretrained round-trips them
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -219,6 +226,14 @@ class GenerationConfig:
             fail("stop_strings", "must be a non-empty string, a list of non-empty strings, or None")
         if self.cache_implementation is not None and self.cache_implementation not in _CACHE_IMPLEMENTATIONS:
             fail("cache_implementation", f"must be one of {sorted(_CACHE_IMPLEMENTATIONS)} or None")
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                fail(name, "must be an integer >= 1 or None")
+        if not _is_int(self.num_assistant_tokens) or self.num_assistant_tokens < 1:
+            fail("num_assistant_tokens", "must be an integer >= 1")
+        if self.num_assistant_tokens_schedule not in ("heuristic", "heuristic_transient", "constant"):
+            fail("num_assistant_tokens_schedule", "must be 'heuristic', 'heuristic_transient' or 'constant'")
         for name in ("use_cache", "output_scores", "output_logits", "return_dict_in_generate"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be a bool")

@@ -47,6 +47,7 @@ from decoderkit.generation.beam_search import BeamSearchState
 from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import DecodeStep, forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
+from decoderkit.generation.speculative import build_proposer, speculative_steps
 from decoderkit.generation.stopping import StoppingCriteriaList, StopStringCriteria
 from decoderkit.generation.streamer import BaseStreamer, GenerationStream
 from decoderkit.outputs import ModelOutput
@@ -61,7 +62,7 @@ _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunke
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
 _COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
-_UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "assistant_model", "prefix_allowed_tokens_fn",
+_UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "prefix_allowed_tokens_fn",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
 
 
@@ -102,7 +103,9 @@ def generate(
         tokenizer: needed for ``stop_strings``.
         logits_processor, stopping_criteria: extra processors / criteria, applied after the built-in ones.
         compile: compile the decode step (implies ``cache_implementation="static"``).
-        kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...).
+        kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...), and
+            ``assistant_model`` (a draft model): with it or ``prompt_lookup_num_tokens``, decoding is speculative
+            (:mod:`decoderkit.generation.speculative`), with the same output.
 
     Returns:
         The sequences, a :class:`GenerateOutput` with ``return_dict_in_generate=True``, or a ``GenerationStream``.
@@ -121,9 +124,16 @@ def generate(
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__} (pass "
                          "generation_config by keyword)")
+    assistant_model = kwargs.pop("assistant_model", None)
     config = _resolve_config(model, generation_config, kwargs)
     if compile is None:
         compile = bool(getattr(config, "compile", False))
+    proposer = build_proposer(model, config, assistant_model, compile)
+    if proposer is not None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
+                             "use_cache=False")
+        config.use_cache = True
     if compile:
         if kwargs.get("use_cache") is False:
             raise ValueError("compile=True compiles the cached decode step: it cannot run with use_cache=False")
@@ -131,7 +141,10 @@ def generate(
         config.use_cache = True
     plan = _Plan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
                        logits_processor, stopping_criteria, compile)
-    steps = plan.beam_search() if config.num_beams > 1 else plan.sample()
+    if proposer is not None:
+        steps = speculative_steps(plan, proposer)
+    else:
+        steps = plan.beam_search() if config.num_beams > 1 else plan.sample()
     if stream:
         return GenerationStream(steps)
     try:

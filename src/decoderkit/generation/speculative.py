@@ -1,0 +1,345 @@
+"""Speculative decoding: propose several tokens cheaply, check them all in one forward pass of the model.
+
+At batch 1 a decode step is bound by reading the weights; a forward over k + 1 tokens reads them once for all of them.
+A *proposer* guesses the next tokens: :class:`PromptLookupProposer` copies what followed the latest n-gram where it
+last occurred in the prompt or the text so far (transformers' ``prompt_lookup_num_tokens``), and
+:class:`DraftModelProposer` runs a smaller model with the same vocabulary (transformers' ``assistant_model``). The
+*verify step* feeds the last chosen token and the k proposals through the model over its cache, keeps the longest
+prefix the model agrees with plus one token of the model's own, and rolls the cache back past the rest
+(:meth:`~decoderkit.cache.Cache.crop`).
+
+The output does not change:
+
+- greedy decoding accepts a proposal only when it is the model's argmax, so the ids equal plain greedy decoding (up to
+  the rounding of a k-row matmul against a 1-row one, which in fp32 never flips an argmax in practice);
+- sampling uses the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023): accept proposal ``d`` with
+  probability ``min(1, p(d) / q(d))``, else draw from ``normalise(max(0, p - q))``, where ``p`` and ``q`` are the
+  model's and the proposer's distributions after the same logits processors and warpers. Prompt lookup proposes
+  without a distribution: ``q`` is a point mass, so ``d`` is kept with probability ``p(d)``, else a token is drawn
+  from ``p`` without ``d``. Either way each emitted token is distributed exactly as plain sampling would draw it;
+- EOS, ``max_new_tokens`` and stop strings are checked token by token as in plain decoding, so nothing past them is
+  emitted; ``output_scores`` / ``output_logits`` hold one entry per emitted token. With
+  ``return_dict_in_generate=True`` the output also counts ``num_proposed_tokens`` and ``num_accepted_tokens``.
+
+Limits: one sequence (batch 1, ``num_return_sequences=1``, no padding), greedy or sampling (beam search with
+speculation is not defined), no ``compile=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import torch
+
+from decoderkit.cache import DynamicCache
+from decoderkit.generation.config import GenerationConfig
+from decoderkit.generation.decode_step import forward_full
+from decoderkit.generation.logits_process import LogitsProcessorList
+
+__all__ = ["Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer", "greedy_accept",
+           "sampled_accept", "speculative_steps"]
+
+
+class Proposer:
+    """Guesses the next tokens of one sequence. Subclasses implement :meth:`propose`; :meth:`start` and
+    :meth:`feedback` let a stateful proposer (a draft model and its cache) follow the generation."""
+
+    def start(self, prompt: torch.Tensor, processors: LogitsProcessorList, do_sample: bool,
+              generator: torch.Generator | None) -> None:
+        """Called once per ``generate`` call with the ``(1, L)`` prompt and the processors the target uses."""
+
+    def propose(self, ids: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Up to ``limit`` (>= 1) tokens to follow ``ids`` (1, n): a ``(k,)`` LongTensor (k may be 0) and, when the
+        tokens were drawn from a distribution, its ``(k, vocab)`` probabilities (None: each token is a certainty)."""
+        raise NotImplementedError
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        """How many of the last proposals the model kept."""
+
+
+class PromptLookupProposer(Proposer):
+    """Prompt lookup decoding: find the latest ``n`` tokens (``n = max_matching_ngram_size`` down to 1) earlier in the
+    sequence and propose the ``num_tokens`` that followed the first such occurrence, as transformers'
+    ``PromptLookupCandidateGenerator`` does. Costs one scan of the ids per step and nothing when nothing matches.
+
+    Unlike transformers, the number proposed backs off: after a rejection at most one more than were accepted is
+    proposed next, growing by 2 (up to ``num_tokens``) after each step that kept everything, because where the text
+    stops copying its source, verifying ``num_tokens`` doomed proposals costs more than it saves."""
+
+    def __init__(self, num_tokens: int = 10, max_matching_ngram_size: int = 2) -> None:
+        for name, value in (("prompt_lookup_num_tokens", num_tokens),
+                            ("max_matching_ngram_size", max_matching_ngram_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.num_tokens = num_tokens
+        self.max_matching_ngram_size = max_matching_ngram_size
+        self.cap = num_tokens
+
+    def start(self, prompt, processors, do_sample, generator) -> None:
+        self.cap = self.num_tokens
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        self.cap = min(self.num_tokens, self.cap + 2) if accepted == proposed else accepted + 1
+
+    def propose(self, ids: torch.Tensor, limit: int) -> tuple[torch.Tensor, None]:
+        seq = ids[0]
+        n_ids = seq.shape[0]
+        want = min(self.cap, limit)
+        for n in range(min(self.max_matching_ngram_size, n_ids - 1), 0, -1):
+            # Windows that start before the final n-gram itself; the first match that has a continuation wins
+            windows = seq[: n_ids - 1].unfold(0, n, 1)  # (n_ids - n, n)
+            starts = (windows == seq[n_ids - n:]).all(dim=1).nonzero().flatten()
+            if starts.numel():
+                begin = int(starts[0]) + n
+                return seq[begin: min(begin + want, n_ids)], None
+        return seq[:0], None
+
+
+class DraftModelProposer(Proposer):
+    """A smaller model with the target's vocabulary drafts the next tokens, one forward each, through its own cache.
+
+    ``num_tokens`` proposals per step; with ``schedule="heuristic"`` (transformers'
+    ``num_assistant_tokens_schedule``) the number grows by 2 after a step where all were accepted and shrinks by 1
+    (to at least 1) otherwise, so a draft that keeps missing costs little; ``"heuristic_transient"`` starts each
+    ``generate`` call from ``num_tokens`` again, ``"constant"`` never changes it. Greedy decoding drafts the draft's
+    argmax; sampling draws from the draft's distribution after the same processors and warpers as the target.
+    """
+
+    def __init__(self, assistant_model: Any, num_tokens: int = 20, schedule: str = "heuristic") -> None:
+        if not hasattr(assistant_model, "lm_head") or not hasattr(assistant_model, "model"):
+            raise ValueError(f"assistant_model must be a decoderkit causal LM, got {type(assistant_model).__name__}")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_assistant_tokens must be an integer >= 1, got {num_tokens!r}")
+        if schedule not in ("heuristic", "heuristic_transient", "constant"):
+            raise ValueError(f"num_assistant_tokens_schedule must be 'heuristic', 'heuristic_transient' or "
+                             f"'constant', got {schedule!r}")
+        self.model = assistant_model
+        self.initial_tokens = num_tokens
+        self.num_tokens = num_tokens
+        self.schedule = schedule
+        self.cache = DynamicCache()
+        self.processors = LogitsProcessorList()
+        self.do_sample = False
+        self.generator: torch.Generator | None = None
+        self._proposed_at = 0  # length of the sequence the last proposals continue
+
+    def start(self, prompt, processors, do_sample, generator) -> None:
+        self.cache = DynamicCache()
+        self.processors, self.do_sample, self.generator = processors, do_sample, generator
+        if self.schedule == "heuristic_transient":
+            self.num_tokens = self.initial_tokens
+
+    @torch.no_grad()
+    def propose(self, ids: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k = min(self.num_tokens, limit)
+        n = ids.shape[1]
+        seq = torch.empty(1, n + k, dtype=torch.long, device=ids.device)
+        seq[:, :n] = ids
+        fed = self.cache.get_seq_length()
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            end = n + i
+            positions = torch.arange(fed, end, device=ids.device)[None]
+            logits = forward_full(self.model, seq[:, fed:end], None, positions, self.cache)
+            fed = end
+            scores = self.processors(seq[:, :end], logits) if self.processors else logits
+            if self.do_sample:
+                p = scores.softmax(dim=-1)
+                seq[:, end] = torch.multinomial(p, 1, generator=self.generator)[:, 0]
+                probs.append(p[0])
+            else:
+                seq[:, end] = scores.argmax(dim=-1)
+        self._proposed_at = n
+        return seq[0, n:], (torch.stack(probs) if probs else None)
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        # The draft cache holds the sequence and all proposals but the last: keep what the target accepted
+        self.cache.crop(min(self.cache.get_seq_length(), self._proposed_at + accepted))
+        if self.schedule != "constant" and proposed > 0:
+            self.num_tokens = self.num_tokens + 2 if accepted == proposed else max(1, self.num_tokens - 1)
+
+
+def build_proposer(model: Any, config: GenerationConfig, assistant_model: Any, compile: bool) -> Proposer | None:
+    """The proposer ``generate``'s arguments ask for (None: plain decoding), after checking they can speculate.
+
+    Raises:
+        ValueError: both proposers at once, beam search, ``compile=True``, or a draft model with another vocabulary
+            or on another device than the model.
+    """
+    lookup = config.prompt_lookup_num_tokens
+    if assistant_model is None and lookup is None:
+        return None
+    if assistant_model is not None and lookup is not None:
+        raise ValueError("pass either assistant_model= (a draft model) or prompt_lookup_num_tokens= (prompt "
+                         "lookup), not both")
+    if config.num_beams > 1:
+        raise ValueError(f"speculative decoding (assistant_model / prompt_lookup_num_tokens) is defined for greedy "
+                         f"decoding and sampling, not beam search (num_beams={config.num_beams}); set num_beams=1")
+    if compile:
+        raise ValueError("compile=True does not support speculative decoding yet; leave compile unset")
+    if lookup is not None:
+        return PromptLookupProposer(lookup, config.max_matching_ngram_size or 2)
+    proposer = DraftModelProposer(assistant_model, config.num_assistant_tokens, config.num_assistant_tokens_schedule)
+    ours, theirs = model.config.vocab_size, assistant_model.config.vocab_size
+    if ours != theirs:
+        raise ValueError(f"assistant_model has a vocabulary of {theirs} tokens, the model {ours}: a draft model must "
+                         "share the model's tokenizer and vocabulary size")
+    if assistant_model.device != model.device:
+        raise ValueError(f"assistant_model is on {assistant_model.device}, the model on {model.device}: move the "
+                         "draft model to the model's device")
+    return proposer
+
+
+def greedy_accept(scores: torch.Tensor, proposed: torch.Tensor) -> torch.Tensor:
+    """Greedy verification: ``scores`` (k + 1, V) are the model's processed scores after the sequence and after each
+    of the ``proposed`` (k,) tokens. Returns the tokens to emit: the proposals up to the first one that is not the
+    argmax, then the argmax at that position (1 to k + 1 tokens, each the argmax of its row)."""
+    best = scores.argmax(dim=-1)  # (k + 1,)
+    k = proposed.shape[0]
+    agree = int((best[:k] == proposed).long().cumprod(0).sum()) if k else 0
+    return best[: agree + 1]
+
+
+def sampled_accept(probs: torch.Tensor, draft_probs: torch.Tensor | None, proposed: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The speculative-sampling rule. ``probs`` (k + 1, V): the model's distribution at each position;
+    ``draft_probs`` (k, V): the distributions the ``proposed`` (k,) tokens were drawn from (None: point masses).
+
+    Proposal ``d_i`` is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection a token is
+    drawn from ``normalise(max(0, p_i - q_i))`` and the step ends; when all are accepted one more is drawn from
+    ``p_k``. Returns the tokens to emit (1 to k + 1); each is distributed as a direct draw from ``p``.
+    """
+    k = proposed.shape[0]
+    out = torch.empty(k + 1, dtype=torch.long, device=probs.device)
+    if k:
+        rows = torch.arange(k, device=probs.device)
+        p_d = probs[rows, proposed]
+        q_d = draft_probs[rows, proposed] if draft_probs is not None else torch.ones_like(p_d)
+        u = torch.rand(k, generator=generator, device=probs.device, dtype=p_d.dtype)
+        # q_d > 0 always (d was drawn from q); u < p/q is u * q < p without the division
+        accepted = (u * q_d < p_d).long().cumprod(0)
+        n = int(accepted.sum())
+        out[:n] = proposed[:n]
+        if n < k:
+            q = draft_probs[n] if draft_probs is not None else torch.nn.functional.one_hot(
+                proposed[n], probs.shape[-1]).to(probs.dtype)
+            residual = (probs[n] - q).clamp(min=0)
+            if not bool(residual.sum() > 0):
+                residual = probs[n]  # p == q up to rounding: rejection had probability ~0, any draw from p is exact
+            out[n] = torch.multinomial(residual, 1, generator=generator)[0]
+            return out[: n + 1]
+    out[k] = torch.multinomial(probs[k], 1, generator=generator)[0]
+    return out
+
+
+def _verify_forward(model: Any, cache: Any, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits (T, V) in fp32 at every position of ``tokens`` (1, T), fed over ``cache`` at positions start..."""
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+    out = model.model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
+                      validate=False)
+    return model.lm_head(out.last_hidden_state[0]).float()
+
+
+def speculative_steps(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
+    """Greedy or sampled decoding of ``plan`` (generate's checked inputs) with ``proposer``: a generator of the
+    emitted tokens, one ``(1,)`` tensor at a time, returning generate's output. The checks run now, not lazily.
+
+    Raises:
+        ValueError: for more than one sequence or a padded prompt.
+    """
+    rows = plan.ids.shape[0]
+    if rows != 1:
+        raise ValueError(f"speculative decoding runs one sequence at a time; got {rows} rows (batch x "
+                         "num_return_sequences): pass a single prompt and num_return_sequences=1")
+    if plan.padding is not None:
+        raise ValueError("speculative decoding needs an unpadded prompt: the attention_mask has padding")
+    if plan.cache is None and plan.max_length > plan.prompt.shape[1]:
+        raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
+                         "use_cache=False")
+    draft = getattr(proposer, "model", None)
+    if draft is not None and draft.config.hard_max_positions and plan.max_length > draft.config.max_position_embeddings:
+        raise ValueError(f"prompt + new tokens = {plan.max_length} tokens, longer than the assistant_model's context "
+                         f"(max_position_embeddings={draft.config.max_position_embeddings})")
+    return _run(plan, proposer)
+
+
+def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
+    config, ids, streamer, cache = plan.config, plan.ids, plan.streamer, plan.cache
+    processors, generator = plan.processors, plan.generator
+    L = plan.prompt.shape[1]
+    keep_scores = config.return_dict_in_generate and config.output_scores
+    keep_logits = config.return_dict_in_generate and config.output_logits
+    scores_out: tuple = ()
+    raw_out: tuple = ()
+    if streamer is not None:
+        streamer.put(ids[:, :L].cpu())
+    cur = L
+    n_proposed = n_accepted = 0
+    try:
+        if plan.max_length == L:
+            return _output(plan, ids[:, :cur], scores_out, raw_out, 0, 0)
+        proposer.start(ids[:, :L], processors, config.do_sample, generator)
+        with torch.no_grad():
+            logits = plan._prefill()  # (1, V): the first token is chosen with nothing proposed
+        proposed = ids.new_empty(0)
+        draft_probs: torch.Tensor | None = None
+        while True:
+            with torch.no_grad():
+                k = proposed.shape[0]
+                if processors:
+                    # Row i continues the sequence plus the first i proposals, as plain decoding would see it
+                    prefix = torch.cat([ids[0, :cur], proposed])[None]
+                    scores = torch.cat([processors(prefix[:, : cur + i], logits[i:i + 1]) for i in range(k + 1)])
+                else:
+                    scores = logits
+                if config.do_sample:
+                    emitted = sampled_accept(scores.softmax(dim=-1), draft_probs, proposed, generator)
+                else:
+                    emitted = greedy_accept(scores, proposed)
+            accepted = emitted.shape[0] - 1
+            done = False
+            for i, token in enumerate(emitted.tolist()):
+                ids[0, cur] = token
+                cur += 1
+                if keep_scores:
+                    scores_out += (scores[i:i + 1],)
+                if keep_logits:
+                    raw_out += (logits[i:i + 1].clone(),)
+                done = plan.eos is not None and bool((plan.eos == token).any())
+                if not done and plan.criteria:
+                    done = bool(plan.criteria(ids[:, :cur], scores_out or None).any())
+                step = ids[:, cur - 1]
+                if streamer is not None:
+                    streamer.put(step.cpu())
+                yield step
+                if done or cur == plan.max_length:
+                    done = True
+                    break
+            # The cache holds every token but the last emitted: drop the rejected proposals (or, once stopped,
+            # whatever followed the last emitted token)
+            cache.crop(min(cache.get_seq_length(), cur - 1))
+            if k:
+                proposer.feedback(k, accepted)
+                n_proposed += k
+                n_accepted += accepted
+            if done:
+                break
+            with torch.no_grad():
+                # The model's own token is emitted with every step, so at most (room - 1) proposals can be used
+                room = plan.max_length - cur
+                proposed, draft_probs = proposer.propose(ids[:, :cur], room - 1) if room > 1 else (
+                    ids.new_empty(0), None)
+                tokens = torch.cat([ids[0, cur - 1: cur], proposed])[None]
+                logits = _verify_forward(plan.model, cache, tokens, cur - 1)
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return _output(plan, ids[:, :cur], scores_out, raw_out, n_proposed, n_accepted)
+
+
+def _output(plan: Any, sequences: torch.Tensor, scores: tuple, raw: tuple, proposed: int, accepted: int) -> Any:
+    out = plan._output(sequences, scores, raw)
+    if plan.config.return_dict_in_generate:
+        out.num_proposed_tokens, out.num_accepted_tokens = proposed, accepted
+    return out

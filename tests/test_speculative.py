@@ -1,0 +1,303 @@
+"""Speculative decoding (generation/speculative.py): same ids as plain greedy decoding, the target's distribution when
+sampling, caches rolled back to exactly what plain decoding builds, clear errors for what cannot speculate.
+
+Oracle: plain greedy decoding, itself checked against transformers in test_generate.py (and once here directly); for
+sampling, the target's exact distribution computed from full forwards, compared with a chi-square test.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import decoderkit
+from decoderkit.cache import DynamicCache, StaticCache
+from decoderkit.generation.speculative import PromptLookupProposer, greedy_accept, sampled_accept
+from decoderkit.generation.stopping import StoppingCriteria, StoppingCriteriaList
+
+oracle = pytest.importorskip("oracle")
+
+FAMILIES = ["llama", "gemma", "gpt_bigcode", "mpt"]
+NEW = 24
+# chi2.ppf(0.999, df) for df = 1..7: a correct sampler fails a test at this level once in a thousand seeds
+CHI2_999 = [10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322]
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """The model with every weight moved a little: a draft that agrees with it often but not always."""
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return draft
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def trio(request, tmp_path_factory):
+    """(transformers model, decoderkit model, a draft: the decoderkit model with perturbed weights)."""
+    hf = oracle.build(request.param)
+    dk = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path_factory.mktemp(request.param)))
+    return hf, dk.eval(), noisy_copy(dk, 0.05, seed=7).eval()
+
+
+def repetitive_prompt(vocab: int, seed: int = 0) -> torch.Tensor:
+    """A prompt that repeats itself, so prompt lookup finds n-grams to copy."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(3, vocab, (6,), generator=gen)
+    return torch.cat([base, base, base[:4]])[None]
+
+
+# ---------------------------------------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("proposer", ["lookup", "draft"])
+def test_greedy_speculation_gives_plain_greedy_ids(trio, cache, proposer):
+    hf, dk, draft = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    kwargs = dict(max_new_tokens=NEW, eos_token_id=None, cache_implementation=cache)
+    plain = dk.generate(prompt, **kwargs)
+    spec = dict(prompt_lookup_num_tokens=3) if proposer == "lookup" else dict(assistant_model=draft,
+                                                                                num_assistant_tokens=3)
+    got = dk.generate(prompt, return_dict_in_generate=True, **kwargs, **spec)
+    assert torch.equal(got.sequences, plain), f"\nplain {plain.tolist()}\nspec  {got.sequences.tolist()}"
+    # Proposals were both kept and rejected, so both paths of the verify step ran
+    assert 0 < got.num_accepted_tokens < got.num_proposed_tokens, (got.num_accepted_tokens, got.num_proposed_tokens)
+    if cache == "dynamic" and proposer == "draft":
+        expected = hf.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(got.sequences, expected)
+
+
+@pytest.mark.parametrize("proposer", ["lookup", "draft"])
+def test_greedy_speculation_stops_exactly(trio, proposer):
+    hf, dk, draft = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    plain = dk.generate(prompt, max_new_tokens=NEW, eos_token_id=None)[0, prompt.shape[1]:]
+    spec = dict(prompt_lookup_num_tokens=4) if proposer == "lookup" else dict(assistant_model=draft,
+                                                                                num_assistant_tokens=4)
+    # EOS: a token greedy decoding emits mid-way, so speculation must not emit what follows it
+    eos = int(plain[NEW // 2])
+    expected = dk.generate(prompt, max_new_tokens=NEW, eos_token_id=eos)
+    got = dk.generate(prompt, max_new_tokens=NEW, eos_token_id=eos, **spec)
+    assert torch.equal(got, expected) and got.shape[1] < prompt.shape[1] + NEW
+    # A caller's stopping criterion, and max_new_tokens inside a run of accepted proposals
+    stop_at = int(plain[NEW // 3])
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores=None, **kwargs):
+            return input_ids[:, -1] == stop_at
+
+    criteria = StoppingCriteriaList([StopOn()])
+    expected = dk.generate(prompt, max_new_tokens=NEW, eos_token_id=None, stopping_criteria=criteria)
+    got = dk.generate(prompt, max_new_tokens=NEW, eos_token_id=None, stopping_criteria=criteria, **spec)
+    assert torch.equal(got, expected)
+    for n in (1, 2, 5):
+        assert torch.equal(dk.generate(prompt, max_new_tokens=n, eos_token_id=None, **spec),
+                           dk.generate(prompt, max_new_tokens=n, eos_token_id=None))
+
+
+def test_greedy_speculation_scores_and_processors(trio):
+    _, dk, draft = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    kwargs = dict(max_new_tokens=NEW, eos_token_id=None, repetition_penalty=1.3, return_dict_in_generate=True,
+                  output_scores=True, output_logits=True)
+    plain = dk.generate(prompt, **kwargs)
+    got = dk.generate(prompt, assistant_model=draft, num_assistant_tokens=3, **kwargs)
+    assert torch.equal(got.sequences, plain.sequences)
+    assert len(got.scores) == len(got.logits) == NEW
+    for ours, theirs in zip(got.scores + got.logits, plain.scores + plain.logits):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_lookup_proposes_the_continuation_of_the_first_match():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 4, 5, 6]])
+    tokens, probs = PromptLookupProposer(num_tokens=3, max_matching_ngram_size=2).propose(ids, limit=10)
+    assert tokens.tolist() == [7, 8, 9] and probs is None
+    assert PromptLookupProposer(3, 2).propose(ids, limit=2)[0].tolist() == [7, 8]
+    assert PromptLookupProposer(3, 2).propose(torch.tensor([[1, 2, 3, 4]]), limit=5)[0].numel() == 0
+
+
+def test_greedy_accept_keeps_the_agreeing_prefix():
+    scores = torch.eye(5)[[1, 2, 3, 4]]  # argmax per row: 1, 2, 3, 4
+    assert greedy_accept(scores, torch.tensor([1, 2, 0])).tolist() == [1, 2, 3]
+    assert greedy_accept(scores, torch.tensor([1, 2, 3])).tolist() == [1, 2, 3, 4]
+    assert greedy_accept(scores, torch.tensor([0, 2, 3])).tolist() == [1]
+
+
+# ---------------------------------------------------------------------------------------------- cache rollback
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_crop_leaves_the_cache_plain_decoding_builds(trio, kind):
+    _, dk, _ = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    L = prompt.shape[1]
+    proposals = torch.tensor([[11, 12, 13, 14]])
+
+    def make():
+        return StaticCache(dk.config, 1, L + 8) if kind == "static" else DynamicCache()
+
+    def feed(cache, tokens):
+        start = cache.get_seq_length()
+        positions = torch.arange(start, start + tokens.shape[1])[None]
+        out = dk.model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True)
+        return dk.lm_head(out.last_hidden_state[:, -1])
+
+    with torch.no_grad():
+        speculated, plain = make(), make()
+        feed(speculated, prompt)
+        feed(speculated, proposals)  # four proposals in one forward, two of them rejected
+        speculated.crop(L + 2)
+        feed(plain, prompt)
+        for i in range(2):
+            feed(plain, proposals[:, i:i + 1])  # token by token, as plain decoding does
+        assert speculated.get_seq_length() == plain.get_seq_length() == L + 2
+        for layer in range(dk.config.num_hidden_layers):
+            for ours, theirs in ((speculated.keys[layer], plain.keys[layer]),
+                                 (speculated.values[layer], plain.values[layer])):
+                assert ours.shape == theirs.shape  # static: the dropped slots are cleared too
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        # Decoding on from the rolled-back cache: the rejected entries are neither seen nor kept
+        nxt = torch.tensor([[20]])
+        torch.testing.assert_close(feed(speculated, nxt), feed(plain, nxt), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot roll back to 99 tokens; 19 are stored"):
+        speculated.crop(99)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
+    """(statistic, critical value at 0.999) of observed `counts` against `probs`; cells of probability 0 are left out
+    of the degrees of freedom, and a draw in one makes the statistic infinite."""
+    live = probs > 0
+    if counts[~live].sum() > 0:
+        return float("inf"), CHI2_999[int(live.sum()) - 2]
+    expected = probs[live] * counts.sum()
+    stat = float(((counts[live] - expected) ** 2 / expected).sum())
+    return stat, CHI2_999[int(live.sum()) - 2]
+
+
+def always_accept(probs, draft_probs, proposed, generator=None):
+    """A wrong rule: keep every proposal (outputs the draft's distribution)."""
+    return torch.cat([proposed, torch.multinomial(probs[-1], 1, generator=generator)])
+
+
+def resample_from_target(probs, draft_probs, proposed, generator=None):
+    """A wrong rule: the right acceptance test, but a rejection draws from p instead of the residual."""
+    out = sampled_accept(probs, draft_probs, proposed, generator)
+    n = out.shape[0] - 1
+    if n < proposed.shape[0]:
+        out[n] = torch.multinomial(probs[n], 1, generator=generator)[0]
+    return out
+
+
+def simulate(rule, p: torch.Tensor, q: torch.Tensor | None, draws: int, k: int = 2, seed: int = 0) -> torch.Tensor:
+    """Counts (2, V) of the first two tokens a speculative decoder emits when the target's distribution at position
+    j is p[j] whatever came before, and the draft's q[j] (None: prompt lookup always proposes tokens 1, 2, ...)."""
+    gen = torch.Generator().manual_seed(seed)
+    V = p.shape[1]
+    counts = torch.zeros(2, V)
+    for _ in range(draws):
+        out: list[int] = []
+        while len(out) < 2:
+            j = len(out)
+            if q is None:
+                proposed, draft = torch.arange(1, k + 1), None
+            else:
+                draft = q[j:j + k]
+                proposed = torch.multinomial(draft, 1, generator=gen)[:, 0]
+            out += rule(p[j:j + k + 1], draft, proposed, gen).tolist()
+        counts[0, out[0]] += 1
+        counts[1, out[1]] += 1
+    return counts
+
+
+def fixed_distributions(V: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(4, V, generator=gen) * 1.5, dim=-1)
+    p[:, 0] = 0.0  # a token the target never emits (as after top-k): speculation must not emit it either
+    p = p / p.sum(-1, keepdim=True)
+    q = torch.softmax(torch.randn(4, V, generator=gen) * 1.5, dim=-1)
+    return p, q
+
+
+@pytest.mark.parametrize("draft", ["distribution", "point_mass"])
+def test_sampled_accept_gives_the_target_distribution(draft):
+    p, q = fixed_distributions()
+    counts = simulate(sampled_accept, p, q if draft == "distribution" else None, draws=2000)
+    for j in range(2):
+        stat, critical = chi_square(counts[j], p[j])
+        assert stat < critical, (j, stat, critical)
+
+
+@pytest.mark.parametrize("rule", [always_accept, resample_from_target])
+def test_chi_square_detects_a_wrong_acceptance_rule(rule):
+    p, q = fixed_distributions()
+    counts = simulate(rule, p, q, draws=2000)
+    stats = [chi_square(counts[j], p[j]) for j in range(2)]
+    assert any(stat > critical for stat, critical in stats), stats
+
+
+@pytest.mark.slow
+def test_sampled_speculation_matches_the_target_end_to_end(tmp_path):
+    """A vocabulary of 8, three new tokens with temperature, top-k and a repetition penalty: the draws' marginals of
+    tokens 2 and 3 (the speculated ones) against the exact distribution from full forwards."""
+    hf = oracle.build("llama", vocab_size=8)
+    dk = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path)).eval()
+    draft = noisy_copy(dk, 0.5, seed=1).eval()
+    prompt = torch.tensor([[3, 4, 5, 3, 4]])
+    settings = dict(do_sample=True, temperature=0.8, top_k=6, repetition_penalty=1.3, eos_token_id=None)
+    processors = decoderkit.generation.logits_process.build_logits_processors(
+        decoderkit.generation.GenerationConfig(**settings), prompt.shape[1])
+    with torch.no_grad():
+        # Exact joint over (t1, t2, t3): one batched forward per prefix length
+        joint = torch.ones(1)
+        prefixes = prompt
+        for _ in range(3):
+            logits = dk(prefixes).logits[:, -1].float()
+            probs = processors(prefixes, logits).softmax(-1)  # (8^j, 8)
+            joint = (joint[:, None] * probs).flatten()
+            prefixes = torch.cat([prefixes.repeat_interleave(8, 0), torch.arange(8).repeat(prefixes.shape[0])[:, None]],
+                                 dim=1)
+    joint = joint.view(8, 8, 8)
+    marginals = [joint.sum((0, 2)), joint.sum((0, 1))]
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(2, 8)
+    for _ in range(600):
+        out = dk.generate(prompt, max_new_tokens=3, assistant_model=draft, num_assistant_tokens=2, generator=gen,
+                          **settings)[0, -2:]
+        counts[0, out[0]] += 1
+        counts[1, out[1]] += 1
+    for j in range(2):
+        stat, critical = chi_square(counts[j], marginals[j])
+        assert stat < critical, (j, stat, critical)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_speculative_input(trio, tmp_path):
+    _, dk, draft = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    other = oracle.build("llama", vocab_size=50)
+    small = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(other, tmp_path)).eval()
+    with pytest.raises(ValueError, match="vocabulary of 50 tokens, the model 97"):
+        dk.generate(prompt, assistant_model=small)
+    with pytest.raises(ValueError, match="not beam search"):
+        dk.generate(prompt, assistant_model=draft, num_beams=2)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens` must be an integer >= 1"):
+        dk.generate(prompt, prompt_lookup_num_tokens=0)
+    with pytest.raises(ValueError, match="not both"):
+        dk.generate(prompt, assistant_model=draft, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="assistant_model is on meta, the model on cpu"):
+        dk.generate(prompt, assistant_model=copy.deepcopy(draft).to("meta"))
+    with pytest.raises(ValueError, match="one sequence at a time; got 2 rows"):
+        dk.generate(torch.cat([prompt, prompt]), prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        dk.generate(prompt, prompt_lookup_num_tokens=3, use_cache=False)
+    with pytest.raises(ValueError, match="must be a decoderkit causal LM"):
+        dk.generate(prompt, assistant_model="path/to/draft")
