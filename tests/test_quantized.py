@@ -179,3 +179,61 @@ def test_quantized_weights_cannot_be_fully_fine_tuned_or_get_lora(llama_dir):
 
 def test_quantization_config_is_exported():
     assert decoderkit.QuantizationConfig is qmod.QuantizationConfig
+
+
+def test_a_quantized_model_is_not_saved_as_a_float_checkpoint(llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization="int8")
+    with pytest.raises(ValueError, match="quantization='none' to save it"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- CLI and server
+@pytest.mark.parametrize("flag, kind", [("int8", Int8Linear), ("int4", Int4Linear), ("none", torch.nn.Linear)])
+def test_cli_quantize_reaches_the_loader(capsys, monkeypatch, tmp_path, flag, kind):
+    from decoderkit import cli
+    from test_cli import save_tiny_model
+
+    directory = save_tiny_model(tmp_path / "tiny")
+    loaded = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    code = cli.main(["generate", "--model", str(directory), "--quantize", flag, "--greedy", "--max-new-tokens", "4",
+                     "--dtype", "float32", "hello"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert type(loaded[0].model.layers[0].mlp.up_proj) is kind
+    bench = cli.main(["bench", "--model", str(directory), "--quantize", flag, "-p", "4", "-t", "2", "--json"])
+    assert bench == 0
+    assert type(loaded[1].model.layers[0].mlp.up_proj) is kind
+
+
+def test_cli_rejects_an_unknown_quantize_value(capsys):
+    from decoderkit import cli
+
+    assert cli.main(["generate", "--quantize", "int3", "hi"]) == 2
+    assert "--quantize: invalid choice: 'int3' (choose from 'int8', 'int4', 'none')" in capsys.readouterr().err
+
+
+def test_server_engine_runs_a_quantized_model(tmp_path):
+    from decoderkit.serve.app import build_parser, load_engine
+    from decoderkit.serve.engine import SamplingParams
+    from test_serve import build_tiny_model, reference_greedy
+
+    directory = build_tiny_model(tmp_path / "tiny")
+    engine, _ = load_engine(build_parser().parse_args([str(directory), "--quantize", "int8", "--device", "cpu",
+                                                       "--dtype", "float32"]))
+    model = engine.model
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
+    prompt = [1, 5, 9, 14, 20]
+    try:
+        engine.start()
+        out = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    finally:
+        engine.stop()
+    assert list(out.token_ids) == reference_greedy(model, prompt, 6)
