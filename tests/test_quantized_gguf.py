@@ -74,6 +74,8 @@ def test_q8_0_becomes_int8_per_channel_with_a_measured_error(tmp_path):
         assert err.max() > 0  # it is an approximation, and the test sees it
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(embed(ids), head.dequantize()[ids])
+    x = torch.randn(3, head.in_features)
+    torch.testing.assert_close(head(x), x @ head.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)

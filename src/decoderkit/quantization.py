@@ -68,7 +68,7 @@ def _int8_entries(prefix: str, value: Any, dtype: torch.dtype) -> dict[str, torc
     if isinstance(value, GGUFBlocks):
         if value.params.shape[1] == 1:  # already int8 per row
             return {f"{prefix}weight_int8": value.codes.to(torch.int8),
-                    f"{prefix}scales": value.params[:, 0, 0].to(dtype)}
+                    f"{prefix}scales": value.params[:, 0, 0].to(dtype).contiguous()}  # the kernel reads it densely
         value = _RowDequantized(value)
     return {f"{prefix}{k}": v for k, v in Int8Linear.quantize(value, dtype).items()}
 
