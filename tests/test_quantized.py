@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import build, rel_err, save
 
 import decoderkit
 from decoderkit import AutoModelForCausalLM, QuantizationConfig
 from decoderkit.layers import quantized as qmod
 from decoderkit.layers.quantized import Int4Linear, Int8Embedding, Int8Linear
-from oracle import build, rel_err, save
 
 
 def _reference_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
@@ -191,8 +191,9 @@ def test_a_quantized_model_is_not_saved_as_a_float_checkpoint(llama_dir, tmp_pat
 # ---------------------------------------------------------------------------------------------- CLI and server
 @pytest.mark.parametrize("flag, kind", [("int8", Int8Linear), ("int4", Int4Linear), ("none", torch.nn.Linear)])
 def test_cli_quantize_reaches_the_loader(capsys, monkeypatch, tmp_path, flag, kind):
-    from decoderkit import cli
     from test_cli import save_tiny_model
+
+    from decoderkit import cli
 
     directory = save_tiny_model(tmp_path / "tiny")
     loaded = []
@@ -221,9 +222,10 @@ def test_cli_rejects_an_unknown_quantize_value(capsys):
 
 
 def test_server_engine_runs_a_quantized_model(tmp_path):
+    from test_serve import build_tiny_model, reference_greedy
+
     from decoderkit.serve.app import build_parser, load_engine
     from decoderkit.serve.engine import SamplingParams
-    from test_serve import build_tiny_model, reference_greedy
 
     directory = build_tiny_model(tmp_path / "tiny")
     engine, _ = load_engine(build_parser().parse_args([str(directory), "--quantize", "int8", "--device", "cpu",

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from test_gguf_model import TINY, smollm2_path, write_tiny_llama  # noqa: F401 - smollm2_path is a fixture
 
 from decoderkit import AutoModelForCausalLM
 from decoderkit import gguf_model as gm
 from decoderkit.layers.quantized import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
-from test_gguf_model import TINY, smollm2_path, write_tiny_llama  # noqa: F401 - smollm2_path is a fixture
 
 LINEARS = [f"model.layers.{i}.{p}" for i in range(TINY["layers"])
            for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -44,7 +44,8 @@ class QuantizedLoad:
     converters: dict[str, Converter] = field(default_factory=dict)
 
 
-def resolve_load_quantization(value: Any, is_gguf: bool, device: torch.device) -> tuple[QuantizationConfig | None, bool]:
+def resolve_load_quantization(value: Any, is_gguf: bool,
+                              device: torch.device) -> tuple[QuantizationConfig | None, bool]:
     """(the config that quantizes float weights on load, whether a GGUF file stays quantized) for `from_pretrained`.
 
     None: a GGUF file keeps its quantized tensors packed ("gguf-native") on CPU; an HF checkpoint stays float.
