@@ -360,12 +360,18 @@ class _GGUFSource(_Source):
                 yield name, tensor, nbytes
 
 
-def _open_gguf(file: Path, dtype: torch.dtype) -> tuple[_GGUFSource, dict[str, Any]]:
-    from decoderkit.gguf_model import gguf_config, open_gguf
+def _open_gguf(file: Path, dtype: torch.dtype | None, native: bool) -> tuple[_GGUFSource, dict[str, Any]]:
+    from decoderkit.gguf_model import FLOAT_TYPES, gguf_config, open_gguf
 
     reader = open_gguf(file)
+    # Kept quantized only where there is something quantized; then the activations default to bfloat16, the dtype
+    # torch's int8 / int4 CPU kernels are fast in (a float file keeps float32, which holds its values exactly)
+    native = native and any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
+    dtype = dtype or (torch.bfloat16 if native else torch.float32)
     config = gguf_config(reader, dtype)
-    return _GGUFSource(reader, config, dtype, str(file)), config
+    source = _GGUFSource(reader, config, dtype, str(file))
+    source.native = native
+    return source, config
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -399,8 +405,8 @@ def load_pretrained(
     quantize, native = resolve_load_quantization(quantization, is_gguf, device)
     directory: Path | None = None
     if is_gguf:
-        source, hf_config = _open_gguf(location, explicit or (torch.bfloat16 if native else torch.float32))
-        source.native = native
+        source, hf_config = _open_gguf(location, explicit, native)
+        native = source.native
     elif location.is_dir():
         directory = location
         if not (location / "config.json").exists() and (ggufs := sorted(p.name for p in location.glob("*.gguf"))):
