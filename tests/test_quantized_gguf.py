@@ -140,4 +140,11 @@ def test_smollm2_q4_1_loads_packed_and_dequantizes_to_the_float_path(smollm2_pat
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     a = packed.generate(ids, max_new_tokens=16, do_sample=False)
     b = floats.generate(ids, max_new_tokens=16, do_sample=False)
-    assert torch.equal(a, b), (a, b)
+    # The requantized int8 table moves the logits a little: the texts agree for the first 5 new tokens, then part
+    # at a close call (measured: new token 6). With the float model given the same int8 table, they agree exactly.
+    assert torch.equal(a[0, :11], b[0, :11]), (a, b)
+    with torch.no_grad():
+        floats.model.embed_tokens.weight.copy_(head.dequantize())  # tied: the head reads it too
+    torch.testing.assert_close(packed(ids).logits, floats(ids).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(packed.generate(ids, max_new_tokens=16, do_sample=False),
+                       floats.generate(ids, max_new_tokens=16, do_sample=False))
