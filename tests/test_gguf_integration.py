@@ -48,7 +48,7 @@ pytestmark = [
 def models():
     transformers = pytest.importorskip("transformers")
     path = _smollm2_path()
-    ours = decoderkit.AutoModelForCausalLM.from_pretrained(path)
+    ours = decoderkit.AutoModelForCausalLM.from_pretrained(path, quantization="none")  # the dequantized float path
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                dtype=torch.float32).eval()
     tokenizer = decoderkit.AutoTokenizer.from_pretrained(path)

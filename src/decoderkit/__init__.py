@@ -10,6 +10,7 @@ from decoderkit.auto import (
 )
 from decoderkit.cache import DynamicCache, StaticCache
 from decoderkit.config import DecoderConfig
+from decoderkit.layers.quantized import QuantizationConfig
 from decoderkit.model import (
     DecoderForCausalLM,
     DecoderForQuestionAnswering,
@@ -46,6 +47,7 @@ __all__ = [
     "DecoderForTokenClassification",
     "DecoderModel",
     "DynamicCache",
+    "QuantizationConfig",
     "StaticCache",
     *FAMILY_CLASSES,
 ]

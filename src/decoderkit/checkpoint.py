@@ -377,6 +377,9 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 class _GGUFSource(_Source):
+    # native: quantized tensors come out as GGUFBlocks (gguf-native loading) instead of dequantized floats
+    native = False
+
     def __init__(self, reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype, label: str) -> None:
         self.reader, self.config, self.dtype, self.label = reader, config, dtype, label
 
@@ -385,18 +388,24 @@ class _GGUFSource(_Source):
         from decoderkit.gguf_model import iter_gguf_tensors
 
         sizes = iter(int(t.n_bytes) for t in self.reader.tensors if t.name != "rope_freqs.weight")
-        for name, tensor in iter_gguf_tensors(self.reader, self.config, self.dtype):
+        for name, tensor in iter_gguf_tensors(self.reader, self.config, self.dtype, native=self.native):
             nbytes = next(sizes, 0)
             if wanted(name):
                 yield name, tensor, nbytes
 
 
-def _open_gguf(file: Path, dtype: torch.dtype) -> tuple[_GGUFSource, dict[str, Any]]:
-    from decoderkit.gguf_model import gguf_config, open_gguf
+def _open_gguf(file: Path, dtype: torch.dtype | None, native: bool) -> tuple[_GGUFSource, dict[str, Any]]:
+    from decoderkit.gguf_model import FLOAT_TYPES, gguf_config, open_gguf
 
     reader = open_gguf(file)
+    # Kept quantized only where there is something quantized; then the activations default to bfloat16, the dtype
+    # torch's int8 / int4 CPU kernels are fast in (a float file keeps float32, which holds its values exactly)
+    native = native and any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
+    dtype = dtype or (torch.bfloat16 if native else torch.float32)
     config = gguf_config(reader, dtype)
-    return _GGUFSource(reader, config, dtype, str(file)), config
+    source = _GGUFSource(reader, config, dtype, str(file))
+    source.native = native
+    return source, config
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -404,16 +413,20 @@ def load_pretrained(
     cls: type[PreTrainedDecoder], path: str | os.PathLike, *, dtype: Any = None, attn_implementation: str | None = None,
     device: str | torch.device | None = None, config: DecoderConfig | None = None, progress: bool | None = None,
     gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False, **overrides: Any,
+    local_files_only: bool = False, quantization: Any = None, **overrides: Any,
 ) -> PreTrainedDecoder:
     """Build `cls` from a checkpoint; see `PreTrainedDecoder.from_pretrained`.
 
     `path` is a model directory, a `.gguf` file, or a hub repo id in the local cache; `gguf_file` names a GGUF file
     inside that directory or repo. `dtype` None or "auto" keeps the checkpoint's dtype (GGUF: float32, which holds
-    dequantized values exactly). `progress` None shows a bar only on a terminal. Other keyword arguments override
-    config.json fields (e.g. `num_labels=3`).
+    dequantized values exactly; bfloat16 activations when the file stays quantized). `quantization` (see
+    `decoderkit.quantization.resolve_load_quantization`): None keeps a GGUF file's quantized tensors packed and an HF
+    checkpoint float; "none" dequantizes a GGUF file; "int8" / "int4" / a QuantizationConfig quantize float weights
+    as they are read. `progress` None shows a bar only on a terminal. Other keyword arguments override config.json
+    fields (e.g. `num_labels=3`).
     """
     from decoderkit.model import prepare_config
+    from decoderkit.quantization import prepare_quantized, resolve_load_quantization
 
     location = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     if gguf_file is not None:
@@ -422,9 +435,12 @@ def load_pretrained(
             raise FileNotFoundError(f"{location}: no such GGUF file")
     device = resolve_device(device)
     explicit = resolve_dtype(dtype if dtype != "auto" else None)
+    is_gguf = location.is_file() and location.suffix == ".gguf"
+    quantize, native = resolve_load_quantization(quantization, is_gguf, device)
     directory: Path | None = None
-    if location.is_file() and location.suffix == ".gguf":
-        source, hf_config = _open_gguf(location, explicit or torch.float32)
+    if is_gguf:
+        source, hf_config = _open_gguf(location, explicit, native)
+        native = source.native
     elif location.is_dir():
         directory = location
         if not (location / "config.json").exists() and (ggufs := sorted(p.name for p in location.glob("*.gguf"))):
@@ -446,6 +462,18 @@ def load_pretrained(
     with torch.device("meta"), _skip_init():
         model = cls(config)
     expected = expected_tensors(model)
+    converters: dict[str, Any] = {}
+    if quantize is not None or native:
+        from decoderkit.gguf_model import gguf_tensor_types
+
+        types = None
+        if native:
+            plan_names = _Plan(model, get_family(config.model_type), config, expected, source.label)
+            types = {ours: qtype for hf, (qtype, shape) in gguf_tensor_types(source.reader, source.config).items()
+                     for ours, _ in plan_names.translate(hf, torch.empty(shape, device="meta"))}
+        load = prepare_quantized(model, target, quantize, types)
+        expected = {**{k: v for k, v in expected.items() if k not in load.replaced}, **load.logical}
+        converters = load.converters
     family = get_family(config.model_type)
     plan = _Plan(model, family, config, expected, source.label)
     if source.entries is not None:
@@ -460,7 +488,7 @@ def load_pretrained(
             # GGUF: gguf_config has matched the file's tensors to the config; no tensor is decoded to recheck it.
             plan.found = set(expected)
     else:
-        state = _materialise(plan, source, target, device, progress)
+        state = _materialise(plan, source, target, device, progress, converters)
     plan.check()
     _assign(model, state, plan.missing_heads(), device, target, source.label)
     model.eval()
@@ -569,8 +597,10 @@ class _Plan:
 
 
 def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch.device,
-                 progress: bool | None) -> dict[str, torch.Tensor]:
+                 progress: bool | None, converters: dict[str, Any]) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
+
+    from decoderkit.gguf_model import GGUFBlocks
 
     total = sum(e.nbytes for e in source.entries if e.name in plan.needed) if source.entries is not None else None
     if source.entries is None:
@@ -585,13 +615,26 @@ def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch
     with tqdm(total=total, desc=f"loading {os.path.basename(source.label)}", unit="B", unit_scale=True,
               leave=False, disable=None if progress is None else not progress) as bar:
         for hf_name, tensor, nbytes in source.tensors(wanted, pinned=device.type == "cuda", reuse=not keep):
+            blocks = tensor if isinstance(tensor, GGUFBlocks) else None
+            if blocks is not None:
+                tensor = blocks.codes
             if source.entries is None:
                 plan.add(hf_name, tensor)
                 if hf_name not in plan.needed:
                     continue
-            for name, value in plan.translate(hf_name, tensor):
+            pairs = plan.translate(hf_name, tensor)
+            if blocks is not None:
+                # codes and per-group parameters go through the same row moves (un-permute, fused splits)
+                params = [p for _, p in plan.translate(hf_name, blocks.params)]
+                pairs = [(n, GGUFBlocks(c, p, blocks.qtype)) for (n, c), p in zip(pairs, params, strict=True)]
+            for name, value in pairs:
                 if name not in plan.expected or name in state:
                     continue
+                if name in converters:
+                    state.update(converters[name](value))
+                    continue
+                if isinstance(value, GGUFBlocks):  # a quantized tensor of a layer that stays float
+                    value = value.dequantize()
                 want = dtype if value.is_floating_point() else value.dtype
                 if keep and value is tensor and value.dtype == want:
                     state[name] = value  # read straight into its final place: no copy at all

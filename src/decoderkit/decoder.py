@@ -86,7 +86,7 @@ class DecoderStack(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:
             # The scale is rounded to the weight dtype first, as transformers does (sqrt(3072) becomes 55.5 in bf16).
-            x = x * torch.tensor(self.config.embedding_scale, dtype=self.embed_tokens.weight.dtype)
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         return x
 
     def forward(

@@ -29,6 +29,7 @@ import errno
 import functools
 import importlib.metadata
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "GGUFBlocks",
     "GGUFCheckpoint",
     "gguf_config",
     "iter_gguf_tensors",
@@ -316,6 +318,106 @@ def _check_tensors(meta: GGUFMetadata, arch_name: str, n_layers: int) -> dict[st
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Quantized tensors kept quantized ("gguf-native" loading)
+
+# Q4_0 and Q4_1 are int4 group-32 codes exactly; Q8_0, Q5 and the K-quants have no exact fast form and become int8 per
+# output channel (requantized from gguf's dequantized values: the error is measured in tests/test_quantized_gguf.py).
+INT4_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
+INT8_TYPES = frozenset({
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K,
+    GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+})
+FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
+_ROWS_AT_ONCE = 2048  # rows decoded at a time: bounds the float scratch of a requantized tensor
+
+
+@dataclass
+class GGUFBlocks:
+    """One quantized GGUF tensor (out, in) as codes and per-group affine parameters: ``w = scale * code + offset``.
+
+    ``codes`` is uint8 (0..15, Q4_0 / Q4_1) or int8 (everything requantized to int8 per row, offset 0); ``params``
+    is float32 (out, groups, 2) holding [scale, offset] for each group of ``in / groups`` inputs. Both keep the rows
+    of the tensor, so row permutations and splits (llama's q/k un-permute, fused-qkv splits) apply to each alike.
+    """
+
+    codes: torch.Tensor
+    params: torch.Tensor
+    qtype: GGMLQuantizationType
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        groups = self.params.shape[1]
+        codes = self.codes.float().reshape(self.codes.shape[0], groups, -1)
+        w = codes * self.params[..., :1] + self.params[..., 1:]
+        return w.reshape(self.codes.shape)
+
+
+def _q4_rows(raw: np.ndarray, has_min: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (n, K) uint8 and params (n, K/32, 2) of Q4_0 / Q4_1 rows (n, blocks, bytes per block)."""
+    d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    if has_min:
+        offset, qs = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0].astype(np.float32), raw[..., 4:]
+    else:
+        offset, qs = -8.0 * d, raw[..., 2:]
+    # a block's byte j holds element j in its low nibble and element j + 16 in its high one
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], -1)
+    return codes, np.stack([d, offset], axis=-1)
+
+
+def _int8_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.maximum(np.abs(values).max(axis=1), np.finfo(np.float32).tiny) / 127.0
+    codes = np.clip(np.rint(values / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, np.stack([scale, np.zeros_like(scale)], axis=-1)[:, None, :]
+
+
+def gguf_blocks(tensor: gguf.ReaderTensor, path: str) -> GGUFBlocks:
+    """A 2-D quantized tensor as `GGUFBlocks`, decoded from the file's bytes a few rows at a time."""
+    qtype = tensor.tensor_type
+    if qtype not in INT4_TYPES and qtype not in INT8_TYPES:
+        raise ValueError(
+            f"{path}: tensor {tensor.name!r} has type {qtype.name}, which decoderkit cannot run quantized (supported: "
+            f"{', '.join(t.name for t in sorted(INT4_TYPES | INT8_TYPES))}); load it with quantization='none' to "
+            "dequantize it to floats instead"
+        )
+    rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
+    data = tensor.data  # (rows, bytes per row): a view of the memory map
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    codes = np.empty((rows, cols), dtype=np.uint8 if qtype in INT4_TYPES else np.int8)
+    groups = cols // block if qtype in INT4_TYPES else 1
+    params = np.empty((rows, groups, 2), dtype=np.float32)
+    for start in range(0, rows, _ROWS_AT_ONCE):
+        chunk = data[start:start + _ROWS_AT_ONCE]
+        if qtype in INT4_TYPES:
+            out = _q4_rows(chunk.reshape(chunk.shape[0], -1, size), qtype == GGMLQuantizationType.Q4_1)
+        else:
+            out = _int8_rows(gguf.quants.dequantize(chunk, qtype).reshape(chunk.shape[0], cols))
+        codes[start:start + _ROWS_AT_ONCE], params[start:start + _ROWS_AT_ONCE] = out
+    return GGUFBlocks(torch.from_numpy(codes), torch.from_numpy(params), qtype)
+
+
+def gguf_tensor_types(reader: gguf.GGUFReader,
+                      config: dict[str, Any]) -> dict[str, tuple[GGMLQuantizationType, tuple[int, ...]]]:
+    """HF parameter name -> (the file's tensor type, HF shape), to choose each layer's form before loading."""
+    meta = GGUFMetadata(reader)
+    names = _gguf_to_hf_names(meta.arch, config[_architecture(meta).gguf_layers_key])
+    return {names[t.name]: (t.tensor_type, meta.shape(t.name)) for t in reader.tensors if t.name in names}
+
+
+def _release(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> None:
+    """Drop a tensor's pages from this process's memory map (they stay in the page cache), so that reading a file
+    does not add the whole file to the resident set on top of the model."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = int(tensor.data_offset) + int(tensor.n_bytes)
+    mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -376,8 +478,8 @@ def gguf_config(reader: gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> 
 
 
 def iter_gguf_tensors(
-    reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype = torch.float32
-) -> Iterator[tuple[str, torch.Tensor]]:
+    reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype = torch.float32, native: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     """Yield ``(hf_name, tensor)`` for every parameter in the file, dequantizing one tensor at a time.
 
     Tensors come out in HF layout (q/k rows un-permuted, Gemma norms shifted back) as ``dtype``. The whole file is
@@ -387,6 +489,7 @@ def iter_gguf_tensors(
         reader: an open GGUF file (see ``open_gguf``).
         config: the dict ``gguf_config`` built for this reader (head counts drive the q/k un-permute).
         dtype: the floating-point dtype of the yielded tensors; dequantization itself runs in float32.
+        native: yield each quantized 2-D tensor as `GGUFBlocks` instead of dequantizing it.
     """
     meta = GGUFMetadata(reader)
     arch = _architecture(meta)
@@ -394,12 +497,24 @@ def iter_gguf_tensors(
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue
+        if native and tensor.tensor_type not in FLOAT_TYPES and len(tensor.shape) == 2:
+            blocks = gguf_blocks(tensor, meta.path)
+            try:
+                blocks.codes = arch.fix_gguf_tensor(tensor.name, blocks.codes, config)
+                blocks.params = arch.fix_gguf_tensor(tensor.name, blocks.params, config)
+            except ValueError as e:
+                raise ValueError(f"{meta.path}: tensor {tensor.name!r} of shape {tuple(blocks.shape)}: {e}") from e
+            yield names[tensor.name], blocks
+            _release(reader, tensor)
+            continue
         weight = _dequantize(tensor)
         try:
             weight = arch.fix_gguf_tensor(tensor.name, weight, config)
         except ValueError as e:
             raise ValueError(f"{meta.path}: tensor {tensor.name!r} of shape {tuple(weight.shape)}: {e}") from e
         yield names[tensor.name], weight.to(dtype)
+        if native:
+            _release(reader, tensor)
 
 
 def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:

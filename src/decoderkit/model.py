@@ -48,13 +48,20 @@ class PreTrainedDecoder(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = None, torch_dtype: Any = None,
-        attn_implementation: str | None = None, device: str | torch.device | None = None, **kwargs: Any,
+        attn_implementation: str | None = None, device: str | torch.device | None = None,
+        quantization: Any = None, **kwargs: Any,
     ) -> PreTrainedDecoder:
-        """Load a Hugging Face model directory, a hub id in the local cache, or a `.gguf` file."""
+        """Load a Hugging Face model directory, a hub id in the local cache, or a `.gguf` file.
+
+        `quantization`: None (a GGUF file's quantized tensors stay packed on CPU; an HF checkpoint stays float),
+        "none" (all float), "int8", "int4" or a `QuantizationConfig` (weights quantized as they are read). `dtype`
+        names the activation dtype of a quantized model.
+        """
         from decoderkit.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype,
-                               attn_implementation=attn_implementation, device=device, **kwargs)
+                               attn_implementation=attn_implementation, device=device, quantization=quantization,
+                               **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
@@ -104,6 +111,7 @@ class PreTrainedDecoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activation dtype (with quantized weights too: their scales, and every norm, are in it)."""
         return next(self.parameters()).dtype
 
     @property
@@ -202,7 +210,8 @@ class DecoderForCausalLM(PreTrainedDecoder):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # A quantized head shares its table with the embedding when it is built (decoderkit.quantization)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(

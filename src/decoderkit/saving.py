@@ -32,6 +32,11 @@ def save_pretrained(
     leaves no partial checkpoint and an existing one untouched. Files of an earlier save in the target that the new
     one does not overwrite (other shards, .bin weights) are removed; other files (tokenizer, README) are kept.
     """
+    from decoderkit.layers.quantized import QUANTIZED_MODULES
+
+    if any(isinstance(m, QUANTIZED_MODULES) for m in model.modules()):
+        raise ValueError("this model holds quantized (int8 / int4) weights, which a Hugging Face checkpoint cannot "
+                         "hold; load it with quantization='none' to save it")
     limit = parse_size(max_shard_size)
     target = Path(save_directory).expanduser().absolute()
     if target.exists() and not target.is_dir():

@@ -129,6 +129,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weight dtype: auto (the checkpoint's), float32, bfloat16, float16 (default auto)")
     group.add_argument("--device", type=device_name, default=None,
                        help="cpu, cuda, cuda:N, mps (default: cuda when available, else cpu)")
+    group.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
+                       help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
+                       "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -220,6 +220,7 @@ def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTra
         tok = AutoTokenizer.from_pretrained(path)
     # The loader draws a progress bar only when stderr is a terminal; --quiet turns it off there too.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
+                                                 quantization=getattr(args, "quantize", None),
                                                  progress=False if getattr(args, "quiet", False) else None)
     return model, tok, path
 

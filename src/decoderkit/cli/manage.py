@@ -79,7 +79,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # A quantized GGUF tensor has no dtype of its own: it is dequantized to float32 unless told otherwise.
     dtype = args.dtype or ("float32" if source.is_file() else "auto")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu",
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu", quantization="none",
                                                  progress=False if getattr(args, "quiet", False) else None)
     model.save_pretrained(output, max_shard_size=args.max_shard_size)
     if source.is_file():

@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
     p.add_argument("--dtype", default=None, help="weights dtype (float32, bfloat16, float16; default: checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
+                   help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
+                   "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
@@ -536,7 +539,11 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
     if not path.exists():
         raise SystemExit(f"decoderkit serve: error: model {path} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
+                                                     quantization=args.quantize)
+    except ValueError as err:
+        raise SystemExit(f"decoderkit serve: error: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                     max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,

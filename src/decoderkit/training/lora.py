@@ -155,6 +155,10 @@ def has_lora(model: nn.Module) -> bool:
     return any(True for _ in lora_modules(model))
 
 
+def _listing_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Add adapters to the linears `config` targets and freeze everything else (except `modules_to_save`).
 
@@ -162,6 +166,13 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge_and_unload() it first to add new ones")
+    from decoderkit.layers.quantized import QuantizedLinear
+
+    packed = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and config.matches(n)]
+    if packed:
+        raise ValueError(f"LoRA over quantized (int8 / int4) layers is not supported ({_listing_names(packed)}); load "
+                         "the model with quantization='none' (or an HF checkpoint without quantization) to train "
+                         "adapters, then merge them and quantize the merged model on load")
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     targets = [(n, m) for n, m in linears if config.matches(n)]
     if not targets:

@@ -203,6 +203,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        from decoderkit.layers.quantized import check_trainable
+
+        check_trainable(self.model)
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
