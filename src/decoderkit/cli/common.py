@@ -284,6 +284,43 @@ class TokenStreamer:
             self.out.flush()
 
 
+# ---------------------------------------------------------------------------------------------- compiled decoding
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def resolve_compile(args: argparse.Namespace, model: PreTrainedDecoder) -> bool:
+    """Whether to compile the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else on where it
+    is measured faster (CPU, CUDA) and the attention backend allows it. Turning it on points inductor's on-disk
+    caches at decoderkit's cache directory, so that a second start reuses the compiled code."""
+    wanted = getattr(args, "compile", None)
+    if wanted is None:
+        value = os.environ.get("DECODERKIT_COMPILE", "").strip().lower()
+        if value and value not in _TRUE + _FALSE:
+            raise CLIError(f"DECODERKIT_COMPILE={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+        wanted = value in _TRUE if value else (
+            model.device.type in ("cpu", "cuda") and model.config.attn_implementation != "flash_attention_2")
+    if wanted:
+        use_compile_cache()
+    return wanted
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs for decoderkit: `$DECODERKIT_CACHE_DIR/inductor`, by default under
+    `$XDG_CACHE_HOME` (`~/.cache/decoderkit/inductor`)."""
+    root = os.environ.get("DECODERKIT_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
+    return Path(root).expanduser() / "inductor"
+
+
+def use_compile_cache() -> None:
+    """Point inductor's FX graph cache (and its compiled C++ code) at `compile_cache_dir()`, unless the user chose a
+    directory with `TORCHINDUCTOR_CACHE_DIR`. The cache is safe across checkpoints: freezing folds the weights into
+    the graph before the cache key is taken, and the frozen weights stay inputs of the cached code (only their
+    shapes and dtypes are in the key), so a cached graph never carries another model's weights."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`generate` keyword arguments for the options given; unset ones fall back to the generation config."""
     sampling = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p")}
