@@ -315,10 +315,23 @@ def compile_cache_dir() -> Path:
 
 def use_compile_cache() -> None:
     """Point inductor's FX graph cache (and its compiled C++ code) at `compile_cache_dir()`, unless the user chose a
-    directory with `TORCHINDUCTOR_CACHE_DIR`. The cache is safe across checkpoints: freezing folds the weights into
-    the graph before the cache key is taken, and the frozen weights stay inputs of the cached code (only their
-    shapes and dtypes are in the key), so a cached graph never carries another model's weights."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    directory with `TORCHINDUCTOR_CACHE_DIR`, and make the CPU graph storable there.
+
+    Storable: MKL's prepacked weights are opaque tensors the FX graph cache refuses ("mkldnn tensors
+    unpickleable"), so with prepacking every start recompiles the step (minutes on a busy 2-core machine); without
+    it a warm start skips inductor's code generation and the C++ build, for a few percent of decode speed. Safe
+    across checkpoints: freezing folds the weights before the cache key is taken and the frozen weights stay inputs
+    of the cached code (their shapes and dtypes are in the key, their values are not), so a cached graph never
+    carries another model's weights (tests/test_compile_default.py runs two models through one cache).
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing inductor's config writes its default directory into the environment: that one is not a user's choice
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    inductor_config.cpp.weight_prepack = False
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
