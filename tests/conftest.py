@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+# The CLI compiles the decode step by default; a compilation costs seconds, so the suite's many CLI runs opt out and
+# the tests of the compiled default opt back in
+os.environ.setdefault("DECODERKIT_COMPILE", "0")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -87,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt length per sequence (default 128)")
     bench.add_argument("--new-tokens", "-t", type=positive_int, default=64, metavar="N",
                        help="tokens to generate per sequence (default 64)")
-    bench.add_argument("--compile", action="store_true",
-                       help="compile the decode step with a static cache (CUDA graphs on GPU); compile time excluded")
     bench.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
     bench.set_defaults(handler=cmd_bench)
 
@@ -132,6 +130,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the decode step with a static cache (CUDA graphs on GPU); on by default on CPU "
+                       "and CUDA (DECODERKIT_COMPILE=0 changes that default); compiled code is cached in "
+                       "~/.cache/decoderkit/inductor (DECODERKIT_CACHE_DIR) so a second start skips most of it")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -285,6 +285,56 @@ class TokenStreamer:
             self.out.flush()
 
 
+# ---------------------------------------------------------------------------------------------- compiled decoding
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def resolve_compile(args: argparse.Namespace, model: PreTrainedDecoder) -> bool:
+    """Whether to compile the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else on where it
+    is measured faster (CPU, CUDA) and the attention backend allows it. Turning it on points inductor's on-disk
+    caches at decoderkit's cache directory, so that a second start reuses the compiled code."""
+    wanted = getattr(args, "compile", None)
+    if wanted is None:
+        value = os.environ.get("DECODERKIT_COMPILE", "").strip().lower()
+        if value and value not in _TRUE + _FALSE:
+            raise CLIError(f"DECODERKIT_COMPILE={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+        wanted = value in _TRUE if value else (
+            model.device.type in ("cpu", "cuda") and model.config.attn_implementation != "flash_attention_2")
+    if wanted:
+        use_compile_cache()
+    return wanted
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs for decoderkit: `$DECODERKIT_CACHE_DIR/inductor`, by default under
+    `$XDG_CACHE_HOME` (`~/.cache/decoderkit/inductor`)."""
+    root = os.environ.get("DECODERKIT_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
+    return Path(root).expanduser() / "inductor"
+
+
+def use_compile_cache() -> None:
+    """Point inductor's FX graph cache (and its compiled C++ code) at `compile_cache_dir()`, unless the user chose a
+    directory with `TORCHINDUCTOR_CACHE_DIR`, and make the CPU graph storable there.
+
+    Storable: MKL's prepacked weights are opaque tensors the FX graph cache refuses ("mkldnn tensors
+    unpickleable"), so with prepacking every start recompiles the step (minutes on a busy 2-core machine); without
+    it a warm start skips inductor's code generation and the C++ build, for a few percent of decode speed. Safe
+    across checkpoints: freezing folds the weights before the cache key is taken and the frozen weights stay inputs
+    of the cached code (their shapes and dtypes are in the key, their values are not), so a cached graph never
+    carries another model's weights (tests/test_compile_default.py runs two models through one cache).
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing inductor's config writes its default directory into the environment: that one is not a user's choice
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    inductor_config.cpp.weight_prepack = False
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`generate` keyword arguments for the options given; unset ones fall back to the generation config."""
     sampling = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p")}

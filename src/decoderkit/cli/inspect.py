@@ -18,6 +18,7 @@ from decoderkit.cli.common import (
     _round,
     load_model,
     locate_model,
+    resolve_compile,
 )
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompt = prompt.to(device)
     # Every sequence runs to exactly `--new-tokens`: the end-of-sequence token is never allowed to stop it early.
     kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    if args.compile:
+    compiled = resolve_compile(args, model)
+    if compiled:
         kwargs["compile"] = True
 
     def timed_run(ids: torch.Tensor, new_tokens: int) -> tuple[float, float | None, int]:
@@ -61,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     # A warm-up run takes one-off costs (allocator growth, kernel selection) out of the measurement. Compiled code is
     # specialised to the static cache's shapes, so then the warm-up must be the measured run itself.
-    if args.compile:
+    if compiled:
         timed_run(prompt, args.new_tokens)
     else:
         timed_run(prompt[:, : min(8, args.prompt_tokens)], min(2, args.new_tokens))
@@ -84,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "decode_weight_read_gb_per_s": _round(weights_bytes * decode_tps / b / 1e9, 3) if decode_tps else None,
         "weights_bytes": weights_bytes, "peak_rss_bytes": rss_bytes,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "compiled": args.compile, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "compiled": compiled, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
     }
     if args.json:
         print(json.dumps(record))

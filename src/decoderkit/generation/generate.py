@@ -344,7 +344,7 @@ class _Plan:
                 step = self._stepper()
                 while True:
                     with torch.no_grad():
-                        next_scores = self.processors(ids[:, :cur], logits)
+                        next_scores = self.processors(ids[:, :cur], logits) if self.processors else logits
                         if config.do_sample:
                             probs = next_scores.softmax(dim=-1)
                             tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
