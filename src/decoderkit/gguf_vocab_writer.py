@@ -100,7 +100,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int
         writer.add_add_space_prefix(_prepends_space(spec))
     elif _is_byte_level(spec):
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer_name(backend))
+        writer.add_tokenizer_pre(pre_tokenizer_name(backend, bool(model.get("ignore_merges"))))
     else:
         raise ValueError("tokenizer.json is a BPE that is neither byte-level nor SentencePiece (byte_fallback); "
                          "llama.cpp has no form for it")
@@ -128,8 +128,10 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int
         writer.add_chat_template(template)
 
 
-def pre_tokenizer_name(backend: BackendTokenizer) -> str:
+def pre_tokenizer_name(backend: BackendTokenizer, ignore_merges: bool = False) -> str:
     """The `tokenizer.ggml.pre` name whose splits pre-tokenize like `backend` (a byte-level BPE tokenizer).
+
+    ``ignore_merges`` (tokenizer.json's BPE flag) must match too: llama.cpp implies it for the llama3 names.
 
     Raises:
         ValueError: none of the names llama.cpp and `decoderkit.gguf_vocab` share reproduces its splitting.
@@ -141,7 +143,6 @@ def pre_tokenizer_name(backend: BackendTokenizer) -> str:
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)
     expected = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
-    ignore_merges = bool(json.loads(backend.to_str())["model"].get("ignore_merges"))
     candidates = ("mpt",) if nfc else _PRE_CANDIDATES
     for name in candidates:
         if (name in _IGNORE_MERGES) != ignore_merges:
