@@ -26,6 +26,7 @@ from decoderkit import gguf_writer
 from decoderkit.cli import main as cli_main
 from decoderkit.gguf_model import open_gguf, read_gguf
 from decoderkit.gguf_vocab import read_gguf_metadata
+from decoderkit.gguf_vocab_writer import pre_tokenizer_name
 from decoderkit.gguf_writer import GGUF_TYPES, write_gguf
 from decoderkit.tokenizer import AutoTokenizer, Tokenizer, tokenizer_from_gguf
 
@@ -219,20 +220,27 @@ def _model_with_vocabulary(tmp_path: Path, name: str, model_type: str) -> tuple[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "model_type", "model", "pre"), [
-    ("llama-spm", "llama", "llama", "default"),
-    ("starcoder", "gpt_bigcode", "gpt2", "starcoder"),
-    ("mpt", "mpt", "gpt2", "mpt"),
-])  # fmt: skip
-def test_real_vocabularies_round_trip(tmp_path, name, model_type, model, pre):
-    directory, source = _model_with_vocabulary(tmp_path, name, model_type)
+def test_sentencepiece_vocabulary_round_trips(tmp_path):
+    directory, source = _model_with_vocabulary(tmp_path, "llama-spm", "llama")
     path = write_gguf(directory, tmp_path / "model.gguf", "q8_0").path
-    meta = read_gguf_metadata(path, prefixes=("tokenizer.ggml.model", "tokenizer.ggml.pre"))
-    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == (model, pre)
+    meta = read_gguf_metadata(path, prefixes=("tokenizer.",))
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("llama", "default")
+    original = read_gguf_metadata(TOKENIZER_VECTORS / "ggml-vocab-llama-spm.gguf", prefixes=("tokenizer.",))
+    assert meta["tokenizer.ggml.tokens"] == original["tokenizer.ggml.tokens"]
+    assert meta["tokenizer.ggml.token_type"] == original["tokenizer.ggml.token_type"]
     back = tokenizer_from_gguf(path)
-    texts = (TOKENIZER_VECTORS / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8")
+    texts = (TOKENIZER_VECTORS / "ggml-vocab-llama-spm.gguf.inp").read_text(encoding="utf-8")
     for text in texts.split("\n__ggml_vocab_test__\n")[:-1]:
         assert back.encode(text) == source.encode(text), repr(text)
+
+
+@pytest.mark.parametrize("name", ["gpt-2", pytest.param("llama-bpe", marks=pytest.mark.slow), "starcoder", "mpt"])
+def test_pre_tokenizer_name_is_the_one_llama_cpp_wrote(name):
+    # llama.cpp's converter named these files' pre-tokenizers by hashing the original tokenizers' output
+    original = read_gguf_metadata(TOKENIZER_VECTORS / f"ggml-vocab-{name}.gguf", prefixes=("tokenizer.ggml.pre",))
+    backend = tokenizer_from_gguf(TOKENIZER_VECTORS / f"ggml-vocab-{name}.gguf").backend_tokenizer
+    ignore_merges = bool(json.loads(backend.to_str())["model"].get("ignore_merges"))
+    assert pre_tokenizer_name(backend, ignore_merges) == original["tokenizer.ggml.pre"]
 
 
 def test_pre_tokenizer_no_llama_cpp_name_reproduces_is_an_error(tmp_path):
