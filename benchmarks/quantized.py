@@ -115,7 +115,7 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     options: dict[str, Any] = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     if engine != "transformers":
-        options["compile"] = True
+        options.update({"compile": True} if spec["compile"] else {"cache_implementation": "static"})
 
     def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
         with torch.no_grad():
@@ -231,7 +231,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     prompt_ids = tokenizer.encode(prompt_text[prompt_text.index("ACT I."):], add_special_tokens=False)
     prompts = [prompt_ids[i * 97:i * 97 + PROMPT_TOKENS] for i in range(BATCH)]
     return dict(hf_dir=str(hf_dir), gguf=str(gguf), ours_gguf=str(ours), threads=args.threads, prompts=prompts,
-                new_tokens=args.new_tokens, new_tokens_batch=args.new_tokens_batch, repeats=args.repeats,
+                compile=not args.no_compile, new_tokens=args.new_tokens, new_tokens_batch=args.new_tokens_batch,
+                repeats=args.repeats,
                 ppl_windows=[w for w in windows if len(w) > 1], file_bytes=gguf.stat().st_size)
 
 
@@ -316,6 +317,8 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--ppl-window", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="decoderkit without compile=True (static cache only): a smoke run, not the fastest path")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per engine")
     parser.add_argument("--workdir", default="/tmp/decoderkit-bench-quantized", help="where the converted files live")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -346,9 +349,10 @@ def main() -> None:
     print()
     print_table(results, spec)
     print(machine_line(args.threads) + " (after the run)")
-    print("decoderkit engines run compile=True (compiled decode step, static cache); transformers its default "
-          "generate; llama.cpp via llama-cpp-python" + (f" {v}" if (v := results.get("llamacpp", {}).get("version"))
-                                                         else ""))
+    path = "compile=True (compiled decode step, static cache)" if spec["compile"] else "static cache, NOT compiled"
+    version = results.get("llamacpp", {}).get("version")
+    print(f"decoderkit engines run {path}; transformers its default generate; llama.cpp via llama-cpp-python"
+          + (f" {version}" if version else ""))
 
 
 if __name__ == "__main__":
