@@ -112,6 +112,10 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
         model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, **kwargs).eval()
     load_s = time.perf_counter() - start
+    packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
+    if engine in ("dk-int8", "dk-int4", "dk-gguf") and not packed:
+        # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
+        raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
 
     options: dict[str, Any] = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     if engine != "transformers":
