@@ -238,6 +238,8 @@ def write_gguf_from_state(
     writer.add_file_type(_FILE_TYPES[requested])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab_size = hf_config.get("vocab_size") or state[_hf_name(to_gguf, "token_embd.weight")].shape[0]
+    # llama.cpp sizes token_embd from the vocabulary, or from this key when the file has none (tokenizer "none")
+    writer.add_vocab_size(vocab_size)
     if tokenizer is not None:
         from decoderkit.gguf_vocab_writer import add_tokenizer
 

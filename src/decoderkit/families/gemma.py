@@ -45,13 +45,6 @@ class GemmaFamily(LlamaFamily):
         # llama.cpp multiplies by the stored norm weight, so its converter stores 1 + w; we keep w.
         return weight - 1.0 if gguf_name.endswith("norm.weight") else weight
 
-    def config_to_gguf(self, hf: dict[str, Any]) -> dict[str, Any]:
-        from gguf import Keys
-
-        metadata = super().config_to_gguf(hf)
-        metadata.pop(Keys.LLM.VOCAB_SIZE)  # llama.cpp's converter writes none for gemma
-        return metadata
-
     def gguf_extra_tensors(self, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {}
 

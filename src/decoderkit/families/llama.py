@@ -106,15 +106,13 @@ class LlamaFamily(Family):
         return weight
 
     def config_to_gguf(self, hf: dict[str, Any]) -> dict[str, Any]:
-        from gguf import Keys
-
         from decoderkit.gguf_writer import rotary_gguf_metadata
 
         act = self.hidden_act_aliases.get(hf.get("hidden_act", "silu"), hf.get("hidden_act", "silu"))
         if act != self.gguf_hidden_act:
             raise ValueError(f"{self.model_type}: hidden_act {act!r} cannot be written: llama.cpp's "
                              f"{self.gguf_architecture} architecture computes {self.gguf_hidden_act} only")
-        return {**rotary_gguf_metadata(hf), Keys.LLM.VOCAB_SIZE: hf["vocab_size"]}
+        return rotary_gguf_metadata(hf)
 
     def gguf_extra_tensors(self, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
         from decoderkit.gguf_writer import llama3_rope_freqs
