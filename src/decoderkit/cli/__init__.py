@@ -106,13 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False, description="Forward all arguments to the decoderkit server.")
     serve.set_defaults(handler=cmd_serve, trainer_args=[])
 
-    convert = sub.add_parser("convert", parents=[common], help="GGUF -> HF directory, or change an HF dtype",
+    convert = sub.add_parser("convert", parents=[common], help="GGUF <-> HF directory, or change an HF dtype",
                              description="Write a Hugging Face model directory (safetensors + tokenizer) from a .gguf "
-                             "file or from another directory, optionally in another dtype.")
+                             "file or from another directory, optionally in another dtype; or, when OUTPUT ends in "
+                             ".gguf, a llama.cpp GGUF file from a model directory.")
     convert.add_argument("source", metavar="SOURCE", help=".gguf file, model directory or hub id in the local cache")
-    convert.add_argument("output", metavar="OUTPUT", help="directory to write")
+    convert.add_argument("output", metavar="OUTPUT", help="directory to write, or a .gguf file")
     convert.add_argument("--dtype", type=dtype_name, default=None,
                          help="dtype of the written weights (default: the source's; float32 for quantized GGUF)")
+    convert.add_argument("--type", default=None, dest="gguf_type",
+                         help="GGUF output: weight type, one of auto, f32, f16, bf16, q8_0, q4_0, q4_1 (default auto: "
+                         "bf16 for a bfloat16 model, else f16, as llama.cpp's converter)")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     convert.add_argument("--force", action="store_true", help="write into OUTPUT even if it is not empty")
     convert.set_defaults(handler=cmd_convert)

@@ -61,6 +61,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     source = locate_model(args.source)
     output = Path(args.output)
+    if output.suffix == ".gguf":
+        return _convert_to_gguf(args, source, output)
+    if args.gguf_type is not None:
+        raise UsageError("--type applies to a .gguf OUTPUT; a directory takes --dtype")
     if output.exists() and output.resolve() == source.resolve():
         raise UsageError("OUTPUT must differ from SOURCE (the weights are read while the output is written)")
     if output.exists() and not output.is_dir():
@@ -95,3 +99,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 
+
+
+def _convert_to_gguf(args: argparse.Namespace, source: Path, output: Path) -> int:
+    """`decoderkit convert DIR OUT.gguf [--type T]`: write a llama.cpp GGUF file."""
+    from decoderkit.gguf_writer import resolve_type, write_gguf
+
+    if not source.is_dir():
+        raise UsageError("writing a .gguf needs a model directory as SOURCE; convert the .gguf to a directory first")
+    if args.dtype is not None:
+        raise UsageError("--dtype applies to a directory OUTPUT; a .gguf OUTPUT takes --type")
+    if output.is_dir():
+        raise CLIError(f"{output}: is a directory")
+    if output.exists() and not args.force:
+        raise CLIError(f"{output}: exists; pass --force to replace it")
+    if not output.parent.is_dir():
+        raise CLIError(f"{output.parent}: no such directory")
+    gguf_type = args.gguf_type or "auto"
+    try:
+        resolve_type(gguf_type, {})
+    except ValueError as err:
+        raise UsageError(f"--type: {err}") from None
+    start = time.perf_counter()
+    try:
+        result = write_gguf(source, output, gguf_type)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    vocab = "with its tokenizer" if result.tokenizer else "without a tokenizer (SOURCE has no tokenizer.json)"
+    _note(args, f"wrote {output} ({result.type}, {len(result.tensor_types)} tensors, "
+                f"{output.stat().st_size / 2**20:.1f} MiB, {vocab}) in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK

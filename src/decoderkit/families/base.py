@@ -74,6 +74,22 @@ class Family:
         """Undo what llama.cpp's converter changed in a tensor (q/k row order, norm offsets, ...)."""
         return weight
 
+    def config_to_gguf(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """GGUF metadata for a transformers config.json dict: the inverse of `config_from_gguf`.
+
+        Keys are gguf `Keys` templates (`{arch}` is filled in by the writer); ints are written as uint32, floats as
+        float32, as llama.cpp's converter writes them. Raises ValueError for settings llama.cpp cannot represent.
+        """
+        raise NotImplementedError(f"{self.model_type} has no GGUF support")
+
+    def gguf_extra_tensors(self, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Tensors llama.cpp wants that are config values in transformers (llama3's `rope_freqs`), by GGUF name."""
+        return {}
+
+    def fix_tensor_for_gguf(self, gguf_name: str, weight: torch.Tensor, hf: dict[str, Any]) -> torch.Tensor:
+        """Apply what llama.cpp's converter changes in a tensor: the inverse of `fix_gguf_tensor`."""
+        return weight
+
     # ------------------------------------------------------------------------------------------------ weights
     def base_hf_to_ours(self, name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
         """Translate one base-model tensor (name without any prefix) into ours (also without prefix)."""

@@ -45,6 +45,12 @@ class GemmaFamily(LlamaFamily):
         # llama.cpp multiplies by the stored norm weight, so its converter stores 1 + w; we keep w.
         return weight - 1.0 if gguf_name.endswith("norm.weight") else weight
 
+    def gguf_extra_tensors(self, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def fix_tensor_for_gguf(self, gguf_name: str, weight: torch.Tensor, hf: dict[str, Any]) -> torch.Tensor:
+        return weight + 1.0 if gguf_name.endswith("norm.weight") else weight
+
     def extra_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
         return dict(
             mlp_bias=False,

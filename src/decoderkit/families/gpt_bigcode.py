@@ -119,6 +119,36 @@ class GPTBigCodeFamily(Family):
             *names(*(f"{layer}.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))),
         )
 
+    def config_to_gguf(self, hf: dict[str, Any]) -> dict[str, Any]:
+        from gguf import Keys
+
+        hidden = hf.get("n_embd", 768)
+        if not hf.get("multi_query", True):
+            # llama.cpp splits attn_qkv as [q | k | v] with one kv head; transformers' multi-head layout interleaves
+            # them per head, so llama.cpp (and its own converter's output) would attend wrongly.
+            raise ValueError("gpt_bigcode: multi_query=false cannot be written: llama.cpp's starcoder architecture "
+                             "supports multi-query attention only")
+        if hf.get("add_cross_attention"):
+            raise ValueError("gpt_bigcode: add_cross_attention=true cannot be written: llama.cpp has no "
+                             "cross-attention")
+        if not hf.get("scale_attn_weights", True):
+            raise ValueError("gpt_bigcode: scale_attn_weights=false cannot be written: llama.cpp always scales by "
+                             "1/sqrt(head_dim)")
+        act = hf.get("activation_function", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ValueError(f"gpt_bigcode: activation_function {act!r} cannot be written: llama.cpp's starcoder "
+                             "computes the tanh GELU (gelu_pytorch_tanh, gelu_new)")
+        return {
+            Keys.LLM.CONTEXT_LENGTH: hf.get("n_positions", 1024),
+            Keys.LLM.EMBEDDING_LENGTH: hidden,
+            # the converter writes 4 * n_embd whatever the model has; llama.cpp sizes ffn_up from this key
+            Keys.LLM.FEED_FORWARD_LENGTH: hf.get("n_inner") or 4 * hidden,
+            Keys.LLM.BLOCK_COUNT: hf.get("n_layer", 12),
+            Keys.Attention.HEAD_COUNT: hf.get("n_head", 12),
+            Keys.Attention.HEAD_COUNT_KV: 1,
+            Keys.Attention.LAYERNORM_EPS: float(hf.get("layer_norm_epsilon", 1e-5)),
+        }
+
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
         out = common_to_hf(config)
         for alias in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings",

@@ -105,6 +105,31 @@ class LlamaFamily(Family):
             return unpermute_rope_rows(weight, config["num_key_value_heads"])
         return weight
 
+    def config_to_gguf(self, hf: dict[str, Any]) -> dict[str, Any]:
+        from decoderkit.gguf_writer import rotary_gguf_metadata
+
+        act = self.hidden_act_aliases.get(hf.get("hidden_act", "silu"), hf.get("hidden_act", "silu"))
+        if act != self.gguf_hidden_act:
+            raise ValueError(f"{self.model_type}: hidden_act {act!r} cannot be written: llama.cpp's "
+                             f"{self.gguf_architecture} architecture computes {self.gguf_hidden_act} only")
+        return rotary_gguf_metadata(hf)
+
+    def gguf_extra_tensors(self, hf: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from decoderkit.gguf_writer import llama3_rope_freqs
+
+        return llama3_rope_freqs(hf)
+
+    def fix_tensor_for_gguf(self, gguf_name: str, weight: torch.Tensor, hf: dict[str, Any]) -> torch.Tensor:
+        # llama.cpp's llama kernels rotate adjacent pairs: its converter permutes q/k rows (see decoderkit.gguf_model)
+        from decoderkit.gguf_writer import permute_rope_rows
+
+        heads = hf["num_attention_heads"]
+        if ".attn_q." in gguf_name:
+            return permute_rope_rows(weight, heads)
+        if ".attn_k." in gguf_name:
+            return permute_rope_rows(weight, hf.get("num_key_value_heads") or heads)
+        return weight
+
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
         out = common_to_hf(config)
         out.pop("rope_scaling", None)

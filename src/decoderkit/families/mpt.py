@@ -129,6 +129,32 @@ class MptFamily(Family):
             bias=False,
         )
 
+    def config_to_gguf(self, hf: dict[str, Any]) -> dict[str, Any]:
+        from gguf import Keys
+
+        attn = dict(hf.get("attn_config") or {})
+        if not hf.get("no_bias", True):
+            raise ValueError("mpt: no_bias=false cannot be written: decoderkit reads MPT GGUF files without biases, "
+                             "as llama.cpp's converter writes them")
+        if not attn.get("alibi", True):
+            raise ValueError("mpt: attn_config.alibi=false cannot be written: transformers' MPT has ALiBi only")
+        if attn.get("softmax_scale") is not None:
+            raise ValueError("mpt: attn_config.softmax_scale cannot be written: llama.cpp scales by 1/sqrt(head_dim)")
+        hidden = hf.get("d_model", 2048)
+        metadata = {
+            Keys.LLM.CONTEXT_LENGTH: hf.get("max_seq_len", 2048),
+            Keys.LLM.EMBEDDING_LENGTH: hidden,
+            Keys.LLM.BLOCK_COUNT: hf.get("n_layers", 24),
+            # the converter writes 4 * d_model whatever the model has; llama.cpp sizes ffn_up from this key
+            Keys.LLM.FEED_FORWARD_LENGTH: int(hf.get("expansion_ratio", 4) * hidden),
+            Keys.Attention.HEAD_COUNT: hf.get("n_heads", 16),
+            Keys.Attention.LAYERNORM_EPS: float(hf.get("layer_norm_epsilon", 1e-5)),
+            Keys.Attention.MAX_ALIBI_BIAS: float(attn.get("alibi_bias_max", 8)),
+        }
+        if attn.get("clip_qkv") is not None:
+            metadata[Keys.Attention.CLAMP_KQV] = float(attn["clip_qkv"])
+        return metadata
+
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
         out = common_to_hf(config)
         for alias in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):

