@@ -41,10 +41,11 @@ def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                            vocab_size: int, num_items_in_batch: int | torch.Tensor | None = None,
-                           ignore_index: int = -100, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                           ignore_index: int = -100, chunk_elements: int | None = None) -> torch.Tensor:
     """`causal_lm_loss(head(hidden), labels, ...)` without ever holding the logits of every position.
 
-    `hidden` is (B, T, E) and `head` maps it to (.., vocab_size) logits. Only positions with a target are projected.
+    `hidden` is (B, T, E) and `head` maps it to (.., vocab_size) logits. Only positions with a target are projected,
+    `chunk_elements` (default `CHUNK_ELEMENTS`) logits at a time.
     With no target at all the loss is 0 (a sum) or NaN (a mean), as the whole loss gives, and still has a graph.
     """
     shift = shifted_labels(labels, ignore_index).to(hidden.device)
@@ -52,7 +53,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], 
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = shift.index_select(0, keep)
     total = hidden.sum().float() * 0.0
-    rows = max(1, chunk_elements // vocab_size)
+    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab_size)
     for start in range(0, flat.shape[0], rows):
         part, wanted = flat[start:start + rows], targets[start:start + rows]
         if torch.is_grad_enabled():
