@@ -46,6 +46,7 @@ from decoderkit.training.distributed import (
     load_full_state_dicts,
     wrap_model,
 )
+from decoderkit.training.memory import fix_malloc_mmap_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks)
         self.ctx: DistributedContext = init_distributed(args.device)
+        if self.ctx.device.type == "cpu":
+            fix_malloc_mmap_threshold()
         self.model = model.to(self.ctx.device)
         self.head: str = getattr(model, "head", "causal_lm")
         pad = getattr(tokenizer, "pad_token_id", None)
