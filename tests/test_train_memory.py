@@ -14,13 +14,14 @@ import oracle
 import pytest
 import torch
 
-import decoderkit.loss
+import decoderkit
 from decoderkit import AutoModelForCausalLM
 from decoderkit.training import LoraConfig, PackedDataset, Trainer, TrainingArguments, apply_lora
 
 transformers = pytest.importorskip("transformers")
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+# The subprocess imports the same decoderkit as this test run.
+SRC = Path(decoderkit.__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 5 positions (vocabulary 97), so a 2 x 12 batch takes several chunks and a ragged last one."""
-    monkeypatch.setattr(decoderkit.loss, "CHUNK_ELEMENTS", 97 * 5)
+    monkeypatch.setattr("decoderkit.loss.CHUNK_ELEMENTS", 97 * 5)
     return 5
 
 
