@@ -1,10 +1,13 @@
 """Command line: `python -m decoderkit.training --model PATH_OR_CONFIG --data FILE... --out DIR [options]`.
 
-`--model` is a Hugging Face model directory (fine-tuning) or a `config.json` file (training from scratch, with
-`--tokenizer`). The task follows the data unless `--task` names it: `.txt` files are packed for language modelling,
-JSONL with `messages` is chat (loss on assistant turns). Run it under `torchrun --nproc_per_node N` for N processes
-(`--strategy ddp` or `fsdp`). The trained model (or, with `--lora`, the PEFT adapter) lands in `OUT/final`, next to
-`log.jsonl`, `loss_curve.png` and the `checkpoint-<step>` directories (`--resume latest` continues from the newest).
+`--model` is a Hugging Face model directory or a `.gguf` file (fine-tuning) or a `config.json` file (training from
+scratch, with `--tokenizer`). With `--lora` the frozen base stays in the checkpoint's dtype (`--base-dtype`) while
+the adapters train in float32, and activations are recomputed in the backward pass unless
+`--no-gradient-checkpointing`. The task follows the data unless `--task` names it: `.txt` files are packed for
+language modelling, JSONL with `messages` is chat (loss on assistant turns). Run it under
+`torchrun --nproc_per_node N` for N processes (`--strategy ddp` or `fsdp`). The trained model (or, with `--lora`,
+the PEFT adapter) lands in `OUT/final`, next to `log.jsonl`, `loss_curve.png` and the `checkpoint-<step>`
+directories (`--resume latest` continues from the newest).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ HEAD_MODULES = {"sequence_classification": ["score"], "token_classification": ["
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m decoderkit.training", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory, or a config.json to train from scratch")
+    p.add_argument("--model", required=True,
+                   help="model directory or .gguf file, or a config.json to train from scratch")
     p.add_argument("--data", required=True, nargs="+", help="training files (.txt, .jsonl, .csv)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final model)")
     p.add_argument("--eval-data", nargs="+", help="evaluation files, same format as --data")
