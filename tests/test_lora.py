@@ -269,3 +269,20 @@ def test_lora_checkpoints_hold_adapters_and_resume_exactly(llama_dir, tmp_path):
     model = apply_lora(AutoModelForCausalLM.from_pretrained(other), LoraConfig(r=2, lora_dropout=0.1))
     with pytest.raises(ValueError, match="different frozen"):
         train_lora(model, tmp_path / "full", steps=4, resume_from="latest")
+
+
+def test_unexportable_targets_fail_before_training(tmp_path, monkeypatch):
+    from decoderkit.families.mpt import MptFamily
+
+    model_dir = oracle.save(oracle.build("mpt"), tmp_path / "mpt")
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2))
+    original = MptFamily.base_ours_to_hf
+
+    def without_qkv(self, state, config):  # a family whose fused layout no adapter could express
+        return {k: v for k, v in original(self, state, config).items() if ".Wqkv." not in k}
+
+    monkeypatch.setattr(MptFamily, "base_ours_to_hf", without_qkv)
+    with pytest.raises(ValueError, match="q_proj: mpt stores it fused with other projections in a way a PEFT "
+                                         "adapter cannot express"):
+        train_lora(model, tmp_path / "run", save_final=True)
+    assert not (tmp_path / "run").exists()
