@@ -13,6 +13,7 @@ from decoderkit.cache import Cache
 from decoderkit.config import ATTN_IMPLEMENTATIONS, DecoderConfig
 from decoderkit.decoder import DecoderStack
 from decoderkit.layers.attention import Attention, flash_attention_available
+from decoderkit.loss import causal_lm_loss, chunked_causal_lm_loss
 from decoderkit.outputs import ModelOutput
 
 
@@ -189,16 +190,6 @@ class DecoderModel(PreTrainedDecoder):
                           encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross entropy in fp32: labels shift left inside, -100 is ignored."""
-    shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(logits.device)
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    if num_items_in_batch is None:
-        return F.cross_entropy(flat, shift, ignore_index=ignore_index)
-    return F.cross_entropy(flat, shift, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
-
-
 class DecoderForCausalLM(PreTrainedDecoder):
     """Decoder with a language-modelling head (tied to the embedding when the config says so)."""
 
@@ -222,10 +213,15 @@ class DecoderForCausalLM(PreTrainedDecoder):
         cache_position: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
         token_type_ids: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-        return_dict: bool = True,
+        return_dict: bool = True, skip_logits: bool = False,
     ) -> ModelOutput:
+        """transformers' causal-LM forward. `skip_logits=True` (with `labels`) returns the loss alone, computed a
+        chunk of positions at a time so the full-vocabulary logits never exist at once (see `decoderkit.loss`);
+        `logits` is then None. The trainer uses it; the loss and its gradients are the same."""
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)}; expected input_ids' {tuple(input_ids.shape)}")
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True returns only the loss, so it needs labels")
         extra = {}
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
@@ -234,6 +230,10 @@ class DecoderForCausalLM(PreTrainedDecoder):
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         h = out.last_hidden_state
+        if skip_logits:
+            loss = chunked_causal_lm_loss(h, self.lm_head, labels, self.config.vocab_size, num_items_in_batch)
+            return ModelOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
+                               hidden_states=out.hidden_states, attentions=out.attentions)
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
         else:

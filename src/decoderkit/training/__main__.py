@@ -1,10 +1,13 @@
 """Command line: `python -m decoderkit.training --model PATH_OR_CONFIG --data FILE... --out DIR [options]`.
 
-`--model` is a Hugging Face model directory (fine-tuning) or a `config.json` file (training from scratch, with
-`--tokenizer`). The task follows the data unless `--task` names it: `.txt` files are packed for language modelling,
-JSONL with `messages` is chat (loss on assistant turns). Run it under `torchrun --nproc_per_node N` for N processes
-(`--strategy ddp` or `fsdp`). The trained model (or, with `--lora`, the PEFT adapter) lands in `OUT/final`, next to
-`log.jsonl`, `loss_curve.png` and the `checkpoint-<step>` directories (`--resume latest` continues from the newest).
+`--model` is a Hugging Face model directory or a `.gguf` file (fine-tuning) or a `config.json` file (training from
+scratch, with `--tokenizer`). With `--lora` the frozen base stays in the checkpoint's dtype (`--base-dtype`) while
+the adapters train in float32, and activations are recomputed in the backward pass unless
+`--no-gradient-checkpointing`. The task follows the data unless `--task` names it: `.txt` files are packed for
+language modelling, JSONL with `messages` is chat (loss on assistant turns). Run it under
+`torchrun --nproc_per_node N` for N processes (`--strategy ddp` or `fsdp`). The trained model (or, with `--lora`,
+the PEFT adapter) lands in `OUT/final`, next to `log.jsonl`, `loss_curve.png` and the `checkpoint-<step>`
+directories (`--resume latest` continues from the newest).
 A non-empty `--out` is refused unless `--resume` continues the run in it or `--overwrite` deletes that run's files.
 """
 
@@ -34,7 +37,8 @@ HEAD_MODULES = {"sequence_classification": ["score"], "token_classification": ["
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m decoderkit.training", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory, or a config.json to train from scratch")
+    p.add_argument("--model", required=True,
+                   help="model directory or .gguf file, or a config.json to train from scratch")
     p.add_argument("--data", required=True, nargs="+", help="training files (.txt, .jsonl, .csv)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final model)")
     p.add_argument("--eval-data", nargs="+", help="evaluation files, same format as --data")
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: off)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on where CUDA supports it)")
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass (default: on with --lora)")
     t.add_argument("--seed", type=int, default=0)
 
     r = p.add_argument_group("evaluation, checkpoints, output")
@@ -84,15 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-targets", default="q_proj,v_proj",
                       help="comma-separated module names, or 'all-linear'")
     lora.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
+    lora.add_argument("--base-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                      help="dtype of the frozen base weights (auto: the checkpoint's; a GGUF's quantized weights "
+                           "become bfloat16); the adapters train in float32 whatever it is")
     return p
 
 
-def load_model(source: str, head: str, num_labels: int | None) -> Any:
+def load_model(source: str, head: str, num_labels: int | None, dtype: Any = torch.float32) -> Any:
+    """The model to train: from a directory or `.gguf` file in `dtype` ("auto": the checkpoint's), or randomly
+    initialised in float32 from a config.json."""
     from decoderkit.model import HEAD_CLASSES
 
     cls = HEAD_CLASSES[head]
     overrides = {"num_labels": num_labels} if num_labels is not None else {}
     path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        # Training updates float weights (or float adapters over a frozen float base): the packed form is for inference
+        return cls.from_pretrained(path, dtype=dtype, quantization="none", **overrides)
     if path.is_file():
         try:
             config = json.loads(path.read_text())
@@ -101,7 +114,19 @@ def load_model(source: str, head: str, num_labels: int | None) -> Any:
         return cls.from_config({**config, **overrides}, dtype=torch.float32)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory or config file")
-    return cls.from_pretrained(path, dtype=torch.float32, **overrides)
+    return cls.from_pretrained(path, dtype=dtype, **overrides)
+
+
+def base_dtype(args: argparse.Namespace, is_gguf: bool) -> Any:
+    """Full fine-tuning keeps float32 weights (the optimizer updates them); LoRA freezes the base, so it stays in
+    the checkpoint's dtype, and a GGUF (quantized, so of no dtype of its own) is dequantized to bfloat16."""
+    if not args.lora:
+        if args.base_dtype != "auto":
+            raise ValueError("--base-dtype applies to --lora runs; full fine-tuning trains float32 weights")
+        return torch.float32
+    if args.base_dtype == "auto":
+        return torch.bfloat16 if is_gguf else "auto"
+    return getattr(torch, args.base_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,13 +149,15 @@ def run(args: argparse.Namespace) -> int:
                      resume_flag="--resume latest")
     task = detect_task(args.data[0]) if args.task == "auto" else args.task
     head = HEAD_FOR_TASK[task]
-    tokenizer_dir = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    model_path = Path(args.model)
+    is_gguf = model_path.is_file() and model_path.suffix.lower() == ".gguf"
+    tokenizer_dir = args.tokenizer or (args.model if model_path.is_dir() or is_gguf else None)
     if tokenizer_dir is None:
         raise ValueError("--model is a config file: pass --tokenizer DIR")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     torch.manual_seed(args.seed)
-    model = load_model(args.model, head, args.num_labels)
+    model = load_model(args.model, head, args.num_labels, base_dtype(args, is_gguf))
     fields = {k: v for k, v in (("text_field", args.text_field), ("label_field", args.label_field)) if v}
     data_kwargs = dict(block_size=args.block_size, max_length=args.max_length, num_labels=model.config.num_labels,
                        **fields)

@@ -86,6 +86,8 @@ def _special_id(tokenizer: Any, name: str) -> int | None:
 class ExampleDataset(Dataset):
     """A list of tokenized examples (dicts of lists or ints), padded into batches by `DataCollator`."""
 
+    source: str | None = None  # the files it was read from, for messages
+
     def __init__(self, examples: Sequence[dict[str, Any]], task: str) -> None:
         self.examples = list(examples)
         self.task = task
@@ -101,6 +103,7 @@ class PackedDataset(Dataset):
     """Fixed-length blocks cut from one long token stream; every position is a training target."""
 
     task = "causal_lm"
+    source: str | None = None  # the files it was read from, for messages
 
     def __init__(self, blocks: torch.Tensor) -> None:
         if blocks.dim() != 2:
@@ -338,21 +341,34 @@ def detect_task(path: PathLike) -> str:
 
 def load_dataset(task: str, paths: PathLike | Sequence[PathLike], tokenizer: Any, *, block_size: int = 512,
                  max_length: int | None = None, num_labels: int = 2, **fields: Any) -> Dataset:
-    """Dispatch to the loader of `task` (one of `TASKS`)."""
+    """Dispatch to the loader of `task` (one of `TASKS`). The dataset's `source` names the files, for messages."""
     files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if task == "causal_lm":
-        return load_text_dataset(files, tokenizer, block_size)
-    if len(files) != 1:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {TASKS}")
+    if task != "causal_lm" and len(files) != 1:
         raise ValueError(f"task {task!r} reads one JSONL/CSV file, got {len(files)}")
-    if task == "chat":
-        return load_chat_dataset(files[0], tokenizer, max_length)
-    if task == "sequence_classification":
-        return load_classification_dataset(files[0], tokenizer, num_labels, max_length, **fields)
-    if task == "token_classification":
-        return load_token_classification_dataset(files[0], tokenizer, num_labels, max_length, **fields)
-    if task == "question_answering":
-        return load_qa_dataset(files[0], tokenizer, max_length)
-    raise ValueError(f"unknown task {task!r}; allowed: {TASKS}")
+    if task == "causal_lm":
+        dataset: Dataset = load_text_dataset(files, tokenizer, block_size)
+    elif task == "chat":
+        dataset = load_chat_dataset(files[0], tokenizer, max_length)
+    elif task == "sequence_classification":
+        dataset = load_classification_dataset(files[0], tokenizer, num_labels, max_length, **fields)
+    elif task == "token_classification":
+        dataset = load_token_classification_dataset(files[0], tokenizer, num_labels, max_length, **fields)
+    else:
+        dataset = load_qa_dataset(files[0], tokenizer, max_length)
+    dataset.source = ", ".join(Path(f).name for f in files)
+    return dataset
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    """'corpus.txt gives 3 blocks of 512 tokens' (or 'the training data has 40 examples' without a `source`)."""
+    blocks = getattr(dataset, "blocks", None)
+    n = len(dataset)
+    what = f"{n} block{'s' * (n != 1)} of {blocks.shape[1]} tokens" if blocks is not None else \
+        f"{n} example{'s' * (n != 1)}"
+    source = getattr(dataset, "source", None)
+    return f"{source} gives {what}" if source else f"the training data has {what}"
 
 
 # ---------------------------------------------------------------------------------------------------- batching

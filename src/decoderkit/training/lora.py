@@ -7,8 +7,8 @@ The adapter directory (`adapter_config.json` + `adapter_model.safetensors`, keys
 transformers model of the same checkpoint.
 
 Our module names follow Llama for every family. Saving maps them to the family's own names; GPTBigCode (`c_attn`)
-and MPT (`Wqkv`) fuse q, k and v into one projection, so an adapter on our separate q/k/v cannot be expressed for
-transformers: `save_adapter` raises for those, while training and `merge_and_unload` work for every family.
+and MPT (`Wqkv`) fuse q, k and v into one projection, and adapters on our separate q/k/v are saved as the one LoRA
+on the fused projection they amount to, and read back from it (see `decoderkit.training.lora_fused`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class LoraConfig:
     `target_modules`: a list of module names matched as suffixes (`"q_proj"` matches every layer's q_proj), a
     string taken as a regular expression that must match the whole module name, or `"all-linear"` (every linear in
     the decoder layers). `modules_to_save`: modules trained in full and saved with the adapter (a classifier head).
+    `rank_pattern` / `alpha_pattern`: per-module r and lora_alpha, keys matched as PEFT does (a regular expression
+    matching the end of the module name at a dot).
     """
 
     r: int = 8
@@ -50,6 +53,8 @@ class LoraConfig:
     target_modules: Sequence[str] | str = ("q_proj", "v_proj")
     modules_to_save: Sequence[str] | None = None
     use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +70,11 @@ class LoraConfig:
         # rsLoRA divides by sqrt(r) so that the update's scale does not shrink as the rank grows.
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        """r and lora_alpha of the module called `name`."""
+        return (_pattern_value(self.rank_pattern, name, self.r),
+                _pattern_value(self.alpha_pattern, name, self.lora_alpha))
+
     def matches(self, name: str) -> bool:
         """Whether the module called `name` is a target."""
         targets = self.target_modules
@@ -73,6 +83,13 @@ class LoraConfig:
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
         return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 class LoraLinear(nn.Linear):
@@ -84,6 +101,7 @@ class LoraLinear(nn.Linear):
     """
 
     r: int
+    lora_alpha: float
     scaling: float
     merged: bool
 
@@ -96,8 +114,12 @@ class LoraLinear(nn.Linear):
             raise ValueError("this linear already has a LoRA adapter")
         linear.__class__ = cls
         self: LoraLinear = linear  # type: ignore[assignment]
-        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        # Adapters of a half-precision base train in float32, as PEFT's (autocast_adapter_dtype): bf16 weights
+        # cannot hold the optimizer's small updates.
+        dtype = torch.float32 if linear.weight.dtype in (torch.bfloat16, torch.float16) else linear.weight.dtype
+        factory = {"device": linear.weight.device, "dtype": dtype}
         self.r = r
+        self.lora_alpha = alpha
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -112,7 +134,8 @@ class LoraLinear(nn.Linear):
         if self.merged:
             return out
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return out + (update * self.scaling).to(out.dtype)
+        # Summed in the adapters' (wider) dtype, then rounded once, exactly as PEFT does.
+        return (out + update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, computed in fp32 (a bf16 product would lose the small update against W)."""
@@ -134,7 +157,7 @@ class LoraLinear(nn.Linear):
         """Back to a plain nn.Linear holding the current `weight` (merge first to keep the update)."""
         for name in ("lora_A", "lora_B", "lora_dropout"):
             delattr(self, name)
-        for name in ("r", "scaling", "merged"):
+        for name in ("r", "lora_alpha", "scaling", "merged"):
             self.__dict__.pop(name, None)
         self.__class__ = nn.Linear
         return self
@@ -179,8 +202,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
         raise ValueError(f"target_modules {config.target_modules!r} matched no nn.Linear; this model's linears are "
                          f"named {leaves}")
-    for _, linear in targets:
-        LoraLinear.wrap(linear, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+    for name, linear in targets:
+        LoraLinear.wrap(linear, *config.rank_and_alpha(name), config.lora_dropout, config.use_rslora)
     saved = _modules_to_save(model, config.modules_to_save)
     for name, param in model.named_parameters():
         param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(
@@ -226,35 +249,56 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def _hf_param_name(model: nn.Module, name: str, shape: torch.Size) -> str | None:
     """The transformers name of our parameter `name` in this family, or None when it has no name of its own there
     (one of q/k/v, which GPTBigCode and MPT store fused)."""
-    from decoderkit.families import get_family
+    from decoderkit.training.lora_fused import hf_name
 
-    config = model.config
-    family = get_family(config.model_type)
-    head = getattr(model, "head", "causal_lm")
-    probe = {name: torch.empty(shape, device="meta")}
-    try:
-        out = family.ours_to_hf(probe, config, head)
-    except (KeyError, TypeError, RuntimeError):
-        # Fusing needs q, k and v together; a lone projection cannot be translated.
-        out = {}
-    if len(out) != 1:
-        return None
-    (hf_name,) = out
-    if head == "base":
-        hf_name = hf_name.removeprefix(family.hf_prefix("base") + ".")
-    elif head == "token_classification" and family.hf_head_names.get("classifier") and hf_name.startswith("score."):
-        hf_name = "classifier" + hf_name[len("score"):]
-    return hf_name
+    return hf_name(model, name, shape)
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise ValueError if the model's adapters could not be saved in PEFT's format (call it before training)."""
+    from decoderkit.training.lora_fused import fused_groups
+
+    fused_groups(model, [n for n, _ in lora_modules(model)])
+
+
+def _export_adapters(model: nn.Module, modules: Mapping[str, LoraLinear],
+                     state_dict: Mapping[str, torch.Tensor] | None, use_rslora: bool) -> dict[str, Any]:
+    """{transformers module name: LoraFactors} of every adapter; adapters on fused members become one."""
+    from decoderkit.training.lora_fused import LoraFactors, export_fused, fused_groups
+
+    def factors(name: str) -> LoraFactors:
+        module = modules[name]
+        A, B = (state_dict[f"{name}.{p}.weight"] if state_dict is not None else getattr(module, p).weight
+                for p in ("lora_A", "lora_B"))
+        return LoraFactors(A.detach().cpu(), B.detach().cpu(), module.lora_alpha)
+
+    groups = fused_groups(model, list(modules))
+    fused = {m for members in groups.values() for m in members}
+    out = {_hf_module_name(model, n, m): factors(n) for n, m in modules.items() if n not in fused}
+    for hf, members in groups.items():
+        out[hf] = export_fused(model, members, {m: factors(m) for m in members if m in modules}, use_rslora)
+    return out
+
+
+def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    """PEFT rank/alpha patterns for the modules whose value differs from `default`: by leaf name where that is
+    unambiguous among the adapted modules, else by the whole (escaped) module name."""
+    by_leaf: dict[str, set[Any]] = {}
+    for name, value in values.items():
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(value)
+    out: dict[str, Any] = {}
+    for name, value in sorted(values.items()):
+        if value == default:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        out[leaf if len(by_leaf[leaf]) == 1 else re.escape(name)] = value
+    return out
 
 
 def _hf_module_name(model: nn.Module, name: str, module: nn.Linear) -> str:
     hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
     if hf is None:
-        raise ValueError(
-            f"{name}: {model.config.model_type} checkpoints fuse q, k and v into one projection, so a LoRA adapter "
-            "on a single one has no PEFT/transformers name; target o_proj / up_proj / down_proj instead, or "
-            "merge_and_unload() and save_pretrained() the merged model"
-        )
+        raise ValueError(f"{name}: this {model.config.model_type} linear has no transformers name of its own")
     return hf.removesuffix(".weight")
 
 
@@ -264,8 +308,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Map
 
     `state_dict` (a full state dict with our names) replaces the module's own tensors, e.g. when the model is
     sharded across processes. `base_model_name_or_path` (default: the path or hub id the model was loaded from) is
-    what PEFT's `AutoPeftModel*.from_pretrained` loads the base from. Raises ValueError for an adapter on a
-    projection the family fuses.
+    what PEFT's `AutoPeftModel*.from_pretrained` loads the base from. Adapters on q/k/v of a family that fuses
+    them are written as the one LoRA on the fused projection they amount to; ranks and alphas other than the most
+    common go in PEFT's `rank_pattern` and `alpha_pattern`.
     """
     from decoderkit.fileio import save_safetensors
 
@@ -276,14 +321,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Map
     if any(m.merged for m in modules.values()):
         raise ValueError("the adapters are merged into the base weights; unmerge_lora() before saving the adapter")
     tensors: dict[str, torch.Tensor] = {}
-    hf_modules = []
-    for name, module in modules.items():
-        hf = _hf_module_name(model, name, module)
-        hf_modules.append(hf)
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}.weight"
-            value = state_dict[key] if state_dict is not None else getattr(module, part).weight
-            tensors[f"{PEFT_PREFIX}{hf}.{part}.weight"] = value.detach().cpu().contiguous()
+    exported = _export_adapters(model, modules, state_dict, config.use_rslora)
+    for hf, factors in exported.items():
+        tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = factors.A.contiguous()
+        tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = factors.B.contiguous()
+    hf_modules = list(exported)
+    # The most common rank and alpha are the config's; the others go in PEFT's rank / alpha patterns.
+    rank, alpha = Counter((f.r, f.alpha) for f in exported.values()).most_common(1)[0][0]
     saved_modules = []
     for wanted in _modules_to_save(model, config.modules_to_save):
         for pname, param in model.get_submodule(wanted).named_parameters():
@@ -295,18 +339,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: Map
 
     leaves = sorted({h.rsplit(".", 1)[-1] for h in hf_modules})
     # Leaf names are what people write; they are exact only if they select no other linear of the transformers model.
-    all_hf = [h for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoraLinear)
-              and (h := _hf_param_name(model, f"{n}.weight", m.weight.shape)) is not None]
-    clash = any(h.removesuffix(".weight").rsplit(".", 1)[-1] in leaves for h in all_hf)
+    from decoderkit.training.lora_fused import hf_linear_names
+
+    others = set(hf_linear_names(model)) - set(hf_modules)
+    clash = any(h.rsplit(".", 1)[-1] in leaves for h in others)
     target_modules: list[str] = sorted(hf_modules) if clash else leaves
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     adapter_config = {
         "peft_type": "LORA", "task_type": TASK_TYPES.get(getattr(model, "head", "causal_lm")),
-        "base_model_name_or_path": base, "r": config.r, "lora_alpha": config.lora_alpha,
+        "base_model_name_or_path": base, "r": rank, "lora_alpha": alpha,
         "lora_dropout": config.lora_dropout, "target_modules": target_modules,
         "modules_to_save": sorted(set(saved_modules)) or None, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": config.use_rslora, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": _patterns({h: f.r for h, f in exported.items()}, rank),
+        "alpha_pattern": _patterns({h: f.alpha for h, f in exported.items()}, alpha),
         "revision": None,
     }
     out = Path(directory)
@@ -325,7 +372,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Add the adapter saved in `directory` (by decoderkit or PEFT) to `model`, which must be the adapter's base.
 
     Raises FileNotFoundError for a missing file and ValueError for an adapter this model cannot hold (a different
-    family or shape, an adapter on a fused projection, options decoderkit does not implement such as DoRA).
+    family or shape, options decoderkit does not implement such as DoRA). An adapter on a projection the family
+    fuses (GPTBigCode's c_attn, MPT's Wqkv) becomes adapters on our q/k/v with the same update.
     """
     from safetensors.torch import load_file
 
@@ -337,20 +385,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     raw = json.loads(config_file.read_text())
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_file}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
-    for option, neutral in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("rank_pattern", {}),
-                            ("alpha_pattern", {}), ("layers_to_transform", None)):
+    for option, neutral in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"),
+                            ("layers_to_transform", None)):
         if raw.get(option) not in (neutral, None):
             raise ValueError(f"{config_file}: {option}={raw[option]!r} is not supported by decoderkit's LoRA")
     tensors = load_file(weights_file)
 
+    from decoderkit.training.lora_fused import LoraFactors, fused_groups, import_fused
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     reverse: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
-            if hf is not None:
-                reverse[hf.removesuffix(".weight")] = name
-    ours: dict[str, torch.Tensor] = {}
-    targets: set[str] = set()
+    for name, module in linears.items():
+        hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
+        if hf is not None:
+            reverse[hf.removesuffix(".weight")] = name
+    groups = fused_groups(model, [n for n in linears if n not in reverse.values()])
+    factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
@@ -360,39 +410,51 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if m is None:
             saved[key] = value
             continue
-        if m.group(1) not in reverse:
+        if m.group(1) not in reverse and m.group(1) not in groups:
             raise ValueError(f"{weights_file}: the adapter targets {m.group(1)!r}, which this "
-                             f"{model.config.model_type} model has no separate linear for")
-        targets.add(reverse[m.group(1)])
-        ours[f"{reverse[m.group(1)]}.{m.group(2)}.weight"] = value
-    if not targets:
+                             f"{model.config.model_type} model has no linear for")
+        factors.setdefault(m.group(1), {})[m.group(2)] = value
+    if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA weights")
+    use_rslora = bool(raw.get("use_rslora", False))
+    r, alpha = int(raw["r"]), float(raw["lora_alpha"])
+    ours: dict[str, LoraFactors] = {}
+    # Check every shape before touching the model, so a mismatched adapter leaves it as it was.
+    for hf, parts in factors.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{weights_file}: {hf} has {sorted(parts)} but needs both lora_A and lora_B")
+        rank = int(_pattern_value(raw.get("rank_pattern") or {}, hf, r))
+        members = [reverse[hf]] if hf in reverse else groups[hf]
+        in_features = linears[members[0]].in_features
+        out_features = sum(linears[n].out_features for n in members)
+        label = f"{reverse[hf]}.lora_" if hf in reverse else f"{hf}.lora_"
+        for part, want in (("A", (rank, in_features)), ("B", (out_features, rank))):
+            if tuple(parts[f"lora_{part}"].shape) != want:
+                raise ValueError(f"{weights_file}: {label}{part}.weight has shape {tuple(parts[f'lora_{part}'].shape)}"
+                                 f"; this model expects {want} (rank {rank})")
+        found = LoraFactors(parts["lora_A"], parts["lora_B"],
+                            float(_pattern_value(raw.get("alpha_pattern") or {}, hf, alpha)))
+        ours.update({reverse[hf]: found} if hf in reverse else import_fused(model, hf, found, use_rslora))
     head_names = {hf: n for n, p in model.named_parameters() if (hf := _hf_param_name(model, n, p.shape))}
     modules_to_save = sorted({head_names[k].rsplit(".", 1)[0] for k in saved if k in head_names})
     unknown = [k for k in saved if k not in head_names]
     if unknown:
         raise ValueError(f"{weights_file}: weights this model has no place for: {unknown[:5]}")
-    r = int(raw["r"])
-    # Check every shape before touching the model, so a mismatched adapter leaves it as it was.
-    for name, value in ours.items():
-        module = model.get_submodule(name.rsplit(".", 2)[0])
-        want = (r, module.in_features) if ".lora_A." in name else (module.out_features, r)
-        if tuple(value.shape) != want:
-            raise ValueError(f"{weights_file}: {name} has shape {tuple(value.shape)}; this model expects {want} "
-                             f"(rank {r})")
     for hf, value in saved.items():
         want = tuple(dict(model.named_parameters())[head_names[hf]].shape)
         if tuple(value.shape) != want:
             raise ValueError(f"{weights_file}: {hf} has shape {tuple(value.shape)}; this model expects {want}")
-    config = LoraConfig(r=r, lora_alpha=float(raw["lora_alpha"]),
-                        lora_dropout=float(raw.get("lora_dropout") or 0.0),
-                        target_modules="|".join(re.escape(t) for t in sorted(targets)),
-                        modules_to_save=modules_to_save or None, use_rslora=bool(raw.get("use_rslora", False)))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(raw.get("lora_dropout") or 0.0),
+                        target_modules="|".join(re.escape(t) for t in sorted(ours)),
+                        modules_to_save=modules_to_save or None, use_rslora=use_rslora,
+                        rank_pattern={re.escape(n): f.r for n, f in ours.items() if f.r != r},
+                        alpha_pattern={re.escape(n): f.alpha for n, f in ours.items() if f.alpha != alpha})
     apply_lora(model, config)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in ours.items():
-            params[name].copy_(value)
+        for name, found in ours.items():
+            params[f"{name}.lora_A.weight"].copy_(found.A)
+            params[f"{name}.lora_B.weight"].copy_(found.B)
         for hf, value in saved.items():
             params[head_names[hf]].copy_(value)
     return model

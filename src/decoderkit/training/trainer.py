@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from decoderkit.fileio import save_safetensors
-from decoderkit.training.data import IGNORE_INDEX, DataCollator
+from decoderkit.training.data import IGNORE_INDEX, DataCollator, describe_dataset
 from decoderkit.training.distributed import (
     STRATEGIES,
     DistributedContext,
@@ -45,6 +46,7 @@ from decoderkit.training.distributed import (
     load_full_state_dicts,
     wrap_model,
 )
+from decoderkit.training.memory import fix_malloc_mmap_threshold
 from decoderkit.training.output_dir import check_output_dir, clear_run_outputs, list_checkpoints
 from decoderkit.training.rng import load_rng_state, rng_state, set_rng_state
 
@@ -58,6 +60,7 @@ class TrainingArguments:
     """What to train for and how; names follow transformers' `TrainingArguments` where they overlap.
 
     The effective batch of one optimizer step is `per_device_batch_size * gradient_accumulation_steps * world_size`.
+    `gradient_checkpointing` None: on for a model with LoRA adapters, off otherwise.
     """
 
     output_dir: str
@@ -76,7 +79,7 @@ class TrainingArguments:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     bf16: bool | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     shuffle: bool = True
     seed: int = 0
     logging_steps: int = 10
@@ -164,6 +167,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks)
         self.ctx: DistributedContext = init_distributed(args.device)
+        if self.ctx.device.type == "cpu":
+            fix_malloc_mmap_threshold()
         self.model = model.to(self.ctx.device)
         self.head: str = getattr(model, "head", "causal_lm")
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -175,17 +180,30 @@ class Trainer:
 
         world_batch = args.per_device_batch_size * self.ctx.world_size
         if len(train_dataset) < world_batch:
-            raise ValueError(f"the training data has {len(train_dataset)} examples, fewer than one batch of "
-                             f"{world_batch} (per_device_batch_size x processes)")
+            raise ValueError(f"{describe_dataset(train_dataset)}, fewer than one batch of {world_batch} "
+                             "(per_device_batch_size x processes)")
         self.micro_per_epoch = len(train_dataset) // world_batch
         steps_per_epoch = max(1, self.micro_per_epoch // args.gradient_accumulation_steps)
         self.total_steps = args.max_steps or max(1, math.ceil(args.num_epochs * steps_per_epoch))
         self.warmup_steps = args.warmup_steps or int(args.warmup_ratio * self.total_steps)
+        self._warn_short_data(train_dataset, steps_per_epoch)
         # Fingerprint before sharding, while every parameter is whole on this rank.
         self.fingerprint = model_fingerprint(model)
 
-        if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        from decoderkit.training.lora import check_exportable, has_lora
+
+        if has_lora(model) and args.save_final:
+            # An adapter that cannot be saved must fail now, not after the training it would throw away.
+            check_exportable(model)
+        checkpointing = args.gradient_checkpointing
+        if checkpointing is None:
+            # A LoRA run stores no weight gradients, so the activations are most of its memory; recomputing them
+            # costs about one more forward pass.
+            checkpointing = has_lora(model)
+        if checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
+        # The causal-LM loss alone, made in chunks: full-vocabulary logits for every position never exist at once.
+        self.loss_only = self.head == "causal_lm" and "skip_logits" in inspect.signature(model.forward).parameters
         strategy = args.strategy if args.strategy != "auto" else ("ddp" if self.ctx.enabled else "none")
         self.strategy = strategy if self.ctx.enabled else "none"
         self.wrapped = wrap_model(self.model, self.strategy, self.ctx)
@@ -202,6 +220,22 @@ class Trainer:
         self._order_epoch: int | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
+    def _warn_short_data(self, dataset: Dataset, steps_per_epoch: int) -> None:
+        """Warn when the data holds fewer optimizer steps than the run takes, so it is seen more than once."""
+        args, W = self.args, self.ctx.world_size
+        batch = f"batch size {args.per_device_batch_size}"
+        if W > 1:
+            batch += f" x {W} processes"
+        if args.gradient_accumulation_steps > 1:
+            batch += f" x {args.gradient_accumulation_steps} accumulation steps"
+        if self.micro_per_epoch < args.gradient_accumulation_steps:
+            logger.warning("%s = %d micro-batch(es) at %s: one optimizer step takes more than all of the data",
+                           describe_dataset(dataset), self.micro_per_epoch, batch)
+        elif args.max_steps is not None and args.max_steps > steps_per_epoch:
+            logger.warning("%s = %d optimizer step%s at %s; asked for %d steps, so the data is repeated %.3g times",
+                           describe_dataset(dataset), steps_per_epoch, "s" * (steps_per_epoch != 1), batch,
+                           args.max_steps, args.max_steps / steps_per_epoch)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         from decoderkit.layers.quantized import check_trainable
 
@@ -311,10 +345,13 @@ class Trainer:
         tokens = 0
         for k, (batch, n) in enumerate(zip(batches, items)):
             with self._gradient_sync(k == accum - 1), self._autocast():
-                out = self.wrapped(**batch)
+                out = self.wrapped(**batch, **self._loss_only_kwargs(n))
                 # DDP and FSDP average gradients over ranks; scaling by W turns that into the sum over the global
                 # batch, normalised by its item count, i.e. exactly the single-process loss.
-                loss = out.loss * (n * W / total_items) if n else _zero_loss(out)
+                if n:
+                    loss = out.loss * (n * W / total_items)
+                else:
+                    loss = out.loss if self.loss_only else _zero_loss(out)
             loss.backward()
             if n:
                 loss_sum += out.loss.detach().float() * n
@@ -327,6 +364,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_seen += accum * args.per_device_batch_size * W
         return float(all_reduce_sum(loss_sum)) / total_items, tokens * W
+
+    def _loss_only_kwargs(self, items: int) -> dict[str, Any]:
+        if not self.loss_only:
+            return {}
+        # A micro-batch without targets: its loss sum over 1 is an exact 0 that still runs backward (a mean is NaN).
+        return {"skip_logits": True} if items else {"skip_logits": True, "num_items_in_batch": 1}
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         # Skipping the gradient all-reduce on all but the last micro-batch saves communication; the result is equal.
