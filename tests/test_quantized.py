@@ -228,7 +228,7 @@ def test_server_engine_runs_a_quantized_model(tmp_path):
     from decoderkit.serve.engine import SamplingParams
 
     directory = build_tiny_model(tmp_path / "tiny")
-    engine, _ = load_engine(build_parser().parse_args([str(directory), "--quantize", "int8", "--device", "cpu",
+    engine, _, _ = load_engine(build_parser().parse_args([str(directory), "--quantize", "int8", "--device", "cpu",
                                                        "--dtype", "float32"]))
     model = engine.model
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
