@@ -1,6 +1,6 @@
 """The compiled decode step as the command line's default, and inductor's on-disk cache shared between models.
 
-The suite runs with DECODERKIT_COMPILE=0 (conftest.py); these tests take it away to see the real default.
+The suite runs with DECODERKIT_COMPILE=0 (conftest.py); these tests take it away to see the real default (off).
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ def _unset_inductor_cache_dir(monkeypatch) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
 
 
-def test_generate_compiles_by_default_on_cpu(capsys, recorded_kwargs, monkeypatch, tmp_path):
+def test_generate_compiles_when_asked(capsys, recorded_kwargs, monkeypatch, tmp_path):
     monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "dk"))
+    code, _, err = run_main(capsys, "generate", "--device", "cpu", "--max-new-tokens", "4", PROMPT)
+    assert code == 0, err
+    assert recorded_kwargs[-1]["compile"] is False  # off by default (see resolve_compile)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("DECODERKIT_COMPILE", "1")
     code, _, err = run_main(capsys, "generate", "--device", "cpu", "--max-new-tokens", "4", PROMPT)
     assert code == 0, err
     assert recorded_kwargs[-1]["compile"] is True

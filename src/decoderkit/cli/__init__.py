@@ -135,8 +135,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="compile the decode step with a static cache (CUDA graphs on GPU); on by default on CPU "
-                       "and CUDA (DECODERKIT_COMPILE=0 changes that default); compiled code is cached in "
+                       help="compile the decode step with a static cache (CUDA graphs on GPU); off by default "
+                       "(DECODERKIT_COMPILE=1 changes that default); compiled code is cached in "
                        "~/.cache/decoderkit/inductor (DECODERKIT_CACHE_DIR) so a second start skips most of it")
 
 

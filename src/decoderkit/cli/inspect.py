@@ -45,7 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompt = prompt.to(device)
     # Every sequence runs to exactly `--new-tokens`: the end-of-sequence token is never allowed to stop it early.
     kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    compiled = resolve_compile(args, model)
+    compiled = resolve_compile(args)
     if compiled:
         kwargs["compile"] = True
 

@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tok, path = load_model(args)
     load_s = time.perf_counter() - start
-    kwargs["compile"] = resolve_compile(args, model)
+    kwargs["compile"] = resolve_compile(args)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise CLIError("the prompt is empty and the tokenizer adds no start token; give some text")
@@ -155,7 +155,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """`decoderkit chat`: a conversation over stdin/stdout with history trimmed to the context window."""
     kwargs = generation_kwargs(args)
     model, tok, path = load_model(args)
-    kwargs["compile"] = resolve_compile(args, model)
+    kwargs["compile"] = resolve_compile(args)
     if args.chat_template is not None:
         tok.chat_template = load_chat_template(args.chat_template)
     if not tok.chat_template:
