@@ -80,6 +80,18 @@ def tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def generate_concurrently(engine, prompts: list, params, timeout: float) -> list:
+    """Each prompt through `engine.generate` on its own thread, all at once (the engine batches them)."""
+    outputs: list = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, engine.generate(prompts[i], params)))
+               for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return outputs
+
+
 @torch.no_grad()
 def reference_greedy(model, ids: list[int], max_new: int, eos: int = 2) -> list[int]:
     """Greedy decoding with full forwards of the model: what the engine must reproduce."""
@@ -208,13 +220,7 @@ def test_engine_preempts_when_blocks_run_out(model, tokenizer) -> None:
         prompts = [tokenizer.encode(p) for p in PROMPTS]
         params = SamplingParams(max_tokens=100, temperature=0, stop_token_ids=())
         expected = [reference_greedy(model, p, 100, eos=-1) for p in prompts]
-        outputs: list = [None] * 4
-        threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, engine.generate(prompts[i], params)))
-                   for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        outputs = generate_concurrently(engine, prompts, params, timeout=60)
         assert [o.token_ids for o in outputs] == expected
         assert engine.pool.num_free == engine.pool.num_blocks
     finally:

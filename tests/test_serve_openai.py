@@ -19,7 +19,7 @@ import test_serve  # noqa: E402
 from openai.types import Completion, Model  # noqa: E402
 from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
-from test_serve import API_KEY, MODEL_NAME, PROMPTS, RunningServer, chat, error_of  # noqa: E402
+from test_serve import API_KEY, MODEL_NAME, PROMPTS, RunningServer, chat, error_of, generate_concurrently  # noqa: E402
 
 from decoderkit.serve.app import ServerSettings  # noqa: E402
 from decoderkit.serve.engine import Engine, SamplingParams  # noqa: E402
@@ -284,7 +284,6 @@ def test_tokenizer_endpoints_as_lm_eval_probes_them(server: RunningServer, token
 
 
 def test_prompt_scores_survive_preemption(model, tokenizer) -> None:
-    import threading
 
     # A pool of one context: the four requests cannot all fit, so some are preempted and prefilled again.
     engine = Engine(model, tokenizer, kv_cache_tokens=256, block_size=4, max_prefill_tokens=8)
@@ -294,13 +293,7 @@ def test_prompt_scores_survive_preemption(model, tokenizer) -> None:
     try:
         prompts = [tokenizer.encode(p) for p in PROMPTS]
         params = SamplingParams(max_tokens=100, temperature=0, stop_token_ids=(), prompt_logprobs=2)
-        outputs: list = [None] * 4
-        threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(i, engine.generate(prompts[i], params)))
-                   for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=90)
+        outputs = generate_concurrently(engine, prompts, params, timeout=90)
         assert sum(o.completion_tokens for o in outputs) == 400 and preempted
         for ids, out in zip(prompts, outputs):
             expected, expected_top = direct_logprobs(model, tokenizer, ids, 2)
