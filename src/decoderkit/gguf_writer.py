@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import Keys, LlamaFileType
 
-from decoderkit.fileio import current_umask
+from decoderkit.fileio import atomic_path
 
 if TYPE_CHECKING:
     from decoderkit.families.base import Family
@@ -223,7 +222,8 @@ def write_gguf_from_state(
     arch = family.gguf_architecture
     metadata = family.config_to_gguf(hf_config)
     n_layers = hf_config[family.gguf_layers_key]
-    to_gguf = {hf: g for g, hf in _gguf_to_hf_names(arch, n_layers).items()}
+    to_hf = _gguf_to_hf_names(arch, n_layers)
+    to_gguf = {hf: g for g, hf in to_hf.items()}
     state = {k: v for k, v in hf_state.items() if not (k == "lm_head.weight" and "lm_head.weight" not in to_gguf)}
     unknown = sorted(set(state) - set(to_gguf))
     if unknown:
@@ -237,7 +237,7 @@ def write_gguf_from_state(
         _typed(writer, key.format(arch=arch), value)
     writer.add_file_type(_FILE_TYPES[requested])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    vocab_size = hf_config.get("vocab_size") or state[_hf_name(to_gguf, "token_embd.weight")].shape[0]
+    vocab_size = hf_config.get("vocab_size") or state[to_hf["token_embd.weight"]].shape[0]
     # llama.cpp sizes token_embd from the vocabulary, or from this key when the file has none (tokenizer "none")
     writer.add_vocab_size(vocab_size)
     if tokenizer is not None:
@@ -263,26 +263,15 @@ def write_gguf_from_state(
     return result
 
 
-def _hf_name(to_gguf: dict[str, str], gguf_name: str) -> str:
-    return next(hf for hf, g in to_gguf.items() if g == gguf_name)
-
-
 def _write_atomic(writer: gguf.GGUFWriter, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer.write_header_to_file(path=Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # GGUFWriter writes to a path of its own opening, so the atomic helper hands it the temporary path
+    with atomic_path(path) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 def write_gguf(
