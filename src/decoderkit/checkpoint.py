@@ -415,7 +415,8 @@ def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch
                 if _place_stored(plan, state, hf_name, tensor, dtype, device, converters):
                     bar.update(nbytes)
                     continue
-                tensor = tensor.read()  # reshaped by the family (or quantized): whole, into the reused buffer
+                # reshaped by the family, or quantized: whole, into the reused buffer unless a quantizer may keep it
+                tensor = tensor.read(keep=bool(converters))
             blocks = tensor if isinstance(tensor, GGUFBlocks) else None
             if blocks is not None:
                 tensor = blocks.codes

@@ -77,7 +77,7 @@ class StoredTensor:
       instead of changing the file.
     * `read_into(out)`: read the bytes in chunks of `READ_CHUNK` and convert each into `out` (any dtype, any device),
       so a converting load never holds more of the source dtype than one chunk.
-    * `read()`: the whole tensor, read into a buffer reused for the next one.
+    * `read()`: the whole tensor, read into a buffer reused for the next one (or into new memory).
     """
 
     def __init__(self, entry: _Entry, source: _SafetensorsSource, offset: int, fh: Any, handle: Any) -> None:
@@ -97,8 +97,9 @@ class StoredTensor:
             _read_exactly(self.fh, self.offset + start * size, raw, self.source.file_of[entry.name])
             flat[start:start + n].copy_(raw.view(entry.dtype))
 
-    def read(self) -> torch.Tensor:
-        raw = self.source.staging(self.entry.nbytes)
+    def read(self, keep: bool = False) -> torch.Tensor:
+        """`keep`: into new memory the caller may hold on to, instead of the reused buffer."""
+        raw = torch.empty(self.entry.nbytes, dtype=torch.uint8) if keep else self.source.staging(self.entry.nbytes)
         _read_exactly(self.fh, self.offset, raw, self.source.file_of[self.entry.name])
         return raw.view(self.entry.dtype).reshape(self.entry.shape)
 
