@@ -73,7 +73,7 @@ def child(loader: str, path: str, dtype: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     seconds = time.perf_counter() - start
     loaded = _peak_rss()
-    weights = list({id(t): t for t in model.state_dict().values()}.values())
+    weights = list({t.data_ptr(): t for t in model.state_dict().values()}.values())  # a tied head counts once
     start = time.perf_counter()
     with torch.no_grad():
         if path.endswith(".gguf"):

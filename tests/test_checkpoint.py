@@ -361,7 +361,7 @@ def test_meta_device_reads_no_data(hf_dirs, monkeypatch):
     def no_reading(*args, **kwargs):
         raise AssertionError("weight data was read")
 
-    monkeypatch.setattr(checkpoint._SafetensorsSource, "tensors", no_reading)
+    monkeypatch.setattr(checkpoint.SafetensorsSource, "tensors", no_reading)
     model = load(path, device="meta", dtype="bfloat16")
     assert all(p.is_meta and p.dtype == torch.bfloat16 for p in model.parameters())
     with pytest.raises(ValueError, match="meta device"):

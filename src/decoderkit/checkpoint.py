@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from decoderkit.checkpoint_sources import (
-    _SHOWN,
+    SHOWN,
+    SafetensorsSource,
+    Source,
     StoredTensor,
-    _listing,
-    _open_gguf,
-    _SafetensorsSource,
-    _Source,
-    _TorchBinSource,
+    TorchBinSource,
+    listing,
+    open_gguf_source,
 )
 from decoderkit.config import DecoderConfig, read_config_json
 from decoderkit.families import Family, get_family
@@ -185,7 +185,7 @@ def weight_files(directory: Path) -> tuple[list[Path], str, dict[str, str] | Non
             files = sorted({directory / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
-                raise FileNotFoundError(f"{index} names shard files that are missing: {_listing(missing)}")
+                raise FileNotFoundError(f"{index} names shard files that are missing: {listing(missing)}")
             return files, fmt, weight_map
         if (directory / single).exists():
             return [directory / single], fmt, None
@@ -236,17 +236,17 @@ def load_pretrained(
     quantize, native = resolve_load_quantization(quantization, is_gguf, device)
     directory: Path | None = None
     if is_gguf:
-        source, hf_config = _open_gguf(location, explicit, native)
+        source, hf_config = open_gguf_source(location, explicit, native)
         native = source.native
     elif location.is_dir():
         directory = location
         if not (location / "config.json").exists() and (ggufs := sorted(p.name for p in location.glob("*.gguf"))):
-            raise FileNotFoundError(f"{location}: no config.json found; it holds GGUF files ({_listing(ggufs)}): "
+            raise FileNotFoundError(f"{location}: no config.json found; it holds GGUF files ({listing(ggufs)}): "
                                     "pass gguf_file=<name> to load one")
         hf_config = read_config_json(location)
         files, fmt, weight_map = weight_files(location)
-        source = (_SafetensorsSource(files, weight_map, str(location)) if fmt == "safetensors"
-                  else _TorchBinSource(files, str(location)))
+        source = (SafetensorsSource(files, weight_map, str(location)) if fmt == "safetensors"
+                  else TorchBinSource(files, str(location)))
     else:
         raise ValueError(f"{location}: expected a model directory (with config.json) or a .gguf file")
     config = prepare_config(config if config is not None else hf_config, attn_implementation, overrides)
@@ -375,25 +375,25 @@ class _Plan:
         problems = []
         if self.unexpected:
             problems.append(f"{len(self.unexpected)} weights that a {self.model_type} model does not have: "
-                            f"{_listing(self.unexpected)}")
+                            f"{listing(self.unexpected)}")
         if self.mismatched:
-            problems.append(f"{len(self.mismatched)} shape mismatches: " + "; ".join(self.mismatched[:_SHOWN])
-                            + (" ..." if len(self.mismatched) > _SHOWN else ""))
+            problems.append(f"{len(self.mismatched)} shape mismatches: " + "; ".join(self.mismatched[:SHOWN])
+                            + (" ..." if len(self.mismatched) > SHOWN else ""))
         missing = [n for n in self.expected if n not in self.found and n.split(".")[0] not in HEAD_ROLES]
         if missing:
-            problems.append(f"{len(missing)} weights missing from the checkpoint: {_listing(missing)}")
+            problems.append(f"{len(missing)} weights missing from the checkpoint: {listing(missing)}")
         if problems:
             raise ValueError(f"{self.label}: the checkpoint does not fit the {self.model_type} config: "
                              + "; ".join(problems))
         if self.unused_heads:
-            logger.info("%s: head weights not used by this model: %s", self.label, _listing(self.unused_heads))
+            logger.info("%s: head weights not used by this model: %s", self.label, listing(self.unused_heads))
             self.unused_heads = []
 
     def missing_heads(self) -> list[str]:
         return [n for n in self.expected if n not in self.found]
 
 
-def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch.device,
+def _materialise(plan: _Plan, source: Source, dtype: torch.dtype, device: torch.device,
                  progress: bool | None, converters: dict[str, Any]) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 

@@ -22,15 +22,16 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_SHOWN = 5  # names listed in an error before "..."
+SHOWN = 5  # names listed in an error before "..."
 
 
-def _listing(names: list[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+def listing(names: list[str]) -> str:
+    """The first few names, comma-separated, and how many there are in all when that is more."""
+    return ", ".join(names[:SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN else "")
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
     """One tensor of a checkpoint, as its header describes it."""
 
     name: str
@@ -42,12 +43,12 @@ class _Entry:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
 
-class _Source:
+class Source:
     """A checkpoint's tensors by their (transformers) names."""
 
     label: str
     # None when the names are known only while reading (GGUF, whose reader validates its own file up front).
-    entries: list[_Entry] | None = None
+    entries: list[Entry] | None = None
     checkpoint_dtype: torch.dtype | None = None
     # True when each tensor produced is new memory that the model may keep as it is (no mapping, no sharing).
     fresh = False
@@ -61,7 +62,7 @@ class _Source:
         raise NotImplementedError
 
 
-def _first_float(entries: list[_Entry]) -> torch.dtype | None:
+def _first_float(entries: list[Entry]) -> torch.dtype | None:
     return next((e.dtype for e in entries if e.dtype.is_floating_point), None)
 
 
@@ -80,7 +81,7 @@ class StoredTensor:
     * `read()`: the whole tensor, read into a buffer reused for the next one (or into new memory).
     """
 
-    def __init__(self, entry: _Entry, source: _SafetensorsSource, offset: int, fh: Any, handle: Any) -> None:
+    def __init__(self, entry: Entry, source: SafetensorsSource, offset: int, fh: Any, handle: Any) -> None:
         self.entry, self.source, self.offset, self.fh, self.handle = entry, source, offset, fh, handle
 
     def mapped(self) -> torch.Tensor:
@@ -104,7 +105,7 @@ class StoredTensor:
         return raw.view(self.entry.dtype).reshape(self.entry.shape)
 
 
-class _SafetensorsSource(_Source):
+class SafetensorsSource(Source):
     """safetensors files: safe_open validates each one (header, truncation) before anything is read; each tensor is
     then a `StoredTensor`, memory-mapped where the model keeps it as stored and read with plain file reads otherwise.
 
@@ -115,7 +116,7 @@ class _SafetensorsSource(_Source):
 
     def __init__(self, files: list[Path], weight_map: dict[str, str] | None, label: str) -> None:
         self.files, self.label, self.entries = files, label, []
-        self.layout: dict[Path, list[tuple[int, _Entry]]] = {}
+        self.layout: dict[Path, list[tuple[int, Entry]]] = {}
         self.file_of: dict[str, Path] = {}
         self.pinned = False
         self._staging: torch.Tensor | None = None
@@ -132,7 +133,7 @@ class _SafetensorsSource(_Source):
                 if dtype is None:
                     raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which decoderkit does not read")
                 begin, end = info["data_offsets"]
-                rows.append((data_start + begin, _Entry(name, tuple(info["shape"]), dtype, end - begin)))
+                rows.append((data_start + begin, Entry(name, tuple(info["shape"]), dtype, end - begin)))
                 self.file_of[name] = file
             rows.sort(key=lambda row: row[0])
             self.layout[file] = rows
@@ -140,7 +141,7 @@ class _SafetensorsSource(_Source):
             if weight_map is not None:
                 stray = [n for n, f in weight_map.items() if f == file.name and n not in names]
                 if stray:
-                    raise ValueError(f"{label}: the shard index puts {_listing(stray)} in {file.name}, which does "
+                    raise ValueError(f"{label}: the shard index puts {listing(stray)} in {file.name}, which does "
                                      "not contain them; the index and the shards come from different saves")
         self.checkpoint_dtype = _first_float(self.entries)
 
@@ -191,7 +192,7 @@ def _read_exactly(fh: Any, offset: int, out: torch.Tensor, file: Path) -> None:
         done += n
 
 
-class _TorchBinSource(_Source):
+class TorchBinSource(Source):
     def __init__(self, files: list[Path], label: str) -> None:
         self.files, self.label, self.entries = files, label, []
         owners: dict[str, Path] = {}
@@ -199,7 +200,7 @@ class _TorchBinSource(_Source):
             state = _torch_load(file)
             _claim(owners, state, file, label)
             for name, tensor in state.items():
-                self.entries.append(_Entry(name, tuple(tensor.shape), tensor.dtype,
+                self.entries.append(Entry(name, tuple(tensor.shape), tensor.dtype,
                                            tensor.numel() * tensor.element_size()))
         self.checkpoint_dtype = _first_float(self.entries)
 
@@ -242,7 +243,7 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class _GGUFSource(_Source):
+class GGUFSource(Source):
     # native: quantized tensors come out as GGUFBlocks (gguf-native loading) instead of dequantized floats
     native = False
     fresh = True  # dequantized (or copied out of the read-only map) one tensor at a time
@@ -265,7 +266,7 @@ class _GGUFSource(_Source):
                 yield name, tensor, nbytes
 
 
-def _open_gguf(file: Path, dtype: torch.dtype | None, native: bool) -> tuple[_GGUFSource, dict[str, Any]]:
+def open_gguf_source(file: Path, dtype: torch.dtype | None, native: bool) -> tuple[GGUFSource, dict[str, Any]]:
     from decoderkit.gguf_model import FLOAT_TYPES, gguf_config, open_gguf
 
     reader = open_gguf(file)
@@ -274,7 +275,7 @@ def _open_gguf(file: Path, dtype: torch.dtype | None, native: bool) -> tuple[_GG
     native = native and any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
     dtype = dtype or (torch.bfloat16 if native else torch.float32)
     config = gguf_config(reader, dtype)
-    source = _GGUFSource(reader, config, dtype, str(file))
+    source = GGUFSource(reader, config, dtype, str(file))
     source.native = native
     return source, config
 
