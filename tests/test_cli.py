@@ -376,7 +376,7 @@ def test_hub_id_missing_from_the_cache_while_offline(capsys, monkeypatch, tmp_pa
     (["chat", "--max-new-tokens", "128"], 2, "leaves no room for the conversation"),
     (["generate", "--model", "NOTACHECKPOINT", "hi"], 1, "not a model checkpoint (no config.json"),
     (["generate", "--model", "NOTGGUF", "hi"], 1, "not a model checkpoint (expected a directory"),
-    (["info", "BOGUS.gguf"], 1, "not a valid GGUF file"),
+    (["info", "BOGUS.gguf"], 1, "truncated or corrupt GGUF file"),
 ])
 def test_bad_input(capsys, tmp_path, tiny_model, args, code, message):
     (tmp_path / "empty").mkdir()

@@ -3,11 +3,14 @@
 Loading happens in two passes. The *plan* reads only the checkpoint's names, shapes and dtypes (safetensors headers,
 pickled metadata of a memory-mapped ``.bin``) and maps them onto a model built on the meta device, so every problem
 (unexpected or missing weights, a shape that does not fit the config, a truncated file) is reported before a byte of
-weight data is read. The *materialise* pass then reads each tensor once, in file order, into its final place: a
-safetensors tensor already in the target dtype is read straight into the memory the model keeps; any other is read
-into one reused buffer (a memory-mapped ``.bin``: its mapping) and copied into the target dtype and device. Nothing is
-randomly initialised and thrown away, and peak memory stays near the size of the weights in the target dtype
-(benchmarks/load.py measures it).
+weight data is read. The *materialise* pass then takes each tensor once, in file order, into its final place: a
+safetensors tensor already in the target dtype (on the CPU) stays in safetensors' private memory map of the file,
+nothing copied (writing to it, as training does, copies the written pages and leaves the file alone); one in another
+dtype, or bound for another device, is read and converted a few megabytes at a time straight into its final tensor; a
+tensor a family must reshape (fused projections) is read whole into one reused buffer (a memory-mapped ``.bin``: its
+mapping) and copied into the target dtype and device. Nothing is randomly initialised and thrown away, and peak memory
+stays near the size of the weights in the target dtype (benchmarks/load.py measures it; the sources live in
+`decoderkit.checkpoint_sources`).
 """
 
 from __future__ import annotations
@@ -18,19 +21,25 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from decoderkit.checkpoint_sources import (
+    SHOWN,
+    SafetensorsSource,
+    Source,
+    StoredTensor,
+    TorchBinSource,
+    listing,
+    open_gguf_source,
+)
 from decoderkit.config import DecoderConfig, read_config_json
 from decoderkit.families import Family, get_family
 
 if TYPE_CHECKING:
-    import gguf
-
     from decoderkit.model import PreTrainedDecoder
 
 logger = logging.getLogger(__name__)
@@ -46,12 +55,6 @@ SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Every weight file a save of ours (or of transformers) may leave behind; a new save removes the old ones.
 WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_SHOWN = 5  # names listed in an error before "..."
 
 
 def resolve_dtype(dtype: Any, config: DecoderConfig | None = None) -> torch.dtype | None:
@@ -182,7 +185,7 @@ def weight_files(directory: Path) -> tuple[list[Path], str, dict[str, str] | Non
             files = sorted({directory / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
-                raise FileNotFoundError(f"{index} names shard files that are missing: {_listing(missing)}")
+                raise FileNotFoundError(f"{index} names shard files that are missing: {listing(missing)}")
             return files, fmt, weight_map
         if (directory / single).exists():
             return [directory / single], fmt, None
@@ -200,212 +203,6 @@ def _pairs_to_dict(pairs: list[tuple[str, Any]], twice: list[tuple[str, Any, Any
         out[key] = value
     return out
 
-
-def _listing(names: list[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
-
-
-# ---------------------------------------------------------------------------------------------- checkpoint sources
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of a checkpoint, as its header describes it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-
-    def meta(self) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, device="meta")
-
-
-class _Source:
-    """A checkpoint's tensors by their (transformers) names."""
-
-    label: str
-    # None when the names are known only while reading (GGUF, whose reader validates its own file up front).
-    entries: list[_Entry] | None = None
-    checkpoint_dtype: torch.dtype | None = None
-    # True when each tensor produced is new memory that the model may keep as it is (no mapping, no sharing).
-    fresh = False
-
-    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
-                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
-        """(name, tensor, bytes read) for each wanted name; each tensor is valid until the next one is produced.
-
-        `reuse`: the caller copies each tensor before asking for the next, so one buffer may serve them all.
-        `pinned`: read into page-locked memory (faster copies to a GPU).
-        """
-        raise NotImplementedError
-
-
-def _first_float(entries: list[_Entry]) -> torch.dtype | None:
-    return next((e.dtype for e in entries if e.dtype.is_floating_point), None)
-
-
-class _SafetensorsSource(_Source):
-    """safetensors files: safe_open validates each one (header, truncation) before anything is read; the data is then
-    read with plain file reads straight into fresh tensors, in file order.
-
-    Why not copy out of a memory map: the pages of a mapping count in the process's RSS for as long as the file stays
-    mapped (twice the weights at the peak when converting dtype), and copying a 555 MiB file out of safetensors'
-    mapping took 1.1 s where read() into the destination tensors took 0.28 s (the checkpoint of benchmarks/load.py).
-    """
-
-    fresh = True
-
-    def __init__(self, files: list[Path], weight_map: dict[str, str] | None, label: str) -> None:
-        self.files, self.label, self.entries = files, label, []
-        self.layout: dict[Path, list[tuple[int, _Entry]]] = {}
-        owners: dict[str, Path] = {}
-        for file in files:
-            with _safe_open(file) as f:
-                names = set(f.keys())
-            _claim(owners, names, file, label)
-            data_start, header = _safetensors_header(file)
-            rows = []
-            for name in names:
-                info = header[name]
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which decoderkit does not read")
-                begin, end = info["data_offsets"]
-                rows.append((data_start + begin, _Entry(name, tuple(info["shape"]), dtype, end - begin)))
-            rows.sort(key=lambda row: row[0])
-            self.layout[file] = rows
-            self.entries += [entry for _, entry in rows]
-            if weight_map is not None:
-                stray = [n for n, f in weight_map.items() if f == file.name and n not in names]
-                if stray:
-                    raise ValueError(f"{label}: the shard index puts {_listing(stray)} in {file.name}, which does "
-                                     "not contain them; the index and the shards come from different saves")
-        self.checkpoint_dtype = _first_float(self.entries)
-
-    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
-                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
-        staging = None
-        if reuse or pinned:
-            # Fresh memory costs a page fault per page on first write; one buffer for all tensors pays that once.
-            largest = max((e.nbytes for e in self.entries if wanted(e.name)), default=0)
-            staging = torch.empty(largest, dtype=torch.uint8, pin_memory=pinned)
-        for file, rows in self.layout.items():
-            with open(file, "rb", buffering=0) as fh:
-                for offset, entry in rows:
-                    if wanted(entry.name):
-                        raw = staging[: entry.nbytes] if staging is not None else torch.empty(entry.nbytes,
-                                                                                             dtype=torch.uint8)
-                        _read_exactly(fh, offset, raw, file)
-                        yield entry.name, raw.view(entry.dtype).reshape(entry.shape), entry.nbytes
-
-
-def _safe_open(file: Path) -> Any:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(file, framework="pt")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file}: corrupt or truncated safetensors file ({err}); download or save it again") from None
-
-
-def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(where the data starts, the JSON header) of a file safe_open has already validated."""
-    with open(file, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        return 8 + size, json.loads(fh.read(size))
-
-
-def _read_exactly(fh: Any, offset: int, out: torch.Tensor, file: Path) -> None:
-    view = memoryview(out.numpy())
-    fh.seek(offset)
-    done = 0
-    while done < len(view):  # one read() returns at most ~2 GiB on Linux
-        n = fh.readinto(view[done:])
-        if not n:
-            raise ValueError(f"{file}: truncated while reading (the file changed while loading?)")
-        done += n
-
-
-class _TorchBinSource(_Source):
-    def __init__(self, files: list[Path], label: str) -> None:
-        self.files, self.label, self.entries = files, label, []
-        owners: dict[str, Path] = {}
-        for file in files:
-            state = _torch_load(file)
-            _claim(owners, state, file, label)
-            for name, tensor in state.items():
-                self.entries.append(_Entry(name, tuple(tensor.shape), tensor.dtype,
-                                           tensor.numel() * tensor.element_size()))
-        self.checkpoint_dtype = _first_float(self.entries)
-
-    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
-                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
-        for file in self.files:
-            # Memory-mapped: pages are read when copied, and released with the shard's dict.
-            state = _torch_load(file)
-            for name in list(state):
-                tensor = state.pop(name)
-                if wanted(name):
-                    yield name, tensor, tensor.numel() * tensor.element_size()
-            del state
-
-
-def _claim(owners: dict[str, Path], names: Iterable[str], file: Path, label: str) -> None:
-    """Record that `file` holds `names`; ValueError when another shard already holds one of them (which copy would
-    be loaded would depend on the reading order)."""
-    for name in sorted(names):
-        if name in owners:
-            raise ValueError(f"{label}: tensor {name} is in two shard files, {owners[name].name} and {file.name}; "
-                             "each tensor must be in exactly one shard")
-        owners[name] = file
-
-
-def _torch_load(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            # Files written before torch 1.6 (legacy, non-zip format) cannot be memory-mapped.
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{file}: unreadable PyTorch checkpoint ({type(err).__name__}: {err}); only plain tensor "
-                         "state dicts are read (torch.load weights_only=True)") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
-    return state
-
-
-class _GGUFSource(_Source):
-    # native: quantized tensors come out as GGUFBlocks (gguf-native loading) instead of dequantized floats
-    native = False
-
-    def __init__(self, reader: gguf.GGUFReader, config: dict[str, Any], dtype: torch.dtype, label: str) -> None:
-        self.reader, self.config, self.dtype, self.label = reader, config, dtype, label
-
-    def tensors(self, wanted: Callable[[str], bool], pinned: bool = False,
-                reuse: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
-        from decoderkit.gguf_model import iter_gguf_tensors
-
-        sizes = iter(int(t.n_bytes) for t in self.reader.tensors if t.name != "rope_freqs.weight")
-        for name, tensor in iter_gguf_tensors(self.reader, self.config, self.dtype, native=self.native):
-            nbytes = next(sizes, 0)
-            if wanted(name):
-                yield name, tensor, nbytes
-
-
-def _open_gguf(file: Path, dtype: torch.dtype | None, native: bool) -> tuple[_GGUFSource, dict[str, Any]]:
-    from decoderkit.gguf_model import FLOAT_TYPES, gguf_config, open_gguf
-
-    reader = open_gguf(file)
-    # Kept quantized only where there is something quantized; then the activations default to bfloat16, the dtype
-    # torch's int8 / int4 CPU kernels are fast in (a float file keeps float32, which holds its values exactly)
-    native = native and any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
-    dtype = dtype or (torch.bfloat16 if native else torch.float32)
-    config = gguf_config(reader, dtype)
-    source = _GGUFSource(reader, config, dtype, str(file))
-    source.native = native
-    return source, config
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -439,17 +236,17 @@ def load_pretrained(
     quantize, native = resolve_load_quantization(quantization, is_gguf, device)
     directory: Path | None = None
     if is_gguf:
-        source, hf_config = _open_gguf(location, explicit, native)
+        source, hf_config = open_gguf_source(location, explicit, native)
         native = source.native
     elif location.is_dir():
         directory = location
         if not (location / "config.json").exists() and (ggufs := sorted(p.name for p in location.glob("*.gguf"))):
-            raise FileNotFoundError(f"{location}: no config.json found; it holds GGUF files ({_listing(ggufs)}): "
+            raise FileNotFoundError(f"{location}: no config.json found; it holds GGUF files ({listing(ggufs)}): "
                                     "pass gguf_file=<name> to load one")
         hf_config = read_config_json(location)
         files, fmt, weight_map = weight_files(location)
-        source = (_SafetensorsSource(files, weight_map, str(location)) if fmt == "safetensors"
-                  else _TorchBinSource(files, str(location)))
+        source = (SafetensorsSource(files, weight_map, str(location)) if fmt == "safetensors"
+                  else TorchBinSource(files, str(location)))
     else:
         raise ValueError(f"{location}: expected a model directory (with config.json) or a .gguf file")
     config = prepare_config(config if config is not None else hf_config, attn_implementation, overrides)
@@ -578,43 +375,48 @@ class _Plan:
         problems = []
         if self.unexpected:
             problems.append(f"{len(self.unexpected)} weights that a {self.model_type} model does not have: "
-                            f"{_listing(self.unexpected)}")
+                            f"{listing(self.unexpected)}")
         if self.mismatched:
-            problems.append(f"{len(self.mismatched)} shape mismatches: " + "; ".join(self.mismatched[:_SHOWN])
-                            + (" ..." if len(self.mismatched) > _SHOWN else ""))
+            problems.append(f"{len(self.mismatched)} shape mismatches: " + "; ".join(self.mismatched[:SHOWN])
+                            + (" ..." if len(self.mismatched) > SHOWN else ""))
         missing = [n for n in self.expected if n not in self.found and n.split(".")[0] not in HEAD_ROLES]
         if missing:
-            problems.append(f"{len(missing)} weights missing from the checkpoint: {_listing(missing)}")
+            problems.append(f"{len(missing)} weights missing from the checkpoint: {listing(missing)}")
         if problems:
             raise ValueError(f"{self.label}: the checkpoint does not fit the {self.model_type} config: "
                              + "; ".join(problems))
         if self.unused_heads:
-            logger.info("%s: head weights not used by this model: %s", self.label, _listing(self.unused_heads))
+            logger.info("%s: head weights not used by this model: %s", self.label, listing(self.unused_heads))
             self.unused_heads = []
 
     def missing_heads(self) -> list[str]:
         return [n for n in self.expected if n not in self.found]
 
 
-def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch.device,
+def _materialise(plan: _Plan, source: Source, dtype: torch.dtype, device: torch.device,
                  progress: bool | None, converters: dict[str, Any]) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
     from decoderkit.gguf_model import GGUFBlocks
 
-    total = sum(e.nbytes for e in source.entries if e.name in plan.needed) if source.entries is not None else None
     if source.entries is None:
+        total = source.total_bytes
         wanted: Callable[[str], bool] = lambda name: True  # noqa: E731 - GGUF: names are checked as they arrive
     else:
+        total = sum(e.nbytes for e in source.entries if e.name in plan.needed)
         wanted = plan.needed.__contains__
-    # A checkpoint read into fresh CPU memory in the target dtype becomes the model's own tensors without a copy;
-    # otherwise every tensor is copied (converted, moved) out of one reused read buffer.
-    keep = source.fresh and device.type == "cpu" and source.checkpoint_dtype == dtype
+    # A tensor produced in fresh CPU memory in the target dtype becomes the model's own without a copy.
+    keep = source.fresh and device.type == "cpu"
     state: dict[str, torch.Tensor] = {}
-    # disable=None: tqdm shows the bar only when stderr is a terminal.
     with tqdm(total=total, desc=f"loading {os.path.basename(source.label)}", unit="B", unit_scale=True,
-              leave=False, disable=None if progress is None else not progress) as bar:
-        for hf_name, tensor, nbytes in source.tensors(wanted, pinned=device.type == "cuda", reuse=not keep):
+              leave=False, **progress_bar_options(progress)) as bar:
+        for hf_name, tensor, nbytes in source.tensors(wanted, pinned=device.type == "cuda"):
+            if isinstance(tensor, StoredTensor):
+                if _place_stored(plan, state, hf_name, tensor, dtype, device, converters):
+                    bar.update(nbytes)
+                    continue
+                # reshaped by the family, or quantized: whole, into the reused buffer unless a quantizer may keep it
+                tensor = tensor.read(keep=bool(converters))
             blocks = tensor if isinstance(tensor, GGUFBlocks) else None
             if blocks is not None:
                 tensor = blocks.codes
@@ -636,8 +438,8 @@ def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch
                 if isinstance(value, GGUFBlocks):  # a quantized tensor of a layer that stays float
                     value = value.dequantize()
                 want = dtype if value.is_floating_point() else value.dtype
-                if keep and value is tensor and value.dtype == want:
-                    state[name] = value  # read straight into its final place: no copy at all
+                if keep and value is tensor and value.dtype == want and value.is_contiguous():
+                    state[name] = value  # produced straight into its final place: no copy at all
                     continue
                 # One copy, straight into the final dtype and device; the source tensor is released after.
                 out = torch.empty(value.shape, device=device, dtype=want)
@@ -646,6 +448,38 @@ def _materialise(plan: _Plan, source: _Source, dtype: torch.dtype, device: torch
             bar.update(nbytes)
             tensor = value = None  # a converted tensor's source is freed before the next one is read
     return state
+
+
+def _place_stored(plan: _Plan, state: dict[str, torch.Tensor], hf_name: str, stored: StoredTensor,
+                  dtype: torch.dtype, device: torch.device, converters: dict[str, Any]) -> bool:
+    """Place a safetensors tensor that only changes its name on the way in; False when it needs the whole tensor."""
+    placeholder = stored.entry.meta()
+    pairs = plan.translate(hf_name, placeholder)
+    if len(pairs) != 1 or pairs[0][1] is not placeholder or pairs[0][0] in converters:
+        return False
+    name = pairs[0][0]
+    if name not in plan.expected or name in state:
+        return True
+    stored_dtype = stored.entry.dtype
+    want = dtype if stored_dtype.is_floating_point else stored_dtype
+    if device.type == "cpu" and stored_dtype == want:
+        state[name] = stored.mapped()
+    else:
+        out = torch.empty(stored.entry.shape, dtype=want, device=device)
+        stored.read_into(out)
+        state[name] = out
+    return True
+
+
+def progress_bar_options(progress: bool | None) -> dict[str, Any]:
+    """tqdm keywords for a loading bar: `progress` True shows it, False hides it, None (the default) shows it on a
+    terminal only, and only once a load has taken a second; DECODERKIT_NO_PROGRESS=1 hides it unless asked for."""
+    if progress is None and _env_true("DECODERKIT_NO_PROGRESS"):
+        progress = False
+    if progress is None:
+        # disable=None: tqdm checks that its stream (stderr) is a terminal
+        return {"disable": None, "delay": 1.0}
+    return {"disable": not progress}
 
 
 def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], missing: list[str], device: torch.device,

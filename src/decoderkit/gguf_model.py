@@ -19,8 +19,9 @@ adds what llama.cpp's ``convert_hf_to_gguf.py`` changed on the way in, and undoe
 * **Llama 3 rope scaling** is stored as a ``rope_freqs`` tensor (per-frequency divisors) instead of config values; the
   ``llama3`` rope parameters are recovered from it.
 
-Tensors are read lazily: ``gguf.GGUFReader`` memory-maps the file, and ``iter_gguf_tensors`` dequantizes one tensor at a
-time, so a loader can materialise (or move to a device) each tensor before the next is decoded.
+Tensors are read lazily: ``open_gguf`` memory-maps the file (``decoderkit.gguf_file``), and ``iter_gguf_tensors``
+dequantizes one tensor at a time, so a loader can materialise (or move to a device) each tensor before the next is
+decoded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, Keys
+
+from decoderkit.gguf_file import GGUFFile
 
 if TYPE_CHECKING:
     from decoderkit.families.base import Family
@@ -61,10 +64,6 @@ __all__ = [
 # GGUF tensors that are not model parameters in transformers; ``gguf_config`` folds them into the config instead.
 _ROPE_FREQS = "rope_freqs.weight"
 
-# Any of these out of a parse means the bytes are not a well-formed GGUF file (found by truncating and mutating
-# files): the reader indexes past the end of the memory map, reshapes short buffers, decodes garbage strings, ...
-_PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError)
-
 
 @dataclass
 class GGUFCheckpoint:
@@ -74,13 +73,13 @@ class GGUFCheckpoint:
         config: a transformers ``config.json``-style dict (``model_type``, ``architectures``, sizes, rope parameters,
             ``tie_word_embeddings``, special token ids, ``dtype``).
         state_dict: transformers parameter name -> dequantized tensor in HF layout.
-        reader: the open ``gguf.GGUFReader``; the tokenizer code reads ``tokenizer.ggml.*`` fields from it.
+        reader: the open file (`GGUFFile`); the tokenizer code reads ``tokenizer.ggml.*`` fields from it.
         path: the file that was read.
     """
 
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
-    reader: gguf.GGUFReader
+    reader: GGUFFile
     path: Path
 
 
@@ -91,7 +90,7 @@ class GGUFCheckpoint:
 class GGUFMetadata:
     """Typed access to one file's metadata, with errors that name the file and the key."""
 
-    def __init__(self, reader: gguf.GGUFReader):
+    def __init__(self, reader: GGUFFile | gguf.GGUFReader):
         self.reader = reader
         self.path = _reader_path(reader)
         self.arch = self.get(Keys.General.ARCHITECTURE, str)
@@ -117,8 +116,8 @@ class GGUFMetadata:
         return None if tensor is None else tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
-def _reader_path(reader: gguf.GGUFReader) -> str:
-    return str(getattr(reader.data, "filename", None) or "<GGUF file>")
+def _reader_path(reader: GGUFFile | gguf.GGUFReader) -> str:
+    return str(getattr(reader, "path", None) or getattr(reader.data, "filename", None) or "<GGUF file>")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -421,30 +420,25 @@ def _release(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> None:
 # Public API
 
 
-def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
-    """Open (memory-map) a GGUF file, turning parse failures into one ValueError.
+def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Open (memory-map) a GGUF file: its metadata parsed, its tensors left in the map (see `decoderkit.gguf_file`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file.
-        ValueError: the file is not a valid GGUF file (wrong magic, truncated, corrupt), is big-endian, or is one
+        ValueError: the file is truncated or corrupt ("truncated or corrupt GGUF file"), is big-endian, or is one
             part of a split model.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, f"GGUF file not found: {path}", str(path))
-    try:
-        reader = gguf.GGUFReader(path)
-    except _PARSE_ERRORS as e:
-        raise ValueError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from e
-    if reader.byte_order != "I":
-        raise ValueError(f"{path}: big-endian GGUF files are not supported")
+    reader = GGUFFile(path)
     split = reader.get_field(Keys.Split.LLM_KV_SPLIT_COUNT)
     if split is not None and split.contents() > 1:
         raise ValueError(f"{path}: is one part of a split GGUF model; merge it first (llama-gguf-split --merge)")
     return reader
 
 
-def gguf_config(reader: gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def gguf_config(reader: GGUFFile | gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Build a transformers ``config.json``-style dict from a GGUF file's metadata.
 
     Args:
@@ -460,7 +454,7 @@ def gguf_config(reader: gguf.GGUFReader, dtype: torch.dtype = torch.float32) -> 
     embed = meta.shape("token_embd.weight")
     vocab = embed[0] if embed else meta.get(Keys.LLM.VOCAB_SIZE, int, None)
     if vocab is None and (tokens := reader.get_field(Keys.Tokenizer.LIST)) is not None:
-        vocab = len(tokens.data)
+        vocab = len(tokens.contents())
     if vocab is None:
         raise ValueError(f"{meta.path}: cannot tell the vocabulary size (no token_embd tensor, vocab_size or tokens)")
     config["vocab_size"] = vocab
@@ -526,9 +520,9 @@ def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: not a valid GGUF file; an architecture other than ``SUPPORTED_ARCHITECTURES``; a tensor type the
-            ``gguf`` package cannot dequantize (the message names the tensor and type); metadata the config needs is
-            missing.
+        ValueError: a truncated or corrupt GGUF file; an architecture other than ``SUPPORTED_ARCHITECTURES``; a
+            tensor type the ``gguf`` package cannot dequantize (the message names the tensor and type); metadata the
+            config needs is missing.
     """
     reader = open_gguf(path)
     config = gguf_config(reader, dtype)

@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from decoderkit.checkpoint import _listing
+from decoderkit.checkpoint_sources import listing as _listing
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 RUN_FILES = frozenset({"final", "merged", "log.jsonl", "loss_curve.png"})
