@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -539,15 +541,25 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
     if not path.exists():
         raise SystemExit(f"decoderkit serve: error: model {path} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    group = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
-                                                     quantization=args.quantize)
+        if getattr(args, "tensor_parallel", 1) > 1:
+            from decoderkit.parallel.launch import start_tensor_parallel
+
+            group = start_tensor_parallel(path, args.tensor_parallel, dtype=args.dtype, device=device,
+                                          quantization=args.quantize)
+            model = group.model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
+                                                         quantization=args.quantize)
     except ValueError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                     max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                     max_queue=args.max_queue)
+    if group is not None:
+        group.attach_engine(engine)
     return engine, args.served_model_name or path.resolve().name, path.resolve()
 
 
