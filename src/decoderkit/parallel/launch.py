@@ -32,7 +32,8 @@ import torch.multiprocessing as mp
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 120.0
+# How long a collective may wait for a silent rank before it fails (a rank that dies fails the others at once).
+DEFAULT_TIMEOUT_S = float(os.environ.get("DECODERKIT_TP_TIMEOUT", "120"))
 
 
 class TensorParallelError(RuntimeError):
