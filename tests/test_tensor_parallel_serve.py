@@ -1,8 +1,11 @@
-"""The server with `--tensor-parallel 2`: an `openai` client gets the single-process answers; a killed follower rank
-turns the server to 503 within the timeout; a killed server (rank 0) makes its follower exit; nothing is left behind."""
+"""`--tensor-parallel 2` from the command line: `decoderkit generate` samples what one process samples (rank 0's
+generator state is replayed on rank 1); the server answers an `openai` client as one process does; a killed follower
+rank turns the server to 503 within the timeout; a killed server (rank 0) makes its follower exit; nothing is left
+behind; a size that does not split the model is refused before any process starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +17,7 @@ import httpx
 import openai
 import pytest
 import test_serve
+from test_cli import assert_clean_failure, run_cli
 
 from decoderkit import AutoModelForCausalLM
 from decoderkit.serve.engine import Engine, SamplingParams
@@ -131,3 +135,20 @@ def test_a_killed_rank_zero_makes_the_follower_exit(model_dir):
         while _alive(follower):
             assert time.monotonic() < deadline, f"follower rank still running {TIMEOUT_S} s after rank 0 died"
             time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_generate_samples_the_same_tokens_on_two_ranks(model_dir):
+    args = ("generate", "-m", str(model_dir), "--json", "--do-sample", "--seed", "3", "--temperature", "1.5",
+            "--max-new-tokens", "12", PROMPTS[0])
+    env = {"DECODERKIT_TP_TIMEOUT": str(TIMEOUT_S), "OMP_NUM_THREADS": "1"}
+    one, two = run_cli(*args, env=env), run_cli(*args, "--tensor-parallel", "2", env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    completions = [json.loads(p.stdout)["completions"] for p in (one, two)]
+    assert completions[0] == completions[1]
+    assert completions[0][0]
+
+
+def test_a_size_that_does_not_split_the_model_is_refused_at_once(model_dir):
+    proc = run_cli("generate", "-m", str(model_dir), "--tensor-parallel", "3", PROMPTS[0])
+    assert_clean_failure(proc, 1, "tensor-parallel size 3 does not split this model: num_attention_heads=4")
