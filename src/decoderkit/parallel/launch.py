@@ -190,10 +190,14 @@ class TensorParallelGroup:
                 status, detail = pipe.recv()
                 if status != "ready":
                     raise TensorParallelError(detail)
-        except BaseException:
+        except BaseException as err:
+            # A follower that failed first (its own error, reported on its pipe) explains rank 0's broken collective
+            reported = [] if isinstance(err, (ValueError, TensorParallelError)) else _reported_errors(pipes)
             _stop_processes(processes, pipes)
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if reported:
+                raise TensorParallelError("; ".join(reported)) from err
             raise
         return cls(model, processes, pipes)
 
@@ -286,6 +290,19 @@ class _MirroredRunner:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
+
+
+def _reported_errors(pipes: list[multiprocessing.connection.Connection], wait_s: float = 2.0) -> list[str]:
+    errors = []
+    for pipe in pipes:
+        try:
+            if pipe.poll(wait_s):
+                status, detail = pipe.recv()
+                if status == "error":
+                    errors.append(detail)
+        except (EOFError, OSError):
+            pass
+    return errors
 
 
 def _stop_processes(processes: list[Any], pipes: list[multiprocessing.connection.Connection],
