@@ -50,16 +50,25 @@ class PreTrainedDecoder(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = None, torch_dtype: Any = None,
         attn_implementation: str | None = None, device: str | torch.device | None = None,
-        quantization: Any = None, **kwargs: Any,
+        quantization: Any = None, tp_plan: str | None = None, **kwargs: Any,
     ) -> PreTrainedDecoder:
         """Load a Hugging Face model directory, a hub id in the local cache, or a `.gguf` file.
 
         `quantization`: None (a GGUF file's quantized tensors stay packed on CPU; an HF checkpoint stays float),
         "none" (all float), "int8", "int4" or a `QuantizationConfig` (weights quantized as they are read). `dtype`
         names the activation dtype of a quantized model.
+        `tp_plan="auto"`: tensor-parallel over the ranks of the torch.distributed process group (started by
+        `torchrun --nproc-per-node N`, as transformers does); each rank reads and keeps only its shard of the weights
+        (see `decoderkit.parallel`).
         """
         from decoderkit.checkpoint import load_pretrained
 
+        if tp_plan is not None:
+            from decoderkit.parallel.loading import load_tensor_parallel
+
+            return load_tensor_parallel(cls, path, tp_plan=tp_plan, dtype=dtype if dtype is not None else torch_dtype,
+                                        attn_implementation=attn_implementation, device=device,
+                                        quantization=quantization, **kwargs)
         return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype,
                                attn_implementation=attn_implementation, device=device, quantization=quantization,
                                **kwargs)
@@ -68,6 +77,10 @@ class PreTrainedDecoder(nn.Module):
                         safe_serialization: bool = True) -> None:
         """Write a directory transformers loads as the same model (config.json, safetensors shards, index)."""
         from decoderkit.saving import save_pretrained
+
+        if getattr(self, "tp", None) is not None:
+            raise ValueError("save_pretrained: this model is one tensor-parallel rank's shard; save the checkpoint it "
+                             "was loaded from instead")
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size)
 

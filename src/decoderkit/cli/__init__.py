@@ -134,6 +134,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
+    group.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                       help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="compile the decode step with a static cache (CUDA graphs on GPU); off by default "
                        "(DECODERKIT_COMPILE=1 changes that default); compiled code is cached in "

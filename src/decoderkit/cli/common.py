@@ -219,9 +219,13 @@ def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTra
 
         tok = AutoTokenizer.from_pretrained(path)
     # The loader draws a progress bar only when stderr is a terminal; --quiet turns it off there too.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
-                                                 quantization=getattr(args, "quantize", None),
-                                                 progress=False if getattr(args, "quiet", False) else None)
+    options = dict(dtype=args.dtype, device=device, quantization=getattr(args, "quantize", None),
+                   progress=False if getattr(args, "quiet", False) else None)
+    if getattr(args, "tensor_parallel", 1) > 1:
+        from decoderkit.parallel.launch import start_tensor_parallel
+
+        return start_tensor_parallel(path, args.tensor_parallel, **options).model, tok, path
+    model = AutoModelForCausalLM.from_pretrained(path, **options)
     return model, tok, path
 
 

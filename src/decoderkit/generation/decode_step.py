@@ -140,9 +140,14 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
         # calls that may compile. Patching builds a class per call (~0.1 ms), so `DecodeStep` calls `compiled.warm`
         # (the bare step) once its own first call has compiled or matched a graph for its fixed shapes
         step = torch.compile(fn, fullgraph=True, dynamic=False)
+        options = dict(_CPU_INDUCTOR_OPTIONS)
+        if getattr(model, "tp", None) is not None:
+            # The C++ wrapper cannot call the collectives of a tensor-parallel model (torch 2.13: "arg type Any is not
+            # yet supported by custom_op_wrapper"); the Python wrapper can
+            options["cpp_wrapper"] = False
 
         def compiled(*args: Any) -> torch.Tensor:
-            with inductor_config.patch(_CPU_INDUCTOR_OPTIONS):
+            with inductor_config.patch(options):
                 return step(*args)
 
         compiled.warm = step  # type: ignore[attr-defined]

@@ -520,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve replicas on Ray Serve behind Ray's HTTP proxy (needs the `ray` extra)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas of the model")
+    p.add_argument("--ray-metrics-port", type=int, default=None, metavar="PORT",
+                   help="with --ray: the port where Ray exports every replica's metrics in Prometheus format")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -539,16 +546,49 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
     if not path.exists():
         raise SystemExit(f"decoderkit serve: error: model {path} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    group = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
-                                                     quantization=args.quantize)
+        if getattr(args, "tensor_parallel", 1) > 1:
+            from decoderkit.parallel.launch import start_tensor_parallel
+
+            group = start_tensor_parallel(path, args.tensor_parallel, dtype=args.dtype, device=device,
+                                          quantization=args.quantize)
+            model = group.model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
+                                                         quantization=args.quantize)
     except ValueError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                     max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                     max_queue=args.max_queue)
+    if group is not None:
+        group.attach_engine(engine)
     return engine, args.served_model_name or path.resolve().name, path.resolve()
+
+
+def serve_on_ray(args: argparse.Namespace) -> int:
+    """`--ray`: the same app in `--replicas` Ray Serve replicas behind Ray's HTTP proxy, until interrupted."""
+    from decoderkit.checkpoint import resolve_model_path
+
+    try:
+        from decoderkit.serve.ray import require_ray, run
+
+        require_ray()
+    except ImportError as err:
+        raise SystemExit(f"decoderkit serve: error: {err}") from None
+    if args.tensor_parallel > 1:
+        raise SystemExit("decoderkit serve: error: --ray replicas are single-process; drop --tensor-parallel")
+    name = args.model_option or args.model
+    path = resolve_model_path(name) if name else default_model_path()
+    load = {k: v for k, v in (("dtype", args.dtype), ("device", args.device), ("quantization", args.quantize))
+            if v is not None}
+    engine = dict(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_batch_size=args.max_batch_size,
+                  max_prefill_tokens=args.max_prefill_tokens, max_queue=args.max_queue)
+    run(path, host=args.host, port=args.port, metrics_port=args.ray_metrics_port, num_replicas=args.replicas,
+        served_model_name=args.served_model_name, engine_options=engine, load_options=load, api_key=args.api_key)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -557,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
+    if args.ray:
+        return serve_on_ray(args)
     if args.threads:
         import torch
 
