@@ -177,7 +177,7 @@ class NamedToolChoice(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: str | NamedToolChoice | None = None  # "none", "auto", "required" (checked with the tools)
     parallel_tool_calls: bool = True
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False

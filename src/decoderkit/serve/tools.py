@@ -23,6 +23,7 @@ from decoderkit.serve.protocol import APIError, ChatMessage, Tool
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+TOOL_CHOICES = ("none", "auto", "required")
 # The head of a call: everything up to where the arguments' JSON value starts.
 _HEAD = re.compile(r'\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _HEAD_LIMIT = 512  # characters a call's head may take before the text is taken as plain content
@@ -73,16 +74,22 @@ def _arguments(call: Any) -> Any:
     return args
 
 
-def resolve_tool_choice(tools: Sequence[Tool] | None, choice: Any) -> str | None:
+def resolve_tool_choice(tools: Sequence[Tool] | None, choice: Any) -> str:
     """"none", "auto", "required" or the forced function's name; APIError 400 on a choice the tools cannot meet."""
     if choice is None:
         return "auto" if tools else "none"
-    if not tools and choice != "none":
+    if isinstance(choice, str) and choice not in TOOL_CHOICES:
+        raise APIError(400, f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or "
+                       f'{{"type": "function", "function": {{"name": ...}}}}; got {choice!r}',
+                       param="tool_choice", code="invalid_value")
+    if choice == "none":
+        return choice
+    if not tools:
         raise APIError(400, "tool_choice is only allowed when tools are specified", param="tool_choice",
                        code="invalid_value")
     if isinstance(choice, str):
         return choice
-    names = [t.function.name for t in tools or ()]
+    names = [t.function.name for t in tools]
     if choice.function.name not in names:
         raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in tools "
                        f"({', '.join(names)})", param="tool_choice", code="invalid_value")
@@ -91,8 +98,8 @@ def resolve_tool_choice(tools: Sequence[Tool] | None, choice: Any) -> str | None
 
 def tool_call_grammar(compiler: GrammarCompiler, tools: Sequence[Tool], choice: str, fmt: str,
                       parallel: bool) -> Grammar:
-    """Output that is nothing but calls (one, or one or more with `parallel` in the hermes format) of the allowed
-    tools, written as `fmt` writes them, each call's arguments valid under its function's parameters schema."""
+    """Output that is nothing but calls (one; one or more for "required" with `parallel` in the hermes format) of the
+    allowed tools, written as `fmt` writes them, each call's arguments valid under its function's parameters schema."""
     allowed = [t for t in tools if choice == "required" or t.function.name == choice]
     key = "parameters" if fmt == "llama3_json" else "arguments"
     open_, close = (HERMES_OPEN + "\n", "\n" + HERMES_CLOSE) if fmt == "hermes" else ("", "")
@@ -104,7 +111,8 @@ def tool_call_grammar(compiler: GrammarCompiler, tools: Sequence[Tool], choice: 
         rules.append(f"call_{i}: {json.dumps(head)} args_{i} {json.dumps('}' + close)}\n"
                      f"args_{i}: %json {json.dumps(schema)}")
     call = " | ".join(f"call_{i}" for i in range(len(allowed)))
-    start = f'start: call ("\\n" call)*\ncall: {call}' if parallel and fmt == "hermes" else f"start: {call}"
+    several = parallel and fmt == "hermes" and choice == "required"  # a named choice is one call, as OpenAI's
+    start = f'start: call ("\\n" call)*\ncall: {call}' if several else f"start: {call}"
     try:
         return compiler.lark("\n".join([start, *rules]), "tools' parameter schemas")
     except GrammarError as exc:
