@@ -9,8 +9,9 @@ is cheaper. It also reports, per schema, whether the library compiled it at all 
     python benchmarks/grammar_mask.py          # SmolLM2-135M-Instruct's 49,152-token vocabulary (the shipped GGUF)
     python benchmarks/grammar_mask.py --gguf path/to/model.gguf
 
-xgrammar's `TokenizerInfo` is built from a transformers tokenizer here (transformers is a test dependency); decoderkit
-itself uses llguidance, which reads the `tokenizers` JSON directly.
+xgrammar is no dependency of decoderkit (it needs triton and transformers): install it by hand to compare,
+`pip install --no-deps xgrammar apache-tvm-ffi`; its `TokenizerInfo` is built from a transformers tokenizer here.
+decoderkit itself uses llguidance, which reads the `tokenizers` JSON directly.
 """
 
 from __future__ import annotations
@@ -58,6 +59,50 @@ SCHEMAS: dict[str, tuple[dict, object]] = {
         {"id": "AB123", "value": None},
     ),
 }
+
+
+# Keywords beyond the common subset, each with a document that breaks it: a library either refuses the schema (the
+# server then answers 400 naming the keyword), enforces it (refuses the document), or ignores it (accepts the
+# document: output that does not validate).
+COVERAGE: dict[str, tuple[dict, str]] = {
+    "not": ({"not": {"type": "string"}}, '"a"'),
+    "if/then": ({"if": {"type": "string"}, "then": {"maxLength": 2}}, '"abcdef"'),
+    "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1,1]"),
+    "contains": ({"type": "array", "contains": {"type": "integer"}}, '["a"]'),
+    "minProperties": ({"type": "object", "minProperties": 1}, "{}"),
+    "multipleOf": ({"type": "integer", "multipleOf": 3}, "4"),
+    "format: date": ({"type": "string", "format": "date"}, '"yesterday"'),
+    "patternProperties": ({"type": "object", "patternProperties": {"^x": {"type": "integer"}},
+                           "additionalProperties": False}, '{"xa":"s"}'),
+}
+
+
+def coverage(name: str, tokenizer, vocab: int, schema: dict, document: str) -> str:
+    tokens = tokenizer.encode(document, add_special_tokens=False)
+    try:
+        if name == "llguidance":
+            import llguidance
+
+            ll_tok = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=vocab,
+                                            eos_token=tokenizer.eos_token_id)
+            matcher = llguidance.LLMatcher(ll_tok, llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False}), log_level=0)
+            if matcher.is_error():
+                return "refused"
+            accepted = all(matcher.consume_token(t) for t in tokens) and matcher.is_accepting()
+        else:
+            import transformers
+            import xgrammar
+
+            hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                                      eos_token=tokenizer.eos_token)
+            compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab))
+            matcher = xgrammar.GrammarMatcher(compiler.compile_json_schema(
+                json.dumps(schema), any_whitespace=False, separators=(",", ":"), strict_mode=False))
+            accepted = all(matcher.accept_token(t) for t in tokens) and matcher.accept_token(tokenizer.eos_token_id)
+    except Exception:  # noqa: BLE001 - a compile error is a refusal
+        return "refused"
+    return "IGNORED" if accepted else "enforced"
 
 
 def smollm2_gguf() -> Path:
@@ -124,7 +169,11 @@ def main() -> None:
     tokenizer = tokenizer_from_gguf(args.gguf or smollm2_gguf())
     vocab = len(tokenizer)
     print(f"vocabulary: {vocab} tokens; median / p95 ms per token (fill mask + accept), compile ms")
-    runners = {"llguidance": run_llguidance, "xgrammar": run_xgrammar}
+    runners = {name: run for name, run in (("llguidance", run_llguidance), ("xgrammar", run_xgrammar))
+               if importlib.util.find_spec(name) is not None}
+    missing = {"llguidance", "xgrammar"} - set(runners)
+    if missing:  # xgrammar is no dependency of decoderkit: pip install --no-deps xgrammar apache-tvm-ffi
+        print(f"not installed, left out: {', '.join(sorted(missing))}")
     totals: dict[str, list[float]] = {name: [] for name in runners}
     for title, (schema, document) in SCHEMAS.items():
         tokens = tokenizer.encode(json.dumps(document, separators=(",", ":")), add_special_tokens=False)
@@ -142,7 +191,11 @@ def main() -> None:
             row.append(f"{name}: {statistics.median(steps) * 1e3:6.3f} / {p95 * 1e3:6.3f} ms, compile "
                        f"{compile_ms:6.1f} ms")
         print("  ".join(row))
-    if all(totals.values()):
+    print("schema keywords (refused: a 400 naming it; enforced; IGNORED: output may not validate)")
+    for keyword, (schema, document) in COVERAGE.items():
+        print(f"  {keyword:18s} " + "  ".join(f"{name}: {coverage(name, tokenizer, vocab, schema, document):8s}"
+                                            for name in runners))
+    if len(runners) == 2 and all(totals.values()):
         ll, xg = (statistics.median(totals[n]) for n in ("llguidance", "xgrammar"))
         print(f"all steps: llguidance median {ll * 1e3:.3f} ms, xgrammar median {xg * 1e3:.3f} ms, "
               f"ratio xgrammar/llguidance {xg / ll:.2f}")

@@ -86,6 +86,13 @@ def test_streamed_parse_equals_the_whole(case: tuple, cuts: list[int]) -> None:
     assert started == list(range(len(calls)))
 
 
+def test_text_without_calls_streams_exactly() -> None:
+    for text in ("  To be\n\n", "\n", '{"answer": 1}  ', "a <tool_call is not a tag "):
+        parser = ToolCallParser(frozenset(NAMES))
+        events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+        assert parser.content(events) == text and not parser.calls
+
+
 def test_tool_format_of_real_templates() -> None:
     assert tool_format((TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()) == "hermes"
     assert tool_format((TEMPLATES / "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja").read_text()) == "hermes"
@@ -184,6 +191,23 @@ def test_a_named_tool_choice_forces_a_valid_call(served: tuple[str, RunningServe
         assert list(calls) == [0] and calls[0]["arguments"] == call.function.arguments and finish == "tool_calls"
 
 
+def test_auto_answers_stream_as_they_come_whole(served: tuple[str, RunningServer]) -> None:
+    fmt, server = served
+    for question in (QUESTION, [{"role": "user", "content": "To be, or not to be"}]):
+        whole = create(server, messages=question, tools=TOOLS, max_tokens=24, temperature=1.0, seed=3).choices[0]
+        content, calls, finish = "", {}, None
+        for chunk in create(server, messages=question, tools=TOOLS, max_tokens=24, temperature=1.0, seed=3,
+                            stream=True):
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for piece in delta.tool_calls or []:
+                calls.setdefault(piece.index, [piece.function.name, ""])[1] += piece.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert content == (whole.message.content or "") and finish == whole.finish_reason
+        assert list(calls.values()) == [[c.function.name, c.function.arguments]
+                                        for c in whole.message.tool_calls or []]
+
+
 def test_required_calls_some_tool_with_valid_arguments(served: tuple[str, RunningServer]) -> None:
     fmt, server = served
     out = create(server, messages=QUESTION, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
@@ -240,3 +264,4 @@ def test_bad_tool_requests_are_400s(served: tuple[str, RunningServer]) -> None:
         error = error_of(r)
         assert error["param"] == param and words in error["message"], (extra, error)
     assert create(server, messages=QUESTION, max_tokens=2).choices[0].message.content is not None
+

@@ -162,7 +162,11 @@ class ToolCallParser:
         return self._advance(final=False)
 
     def finish(self) -> list[ParserEvent]:
-        return self._advance(final=True)
+        events = self._advance(final=True)
+        if self._pending_space and not self.calls:  # an answer without calls keeps its text exactly
+            events.append(ParserEvent(content=self._pending_space))
+            self._pending_space = ""
+        return events
 
     def content(self, events: Sequence[ParserEvent]) -> str:
         return "".join(e.content for e in events if e.content)
