@@ -58,6 +58,7 @@ OUTPUTS = [
     ('{"name": "launch", "arguments": {}}', '{"name": "launch", "arguments": {}}', []),
     ('I would say {"name": "add", "arguments": {}}', 'I would say {"name": "add", "arguments": {}}', []),
     ("To be, or not to be", "To be, or not to be", []),
+    ('{"name": "a\\q", "arguments": {}}', '{"name": "a\\q", "arguments": {}}', []),  # not a JSON escape
 ]
 
 

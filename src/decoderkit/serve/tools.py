@@ -226,7 +226,7 @@ class ToolCallParser:
         hermes = rest.startswith(HERMES_OPEN)
         offset = len(rest) - len(rest[len(HERMES_OPEN):].lstrip()) if hermes else 0
         match = _HEAD.match(rest, offset)
-        name = json.loads(f'"{match["name"]}"') if match else None
+        name = _json_string(match["name"]) if match else None
         if match and name in self.names:
             self.calls.append(ParsedCall(new_call_id(), name))
             events.append(ParserEvent(call_index=len(self.calls) - 1, call_started=True))
@@ -293,6 +293,14 @@ def _may_be_call(text: str) -> bool:
     """Whether a text starting with `{` may still turn out to be a call object as it grows."""
     compact = re.sub(r"\s+", "", text).removeprefix("[")
     return any(compact.startswith(h) or h.startswith(compact) for h in ('{"name":', '{"arguments":', '{"parameters":'))
+
+
+def _json_string(body: str) -> str | None:
+    """The string a JSON string literal's body (between the quotes) stands for; None if its escapes are not JSON."""
+    try:
+        return json.loads(f'"{body}"')
+    except json.JSONDecodeError:
+        return None
 
 
 def _partial_suffix(text: str, tag: str) -> int:
