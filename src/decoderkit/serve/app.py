@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoderkit import __version__
+from decoderkit.serve.chat import ChatDeltas, ChatSetup, assistant_message, prepare_chat
 from decoderkit.serve.engine import Engine, EngineStoppedError, QueueFullError, RequestOutput, SamplingParams
+from decoderkit.serve.grammar import Grammar, GrammarCompiler
 from decoderkit.serve.logprobs import LogprobFormatter
 from decoderkit.serve.protocol import (
     APIError,
-    AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -47,6 +48,7 @@ from decoderkit.serve.protocol import (
     new_id,
     parse_body,
 )
+from decoderkit.serve.structured import output_grammar
 from decoderkit.serve.tokenize import tokenizer_router
 
 logger = logging.getLogger("decoderkit.serve")
@@ -134,6 +136,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     context = engine.max_context
     vocab_size = engine.model.config.vocab_size
     fmt = LogprobFormatter(tokenizer)
+    grammars = GrammarCompiler(tokenizer, vocab_size, engine.default_stop_token_ids)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -206,27 +209,25 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                            param="echo", code="invalid_value")
         if not body.messages:
             raise APIError(400, "messages must be a non-empty list", param="messages", code="invalid_value")
-        messages = [{"role": m.role, "content": m.text() or "", **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except ValueError as exc:  # ChatTemplateError: a role or message shape the template refuses
-            raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages",
-                           code="invalid_messages") from None
+        setup = await asyncio.to_thread(prepare_chat, body, tokenizer, grammars)
+        prompt = setup.prompt
         if body.logprobs and body.top_logprobs is None:
             body.top_logprobs = 0
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = sampling_params(body, list(prompt), max_tokens, body.logprobs, body.top_logprobs or 0, "messages")
-        job = submit(request, [list(prompt)], [params])
+        params = sampling_params(body, prompt, max_tokens, body.logprobs, body.top_logprobs or 0, "messages",
+                                 grammar=setup.grammar)
+        job = submit(request, [prompt], [params])
         request_id = new_id("chatcmpl")
         if body.stream:
-            return sse(chat_stream(job, request_id, model, body.logprobs, body.include_usage()))
+            return sse(chat_stream(job, request_id, model, body.logprobs, body.include_usage(), setup))
         results = await job.collect()
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                              logprobs=fmt.chat(r.logprobs) if body.logprobs else None)
-                   for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            message, finish_reason = assistant_message(setup, r.text, r.finish_reason)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason,
+                                      logprobs=fmt.chat(r.logprobs) if body.logprobs else None))
         return JSONResponse(ChatCompletion(id=request_id, model=model, choices=choices, usage=usage(job, results),
                                            system_fingerprint=FINGERPRINT).model_dump())
 
@@ -238,7 +239,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         prompts = completion_prompts(body.prompt)
         logprobs = body.logprobs is not None
         scored = body.logprobs if body.echo and logprobs else None  # echo with logprobs scores the prompt
-        params = [sampling_params(body, p, body.max_tokens, logprobs, body.logprobs or 0, "prompt", scored)
+        grammar = await asyncio.to_thread(output_grammar, body, grammars)
+        params = [sampling_params(body, p, body.max_tokens, logprobs, body.logprobs or 0, "prompt", scored, grammar)
                   for p in prompts]
         job = submit(request, prompts, params)
         request_id = new_id("cmpl")
@@ -274,7 +276,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return out
 
     def sampling_params(body: Any, prompt: list[int], max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                        prompt_param: str, prompt_logprobs: int | None = None) -> list[SamplingParams]:
+                        prompt_param: str, prompt_logprobs: int | None = None,
+                        grammar: Grammar | None = None) -> list[SamplingParams]:
         room = context - len(prompt)
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
@@ -289,7 +292,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             top_p=body.top_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             stop=tuple(body.stop_list()), seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
             top_logprobs=top_logprobs, stop_token_ids=() if body.ignore_eos else None, prompt_logprobs=prompt_logprobs,
-            logit_bias=body.logit_bias_ids(vocab_size),
+            logit_bias=body.logit_bias_ids(vocab_size), grammar=grammar,
         ) for i in range(body.n)]
 
     def submit(request: Request, prompts: list[list[int]], params: list[list[SamplingParams]]) -> Job:
@@ -316,8 +319,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
-    async def chat_stream(job: Job, request_id: str, model: str, logprobs: bool,
-                          include_usage: bool) -> AsyncIterator[str]:
+    async def chat_stream(job: Job, request_id: str, model: str, logprobs: bool, include_usage: bool,
+                          setup: ChatSetup) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage_: Usage | None = None) -> str:
             payload = ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=usage_,
                                           system_fingerprint=FINGERPRINT)
@@ -325,11 +328,19 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
         for i in range(job.size):
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        parsers = [ChatDeltas(setup) for _ in range(job.size)]
         async for i, out in job.stream():
-            if out.text or out.finish_reason or (logprobs and out.logprobs):
-                delta = ChatDelta(content=out.text) if out.text else ChatDelta()
-                yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=out.finish_reason,
-                                             logprobs=fmt.chat(out.logprobs) if logprobs else None)])
+            deltas, finish_reason = parsers[i].feed(out.text), out.finish_reason
+            if finish_reason is not None:
+                tail, finish_reason = parsers[i].finish(finish_reason)
+                deltas += tail
+            if deltas or finish_reason or (logprobs and out.logprobs):
+                # Logprobs ride on the first delta; the finish_reason on the last (an empty one if need be).
+                deltas = deltas or [ChatDelta()]
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=finish_reason if last else None,
+                                                 logprobs=fmt.chat(out.logprobs) if logprobs and k == 0 else None)])
         if include_usage:
             yield chunk([], usage(job, job.finals()))
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from decoderkit.generation.logits_process import PresenceFrequencyPenaltyLogitsProcessor, TopPLogitsWarper
+from decoderkit.serve.grammar import Constraint, Grammar, allocate_bitmask, apply_bitmask
 from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: int | None = None  # score the prompt too, with this many alternatives per position
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling
+    grammar: Grammar | None = None  # the output is constrained to it (each request gets its own matcher)
 
     def __post_init__(self) -> None:
         # max_tokens 0 only scores the prompt (echo with logprobs, as evaluation harnesses ask).
@@ -113,6 +115,7 @@ class _Request:
     first_token_at: float | None = None
     penalty: PresenceFrequencyPenaltyLogitsProcessor | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    constraint: Constraint | None = None
 
     @property
     def num_generated(self) -> int:
@@ -237,6 +240,7 @@ class Engine:
             request_id=request_id or f"req-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
             on_output=on_output, generator=generator,
             decoder=self.tokenizer.stream_decoder(skip_special_tokens=True, prefix_ids=prompt_ids),
+            constraint=params.grammar.constraint() if params.grammar is not None else None,
         )
         req.tokens = list(prompt_ids)
         if params.presence_penalty or params.frequency_penalty:
@@ -407,6 +411,12 @@ class Engine:
     def _advance(self, req: _Request, logits: torch.Tensor) -> None:
         token, logprob = self._sample(req, logits)
         req.tokens.append(token)
+        complete = False  # the grammar allows nothing more
+        if req.constraint is not None:
+            if not req.constraint.accept(token):
+                logger.warning("request %s: token %d refused by its grammar: %s", req.request_id, token,
+                               req.constraint.error())
+            complete = req.constraint.is_terminated()
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -429,7 +439,9 @@ class Engine:
             finish = "stop"
         else:
             req.text += req.decoder.push(token)
-            if req.num_generated >= p.max_tokens or len(req.tokens) >= self.max_context:
+            if complete:
+                finish = "stop"
+            elif req.num_generated >= p.max_tokens or len(req.tokens) >= self.max_context:
                 finish = "length"
         if finish is not None:
             req.text += req.decoder.flush()
@@ -453,6 +465,10 @@ class Engine:
             ids, bias = zip(*p.logit_bias.items())
             scores = scores.index_add(1, torch.tensor(ids, device=scores.device),
                                       torch.tensor([bias], dtype=scores.dtype, device=scores.device))
+        if req.constraint is not None:
+            bitmask = allocate_bitmask(1, scores.shape[-1])
+            req.constraint.fill_bitmask(bitmask)
+            scores = apply_bitmask(scores.clone(), bitmask)
         if p.temperature == 0:
             token = int(scores.argmax(-1))
         else:
