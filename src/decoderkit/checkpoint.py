@@ -663,7 +663,7 @@ def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], missing: l
                     if param_name == "bias":
                         fresh.zero_()
                     else:
-                        fresh.normal_(0.0, model.config.initializer_range)
+                        fresh.normal_(0.0, model.decoder_config.initializer_range)
                 setattr(module, param_name, torch.nn.Parameter(fresh))
     model.tie_weights()
     model.model.rebuild_buffers(device)

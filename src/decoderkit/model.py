@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoderkit.cache import Cache
-from decoderkit.config import ATTN_IMPLEMENTATIONS, DecoderConfig
+from decoderkit.config import ATTN_IMPLEMENTATIONS, DecoderConfig, FamilyConfig, as_decoder_config
 from decoderkit.decoder import DecoderStack
 from decoderkit.layers.attention import Attention, flash_attention_available
 from decoderkit.loss import causal_lm_loss, chunked_causal_lm_loss
@@ -22,13 +22,25 @@ class PreTrainedDecoder(nn.Module):
 
     head: ClassVar[str] = "base"
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig | FamilyConfig) -> None:
         super().__init__()
-        self.config = config
+        from decoderkit.families import get_family
+
+        config = as_decoder_config(config)
+        # Two views of one configuration: the layers read the neutral one; `config` is transformers' (see FamilyConfig)
+        self.decoder_config = config
+        self.config = get_family(config.model_type).make_config(config)
         self.model = DecoderStack(config)
-        # Where from_pretrained found the weights (a hub id, or an absolute path), as transformers' `name_or_path`;
-        # a saved LoRA adapter names it as its base so that PEFT can load the adapter on its own.
-        self.name_or_path: str | None = None
+
+    @property
+    def name_or_path(self) -> str | None:
+        """Where from_pretrained found the weights (a hub id, or an absolute path), as transformers' `name_or_path`;
+        a saved LoRA adapter names it as its base so that PEFT can load the adapter on its own."""
+        return self.config.name_or_path or None
+
+    @name_or_path.setter
+    def name_or_path(self, value: str | None) -> None:
+        self.config.name_or_path = value or ""
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -75,7 +87,7 @@ class PreTrainedDecoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """transformers' initialisation for the family: N(0, initializer_range) for projections and embeddings."""
-        cfg = self.config
+        cfg = self.decoder_config
         std = cfg.initializer_range
         self.tie_weights()
         embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
@@ -131,7 +143,7 @@ class PreTrainedDecoder(nn.Module):
 
     def set_attn_implementation(self, name: str) -> None:
         check_attn_implementation(name)
-        self.config.attn_implementation = name
+        self.decoder_config.attn_implementation = name
         for module in self.modules():
             if isinstance(module, Attention):
                 module.implementation = name
@@ -152,9 +164,16 @@ def check_attn_implementation(name: str) -> None:
                          "use 'sdpa' (default) or 'eager' here")
 
 
-def prepare_config(config: DecoderConfig | dict[str, Any], attn_implementation: str | None,
+def prepare_config(config: DecoderConfig | FamilyConfig | dict[str, Any], attn_implementation: str | None,
                    overrides: dict[str, Any]) -> DecoderConfig:
-    """A DecoderConfig from either form, with the attention backend checked and HF-style overrides applied."""
+    """A DecoderConfig from any form, with the attention backend checked and HF-style overrides applied."""
+    if isinstance(config, FamilyConfig):
+        config = config.to_dict()
+    if isinstance(config, dict) and "num_labels" in overrides:
+        # As transformers' num_labels setter: a different count replaces the saved label names
+        labels = config.get("id2label")
+        if labels is not None and len(labels) != overrides["num_labels"]:
+            config = {k: v for k, v in config.items() if k not in ("id2label", "label2id")}
     if isinstance(config, dict):
         config = DecoderConfig.from_hf_dict({**config, **overrides})
     elif overrides:
@@ -202,7 +221,7 @@ class DecoderForCausalLM(PreTrainedDecoder):
 
     def tie_weights(self) -> None:
         # A quantized head shares its table with the embedding when it is built (decoderkit.quantization)
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+        if self.decoder_config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
@@ -231,7 +250,8 @@ class DecoderForCausalLM(PreTrainedDecoder):
                          output_attentions, output_hidden_states, cache_position, **extra)
         h = out.last_hidden_state
         if skip_logits:
-            loss = chunked_causal_lm_loss(h, self.lm_head, labels, self.config.vocab_size, num_items_in_batch)
+            loss = chunked_causal_lm_loss(h, self.lm_head, labels, self.decoder_config.vocab_size,
+                                          num_items_in_batch)
             return ModelOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
                                hidden_states=out.hidden_states, attentions=out.attentions)
         if isinstance(logits_to_keep, int):
@@ -270,7 +290,7 @@ class DecoderForSequenceClassification(PreTrainedDecoder):
                          output_attentions, output_hidden_states, cache_position, **extra)
         logits = self.score(out.last_hidden_state)
         batch = logits.shape[0]
-        pad = self.config.pad_token_id
+        pad = self.decoder_config.pad_token_id
         if pad is None and batch != 1:
             raise ValueError("cannot find the last token of each sequence: a batch larger than 1 needs "
                              "config.pad_token_id to be set")
@@ -286,9 +306,9 @@ class DecoderForSequenceClassification(PreTrainedDecoder):
                            hidden_states=out.hidden_states, attentions=out.attentions)
 
     def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n = self.config.num_labels
+        n = self.decoder_config.num_labels
         labels = labels.to(pooled.device)
-        problem = self.config.problem_type
+        problem = self.decoder_config.problem_type
         if problem is None:
             if n == 1:
                 problem = "regression"
@@ -332,7 +352,7 @@ class DecoderForTokenClassification(PreTrainedDecoder):
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            n = self.config.num_labels
+            n = self.decoder_config.num_labels
             valid = labels[labels != -100]
             if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= n):
                 raise ValueError(f"labels must be in [0, {n - 1}] or -100 (num_labels={n}), got values in "

@@ -157,7 +157,7 @@ def generate(
 def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
     base = getattr(model, "generation_config", None)
     if base is None:
-        mc = model.config
+        mc = model.decoder_config
         base = GenerationConfig.from_dict({k: getattr(mc, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
                                            if getattr(mc, k) is not None})
     if generation_config is None:
@@ -198,7 +198,7 @@ class _Plan:
     @classmethod
     def build(cls, model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
               logits_processor, stopping_criteria, compile) -> _Plan:
-        mc = model.config
+        mc = model.decoder_config
         device = model.device
         if input_ids is None:
             if config.bos_token_id is None:
