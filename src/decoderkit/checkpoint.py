@@ -425,7 +425,7 @@ def load_pretrained(
     as they are read. `progress` None shows a bar only on a terminal. Other keyword arguments override config.json
     fields (e.g. `num_labels=3`).
     """
-    from decoderkit.model import prepare_config
+    from decoderkit.model import check_overrides, prepare_config
     from decoderkit.quantization import prepare_quantized, resolve_load_quantization
 
     location = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -452,6 +452,8 @@ def load_pretrained(
                   else _TorchBinSource(files, str(location)))
     else:
         raise ValueError(f"{location}: expected a model directory (with config.json) or a .gguf file")
+    if overrides:
+        check_overrides(config if config is not None else hf_config, overrides)
     config = prepare_config(config if config is not None else hf_config, attn_implementation, overrides)
     # "auto" (transformers 5's default too): config.json's dtype, else the dtype the weights are stored in.
     target = explicit or resolve_dtype("auto", config) or source.checkpoint_dtype or torch.float32

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoderkit.cache import Cache
+from decoderkit.compat import (
+    TransformersCompatMixin,
+    check_config_overrides,
+    resolve_device_map,
+    split_from_pretrained_kwargs,
+)
 from decoderkit.config import ATTN_IMPLEMENTATIONS, DecoderConfig, FamilyConfig, as_decoder_config
 from decoderkit.decoder import DecoderStack
 from decoderkit.layers.attention import Attention, flash_attention_available
@@ -17,7 +23,7 @@ from decoderkit.loss import causal_lm_loss, chunked_causal_lm_loss
 from decoderkit.outputs import ModelOutput
 
 
-class PreTrainedDecoder(nn.Module):
+class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
     """Shared machinery of every head: loading, saving, initialisation, gradient checkpointing."""
 
     head: ClassVar[str] = "base"
@@ -59,22 +65,27 @@ class PreTrainedDecoder(nn.Module):
         return model.to(target)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype: Any = None, torch_dtype: Any = None,
-        attn_implementation: str | None = None, device: str | torch.device | None = None,
-        quantization: Any = None, **kwargs: Any,
-    ) -> PreTrainedDecoder:
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> PreTrainedDecoder:
         """Load a Hugging Face model directory, a hub id in the local cache, or a `.gguf` file.
 
-        `quantization`: None (a GGUF file's quantized tensors stay packed on CPU; an HF checkpoint stays float),
-        "none" (all float), "int8", "int4" or a `QuantizationConfig` (weights quantized as they are read). `dtype`
-        names the activation dtype of a quantized model.
+        Keywords (`decoderkit.compat.FROM_PRETRAINED_KEYWORDS`): `dtype` (alias `torch_dtype`; "auto" or None keeps
+        the checkpoint's), `attn_implementation`, `device`, `device_map` ("auto", "cpu", "cuda:0", an index, or a
+        dict of module name -> device; one process runs a model on one device, so a map naming several is an
+        error), `quantization` (None: a GGUF file's quantized tensors stay packed on CPU, an HF checkpoint stays
+        float; "none": all float; "int8", "int4" or a `QuantizationConfig`: weights quantized as they are read;
+        `dtype` then names the activation dtype), `config`, `progress`, `gguf_file`, `revision`, `cache_dir`,
+        `local_files_only`. Any config field overrides config.json's (`num_labels=3`, `use_cache=False`).
+        transformers' `trust_remote_code`, `low_cpu_mem_usage`, `use_safetensors`, `token`, ... are accepted with no
+        effect (`ACCEPTED_WITHOUT_EFFECT` says why); `force_download`, `max_memory`, `subfolder`, ... raise. Any
+        other keyword is a TypeError naming the allowed ones.
         """
         from decoderkit.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype,
-                               attn_implementation=attn_implementation, device=device, quantization=quantization,
-                               **kwargs)
+        options, overrides = split_from_pretrained_kwargs(kwargs)
+        dtype = options.pop("dtype", None)
+        torch_dtype = options.pop("torch_dtype", None)
+        options["device"] = resolve_device_map(options.pop("device_map", None), options.get("device"))
+        return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, **options, **overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
@@ -119,9 +130,6 @@ class PreTrainedDecoder(nn.Module):
     def tie_weights(self) -> None:
         """Share the output projection with the input embedding when the config says so."""
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
     @property
     def dtype(self) -> torch.dtype:
         """The activation dtype (with quantized weights too: their scales, and every norm, are in it)."""
@@ -130,9 +138,6 @@ class PreTrainedDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer's activations in the backward pass instead of storing them."""
@@ -150,6 +155,11 @@ class PreTrainedDecoder(nn.Module):
 
     def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
               output_attentions, output_hidden_states, cache_position, **extra) -> ModelOutput:
+        # As transformers: an unset flag follows the config (`config.output_hidden_states = True` applies to calls)
+        if output_attentions is None:
+            output_attentions = bool(self.config.output_attentions)
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -162,6 +172,16 @@ def check_attn_implementation(name: str) -> None:
     if name == "flash_attention_2" and not flash_attention_available():
         raise ValueError("attn_implementation='flash_attention_2' needs a CUDA device and the flash_attn package; "
                          "use 'sdpa' (default) or 'eager' here")
+
+
+def check_overrides(config: DecoderConfig | FamilyConfig | dict[str, Any], overrides: dict[str, Any]) -> None:
+    """TypeError for a from_pretrained keyword that is no field of the checkpoint's transformers config."""
+    from decoderkit.families import family_for
+
+    if not isinstance(config, dict):
+        config = as_decoder_config(config).to_hf_dict()
+    family = family_for(config)
+    check_config_overrides(family.transformers_config(config), family.hf_attribute_map, overrides)
 
 
 def prepare_config(config: DecoderConfig | FamilyConfig | dict[str, Any], attn_implementation: str | None,
@@ -197,16 +217,19 @@ class DecoderModel(PreTrainedDecoder):
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, output_attentions: bool = False,
-        output_hidden_states: bool = False, cache_position: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None, cache_position: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True,
-    ) -> ModelOutput:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                          cache_position=cache_position, token_type_ids=token_type_ids,
-                          encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask)
+        encoder_attention_mask: torch.Tensor | None = None, return_dict: bool | None = None,
+    ) -> ModelOutput | tuple:
+        extra = {}
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids
+        if encoder_hidden_states is not None:
+            extra.update(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask)
+        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_attentions, output_hidden_states, cache_position, **extra)
+        return self._output(out, return_dict)
 
 
 class DecoderForCausalLM(PreTrainedDecoder):
@@ -228,12 +251,12 @@ class DecoderForCausalLM(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
         cache_position: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
         token_type_ids: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-        return_dict: bool = True, skip_logits: bool = False,
-    ) -> ModelOutput:
+        return_dict: bool | None = None, skip_logits: bool = False,
+    ) -> ModelOutput | tuple:
         """transformers' causal-LM forward. `skip_logits=True` (with `labels`) returns the loss alone, computed a
         chunk of positions at a time so the full-vocabulary logits never exist at once (see `decoderkit.loss`);
         `logits` is then None. The trainer uses it; the loss and its gradients are the same."""
@@ -252,16 +275,16 @@ class DecoderForCausalLM(PreTrainedDecoder):
         if skip_logits:
             loss = chunked_causal_lm_loss(h, self.lm_head, labels, self.decoder_config.vocab_size,
                                           num_items_in_batch)
-            return ModelOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
-                               hidden_states=out.hidden_states, attentions=out.attentions)
+            return self._output(ModelOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                            hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
         else:
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generate continuations with transformers' `generate` arguments (see `decoderkit.generation`)."""
@@ -283,9 +306,9 @@ class DecoderForSequenceClassification(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        cache_position: torch.Tensor | None = None, return_dict: bool = True, **extra: Any,
-    ) -> ModelOutput:
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None, return_dict: bool | None = None, **extra: Any,
+    ) -> ModelOutput | tuple:
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         logits = self.score(out.last_hidden_state)
@@ -302,8 +325,8 @@ class DecoderForSequenceClassification(PreTrainedDecoder):
             last = (idx * (input_ids != pad).to(logits.device, torch.int32)).argmax(-1)
         pooled = logits[torch.arange(batch, device=logits.device), last]
         loss = self._loss(pooled, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
 
     def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n = self.decoder_config.num_labels
@@ -344,9 +367,9 @@ class DecoderForTokenClassification(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        cache_position: torch.Tensor | None = None, return_dict: bool = True, **extra: Any,
-    ) -> ModelOutput:
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None, return_dict: bool | None = None, **extra: Any,
+    ) -> ModelOutput | tuple:
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         logits = self.score(self.dropout(out.last_hidden_state))
@@ -358,7 +381,8 @@ class DecoderForTokenClassification(PreTrainedDecoder):
                 raise ValueError(f"labels must be in [0, {n - 1}] or -100 (num_labels={n}), got values in "
                                  f"[{int(valid.min())}, {int(valid.max())}]")
             loss = F.cross_entropy(logits.float().view(-1, n), labels.view(-1).to(logits.device))
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions), return_dict)
 
 
 class DecoderForQuestionAnswering(PreTrainedDecoder):
@@ -374,10 +398,10 @@ class DecoderForQuestionAnswering(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
-        end_positions: torch.Tensor | None = None, use_cache: bool | None = False, output_attentions: bool = False,
-        output_hidden_states: bool = False, cache_position: torch.Tensor | None = None, return_dict: bool = True,
-        **extra: Any,
-    ) -> ModelOutput:
+        end_positions: torch.Tensor | None = None, use_cache: bool | None = False,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None, return_dict: bool | None = None, **extra: Any,
+    ) -> ModelOutput | tuple:
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
@@ -389,8 +413,8 @@ class DecoderForQuestionAnswering(PreTrainedDecoder):
             s = start_positions.reshape(-1).clamp(0, ignored).to(start.device)
             e = end_positions.reshape(-1).clamp(0, ignored).to(end.device)
             loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
-        return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states,
-                           attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, start_logits=start, end_logits=end,
+                                        hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
 
 
 HEAD_CLASSES: dict[str, type[PreTrainedDecoder]] = {
