@@ -62,7 +62,7 @@ _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunke
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
 _COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
-_UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "prefix_allowed_tokens_fn",
+_UNSUPPORTED = ("position_ids", "prefix_allowed_tokens_fn",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
 
 
@@ -125,10 +125,21 @@ def generate(
         raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__} (pass "
                          "generation_config by keyword)")
     assistant_model = kwargs.pop("assistant_model", None)
+    inputs_embeds = kwargs.pop("inputs_embeds", None)
+    past_key_values = kwargs.pop("past_key_values", None)
     config = _resolve_config(model, generation_config, kwargs)
     if compile is None:
         compile = bool(getattr(config, "compile", False))
     proposer = build_proposer(model, config, assistant_model, compile)
+    resumed = [name for name, value in (("inputs_embeds", inputs_embeds), ("past_key_values", past_key_values))
+               if value is not None]
+    if resumed and (proposer is not None or compile):
+        raise ValueError(f"{resumed[0]} cannot be combined with speculative decoding or compile=True")
+    if inputs_embeds is not None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError("inputs_embeds feeds the prompt once, through the KV cache: it cannot run with "
+                             "use_cache=False")
+        config.use_cache = True  # as transformers: the embeddings are used for the first step only
     if proposer is not None:
         if kwargs.get("use_cache") is False:
             raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
@@ -140,7 +151,7 @@ def generate(
         # A checkpoint's use_cache=false (MPT's default) only reflects its training setup: compiling asks for a cache
         config.use_cache = True
     plan = _Plan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-                       logits_processor, stopping_criteria, compile)
+                       logits_processor, stopping_criteria, compile, inputs_embeds, past_key_values)
     if proposer is not None:
         steps = speculative_steps(plan, proposer)
     else:
@@ -194,12 +205,23 @@ class _Plan:
     streamer: BaseStreamer | None
     generator: torch.Generator | None
     compile: bool
+    # (rows, L, hidden) prompt embeddings fed instead of the prompt's ids, with their placeholder ids left out of
+    # everything the caller sees (`first` = L), as transformers returns only the new tokens for inputs_embeds alone
+    embeds: torch.Tensor | None = None
+    first: int = 0
+    # Prompt tokens already in a cache the caller passed (past_key_values): only the rest is fed
+    past: int = 0
 
     @classmethod
     def build(cls, model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-              logits_processor, stopping_criteria, compile) -> _Plan:
+              logits_processor, stopping_criteria, compile, inputs_embeds=None, past_key_values=None) -> _Plan:
         mc = model.decoder_config
         device = model.device
+        embeds_only = inputs_embeds is not None and input_ids is None
+        if inputs_embeds is not None:
+            _check_embeds(inputs_embeds, input_ids, mc.hidden_size)
+            if embeds_only:
+                input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if input_ids is None:
             if config.bos_token_id is None:
                 raise ValueError("input_ids: no prompt was given and the generation config has no bos_token_id")
@@ -209,7 +231,9 @@ class _Plan:
         batch, L = prompt.shape
         if getattr(mc, "add_cross_attention", False):
             raise ValueError("generate does not support models with cross-attention (config add_cross_attention)")
-        max_length = config.max_length_for(L, mc.max_position_embeddings)
+        max_length = config.max_length_for(0 if embeds_only else L, mc.max_position_embeddings)
+        if embeds_only and (config.max_new_tokens is not None or config.max_length is None):
+            max_length += L  # the embedded prompt is not counted in the length the caller asked for
         if max_length < L or (max_length == L and config.max_new_tokens != 0):
             raise ValueError(f"max_length: {max_length} leaves no room after the prompt of {L} tokens; set "
                              "max_new_tokens instead")
@@ -223,6 +247,9 @@ class _Plan:
                 raise ValueError(f"{name}: prompt ({L}) + new tokens = {max_length} tokens, longer than this "
                                  f"{mc.model_type} model's context (max_position_embeddings={limit})")
         beams = config.num_beams > 1
+        if embeds_only and beams:
+            raise ValueError("inputs_embeds without input_ids supports greedy search and sampling; beam search "
+                             "(num_beams > 1) needs input_ids too")
         if config.stop_strings is not None and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass tokenizer= to generate")
         if beams and (streamer is not None or stream):
@@ -245,7 +272,7 @@ class _Plan:
 
         eos_ids = config.eos_token_ids
         pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
-        if mask is None and pad is not None and pad not in eos_ids and bool((prompt == pad).any()):
+        if mask is None and not embeds_only and pad is not None and pad not in eos_ids and bool((prompt == pad).any()):
             mask = prompt != pad  # transformers infers the padding from pad_token_id when it differs from EOS
         if mask is None:
             mask = torch.ones_like(prompt, dtype=torch.bool)
@@ -259,7 +286,9 @@ class _Plan:
         ids = torch.full((rows, max_length), pad if pad is not None else 0, dtype=torch.long, device=device)
         ids[:, :L] = prompt_rows
 
-        processors = build_logits_processors(config, L, padding)
+        first = L if embeds_only else 0
+        # What the caller sees of the prompt: nothing for inputs_embeds alone (penalties then see new tokens only)
+        processors = build_logits_processors(config, L - first, padding if first == 0 else None)
         if logits_processor:
             processors.extend(logits_processor)
         criteria = StoppingCriteriaList()
@@ -269,7 +298,11 @@ class _Plan:
             criteria.extend(stopping_criteria)
 
         cache: Cache | None = None
-        if config.use_cache and max_length > L:
+        past = 0
+        if past_key_values is not None:
+            past = _check_past(past_key_values, config, rows, L, max_length)
+            cache = past_key_values
+        elif config.use_cache and max_length > L:
             if cache_kind in _STATIC_CACHES:
                 # Prompt + new tokens (the last token is never fed back, but one spare slot costs nothing). A compiled
                 # step is specialised on the cache length: rounding it up lets other lengths reuse the graph
@@ -278,19 +311,31 @@ class _Plan:
             else:
                 cache = DynamicCache()
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+        embeds = None
+        if inputs_embeds is not None:
+            embeds = inputs_embeds.to(device, model.dtype).repeat_interleave(expand, dim=0)
         return cls(model, config, prompt, ids, padding, positions, max_length, pad, eos, processors, criteria, cache,
-                   streamer, generator, compile)
+                   streamer, generator, compile, embeds, first, past)
 
     # ---------------------------------------------------------------------------------------------- the loops
+    def _feed_prompt(self, cache: Cache | None) -> torch.Tensor:
+        """Logits after the prompt's tokens not yet in the cache (all of them unless past_key_values was given)."""
+        L, P = self.prompt.shape[1], self.past
+        if self.embeds is None:
+            return forward_full(self.model, self.ids[:, P:L], self.padding, self.positions[:, P:], cache)
+        out = self.model.model(inputs_embeds=self.embeds, attention_mask=self.padding, position_ids=self.positions,
+                               past_key_values=cache, use_cache=cache is not None, validate=False)
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
     def _prefill(self) -> torch.Tensor:
         L = self.prompt.shape[1]
         cache = self.cache
-        if cache is None or not cache.is_static:
-            return forward_full(self.model, self.ids[:, :L], self.padding, self.positions, cache)
+        if cache is None or not cache.is_static or self.past:
+            return self._feed_prompt(cache)
         # Through a static cache the prompt would attend over every slot under an explicit mask, which loses the
         # causal SDPA kernel; a dynamic cache keeps it, then its entries are copied into the static buffers
         prompt_cache = DynamicCache()
-        logits = forward_full(self.model, self.ids[:, :L], self.padding, self.positions, prompt_cache)
+        logits = self._feed_prompt(prompt_cache)
         for layer, (k, v) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
             cache.keys[layer][:, :, :L].copy_(k)
             cache.values[layer][:, :, :L].copy_(v)
@@ -328,12 +373,12 @@ class _Plan:
 
     def sample(self) -> Generator[torch.Tensor, None, Any]:
         """Greedy search or multinomial sampling; yields each step's tokens (rows,), returns the output."""
-        config, ids, streamer = self.config, self.ids, self.streamer
+        config, ids, streamer, first = self.config, self.ids, self.streamer, self.first
         L, rows = self.prompt.shape[1], ids.shape[0]
         scores: tuple = ()
         raw: tuple = ()
-        if streamer is not None:
-            streamer.put(ids[:, :L].cpu())
+        if streamer is not None and first < L:
+            streamer.put(ids[:, first:L].cpu())
         cur = L
         try:
             if self.max_length > L:
@@ -344,7 +389,7 @@ class _Plan:
                 step = self._stepper()
                 while True:
                     with torch.no_grad():
-                        next_scores = self.processors(ids[:, :cur], logits) if self.processors else logits
+                        next_scores = self.processors(ids[:, first:cur], logits) if self.processors else logits
                         if config.do_sample:
                             probs = next_scores.softmax(dim=-1)
                             tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
@@ -362,7 +407,7 @@ class _Plan:
                         if self.eos is not None:
                             unfinished &= ~torch.isin(tokens, self.eos)
                         if self.criteria:
-                            unfinished &= ~self.criteria(ids[:, :cur], scores or None)
+                            unfinished &= ~self.criteria(ids[:, first:cur], scores or None)
                     if streamer is not None:
                         streamer.put(tokens.cpu())
                     yield tokens
@@ -373,7 +418,7 @@ class _Plan:
         finally:
             if streamer is not None:
                 streamer.end()
-        return self._output(ids[:, :cur], scores, raw)
+        return self._output(ids[:, first:cur], scores, raw)
 
     def beam_search(self) -> Generator[torch.Tensor, None, Any]:
         """Beam search (or beam sampling) driven by :class:`BeamSearchState`; returns the output."""
@@ -408,6 +453,39 @@ class _Plan:
         out = state.finalize()
         return self._output(out.sequences, scores, raw, beam_indices=out.beam_indices,
                             sequences_scores=out.sequences_scores if config.output_scores else None)
+
+
+def _check_embeds(inputs_embeds: Any, input_ids: torch.Tensor | None, hidden_size: int) -> None:
+    if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.dtype.is_floating_point:
+        raise ValueError(f"inputs_embeds must be a float tensor (batch, length, {hidden_size}), got "
+                         f"{type(inputs_embeds).__name__}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size or 0 in inputs_embeds.shape[:2]:
+        raise ValueError(f"inputs_embeds must have shape (batch, length, {hidden_size}) with length >= 1, got "
+                         f"{tuple(inputs_embeds.shape)}")
+    if input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}, inputs_embeds "
+                         f"{tuple(inputs_embeds.shape)}: with both, they describe the same prompt")
+
+
+def _check_past(cache: Any, config: GenerationConfig, rows: int, L: int, max_length: int) -> int:
+    """The number of prompt tokens a caller's past_key_values already holds, after checking it can continue."""
+    if not isinstance(cache, Cache):
+        raise ValueError(f"past_key_values must be a decoderkit cache (DynamicCache, StaticCache, or the one an "
+                         f"earlier generate returned), got {type(cache).__name__}")
+    if not config.use_cache:
+        raise ValueError("past_key_values was given with use_cache=False")
+    past = cache.get_seq_length()
+    if past >= L:
+        raise ValueError(f"past_key_values holds {past} tokens; input_ids ({L} tokens: the cached ones, then the "
+                         "new ones) must extend it by at least one token")
+    keys = getattr(cache, "keys", None)
+    if past and keys and keys[0].shape[0] != rows:
+        raise ValueError(f"past_key_values holds {keys[0].shape[0]} rows; this call runs {rows} (batch x "
+                         "max(num_beams, num_return_sequences))")
+    if cache.is_static and max_length > cache.max_cache_len:
+        raise ValueError(f"past_key_values is a StaticCache of {cache.max_cache_len} slots; this call needs "
+                         f"{max_length}")
+    return past
 
 
 def _check_prompt(input_ids: Any, attention_mask: torch.Tensor | None,
