@@ -294,7 +294,7 @@ class FamilyConfig:
     @property
     def rope_scaling(self) -> Any:
         """transformers 5 keeps the rope settings in `rope_parameters`; `rope_scaling` is its old name."""
-        return self._fields.get("rope_parameters")
+        return self.rope_parameters
 
     @rope_scaling.setter
     def rope_scaling(self, value: Any) -> None:

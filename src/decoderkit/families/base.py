@@ -222,7 +222,7 @@ def layer_groups(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, dict[str
 def standardize_rope(hf: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
     """transformers 5's `rope_parameters` from either spelling (`rope_parameters`, or `rope_scaling` + `rope_theta`)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_type", params.get("type", "default"))  # transformers keeps the old "type" key too
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     if hf.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])

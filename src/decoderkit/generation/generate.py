@@ -140,6 +140,10 @@ def generate(
             raise ValueError("inputs_embeds feeds the prompt once, through the KV cache: it cannot run with "
                              "use_cache=False")
         config.use_cache = True  # as transformers: the embeddings are used for the first step only
+    if past_key_values is not None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError("past_key_values was given with use_cache=False")
+        config.use_cache = True  # continuing a cache means using it, whatever the checkpoint's use_cache says
     if proposer is not None:
         if kwargs.get("use_cache") is False:
             raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
