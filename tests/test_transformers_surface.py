@@ -259,6 +259,17 @@ def test_embedding_accessors(checkpoints):
     assert base.get_output_embeddings() is None
 
 
+def test_tie_weights_follows_the_config(tmp_path):
+    path = save(build("llama", tie_word_embeddings=False), tmp_path / "untied")
+    theirs, ours = both(path)
+    for model in (theirs, ours):
+        assert model.lm_head.weight is not model.get_input_embeddings().weight
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    assert ours.lm_head.weight is ours.get_input_embeddings().weight
+    assert (theirs.lm_head.weight is theirs.get_input_embeddings().weight) is True
+
+
 def test_from_pretrained_keywords(checkpoints):
     path = checkpoints["llama"]
     load = decoderkit.AutoModelForCausalLM.from_pretrained

@@ -232,7 +232,7 @@ class FamilyConfig:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("num_labels", "torch_dtype", "rope_scaling", "name_or_path"):
+        if name in ("num_labels", "torch_dtype", "rope_scaling", "name_or_path", "_attn_implementation"):
             object.__setattr__(self, name, value)  # the properties below
             return
         key = self._aliases.get(name, name)
@@ -311,6 +311,10 @@ class FamilyConfig:
     @property
     def _attn_implementation(self) -> str | None:
         return self._neutral.attn_implementation if self._neutral is not None else None
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str) -> None:
+        raise AttributeError("the attention backend is chosen on the model: model.set_attn_implementation(name)")
 
     def _sync(self) -> None:
         neutral = self._neutral

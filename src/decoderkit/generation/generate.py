@@ -46,6 +46,7 @@ from decoderkit.cache import Cache, DynamicCache, StaticCache
 from decoderkit.generation.beam_search import BeamSearchState
 from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import DecodeStep, forward_full
+from decoderkit.generation.inputs import check_embeds, check_past
 from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
 from decoderkit.generation.speculative import build_proposer, speculative_steps
 from decoderkit.generation.stopping import StoppingCriteriaList, StopStringCriteria
@@ -223,7 +224,7 @@ class _Plan:
         device = model.device
         embeds_only = inputs_embeds is not None and input_ids is None
         if inputs_embeds is not None:
-            _check_embeds(inputs_embeds, input_ids, mc.hidden_size)
+            check_embeds(inputs_embeds, input_ids, mc.hidden_size)
             if embeds_only:
                 input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if input_ids is None:
@@ -304,7 +305,7 @@ class _Plan:
         cache: Cache | None = None
         past = 0
         if past_key_values is not None:
-            past = _check_past(past_key_values, config, rows, L, max_length)
+            past = check_past(past_key_values, config, rows, L, max_length)
             cache = past_key_values
         elif config.use_cache and max_length > L:
             if cache_kind in _STATIC_CACHES:
@@ -457,39 +458,6 @@ class _Plan:
         out = state.finalize()
         return self._output(out.sequences, scores, raw, beam_indices=out.beam_indices,
                             sequences_scores=out.sequences_scores if config.output_scores else None)
-
-
-def _check_embeds(inputs_embeds: Any, input_ids: torch.Tensor | None, hidden_size: int) -> None:
-    if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.dtype.is_floating_point:
-        raise ValueError(f"inputs_embeds must be a float tensor (batch, length, {hidden_size}), got "
-                         f"{type(inputs_embeds).__name__}")
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size or 0 in inputs_embeds.shape[:2]:
-        raise ValueError(f"inputs_embeds must have shape (batch, length, {hidden_size}) with length >= 1, got "
-                         f"{tuple(inputs_embeds.shape)}")
-    if input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
-        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}, inputs_embeds "
-                         f"{tuple(inputs_embeds.shape)}: with both, they describe the same prompt")
-
-
-def _check_past(cache: Any, config: GenerationConfig, rows: int, L: int, max_length: int) -> int:
-    """The number of prompt tokens a caller's past_key_values already holds, after checking it can continue."""
-    if not isinstance(cache, Cache):
-        raise ValueError(f"past_key_values must be a decoderkit cache (DynamicCache, StaticCache, or the one an "
-                         f"earlier generate returned), got {type(cache).__name__}")
-    if not config.use_cache:
-        raise ValueError("past_key_values was given with use_cache=False")
-    past = cache.get_seq_length()
-    if past >= L:
-        raise ValueError(f"past_key_values holds {past} tokens; input_ids ({L} tokens: the cached ones, then the "
-                         "new ones) must extend it by at least one token")
-    keys = getattr(cache, "keys", None)
-    if past and keys and keys[0].shape[0] != rows:
-        raise ValueError(f"past_key_values holds {keys[0].shape[0]} rows; this call runs {rows} (batch x "
-                         "max(num_beams, num_return_sequences))")
-    if cache.is_static and max_length > cache.max_cache_len:
-        raise ValueError(f"past_key_values is a StaticCache of {cache.max_cache_len} slots; this call needs "
-                         f"{max_length}")
-    return past
 
 
 def _check_prompt(input_ids: Any, attention_mask: torch.Tensor | None,
