@@ -336,7 +336,7 @@ def test_dtype_auto_follows_the_config_and_explicit_dtypes_win(hf_dirs, tmp_path
     copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert load(tmp_path / "bf16").dtype == torch.bfloat16
-    assert load(tmp_path / "bf16", dtype="auto").config.dtype == "bfloat16"
+    assert load(tmp_path / "bf16", dtype="auto").config.dtype == torch.bfloat16
     assert load(path).dtype == torch.float32
     for dtype, want in [("float16", torch.float16), (torch.bfloat16, torch.bfloat16), ("torch.float32", torch.float32)]:
         assert load(tmp_path / "bf16", dtype=dtype).dtype == want

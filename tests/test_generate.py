@@ -349,7 +349,10 @@ BAD = [
     (dict(num_beams=2, streamer=Recorder()), "streamer"),
     (dict(num_return_sequences=2), "num_return_sequences"),
     (dict(max_new_tokens=2, cache_implementation="quantized"), "cache_implementation"),
-    (dict(max_new_tokens=2, inputs_embeds=torch.zeros(1, 5, 32)), "inputs_embeds"),
+    (dict(max_new_tokens=2, inputs_embeds=torch.zeros(1, 4, 32)), "inputs_embeds"),
+    (dict(max_new_tokens=2, inputs_embeds=torch.zeros(1, 5, 31)), "inputs_embeds"),
+    (dict(max_new_tokens=2, past_key_values=((torch.zeros(1),),)), "past_key_values"),
+    (dict(max_new_tokens=2, past_key_values=decoderkit.DynamicCache(), use_cache=False), "past_key_values"),
 ]
 
 

@@ -304,7 +304,7 @@ def test_gradients_match(tmp_path, model_type):
 
     family = get_family(model_type)
     ours_grads = {n: p.grad for n, p in ours.named_parameters()}
-    mapped = family.ours_to_hf(ours_grads, ours.config, "causal_lm")
+    mapped = family.ours_to_hf(ours_grads, ours.decoder_config, "causal_lm")
     compared = 0
     for name, grad in mapped.items():
         if name not in theirs or theirs[name].grad is None:

@@ -161,7 +161,7 @@ def chat(prompt: str) -> list[dict[str, str]]:
 def test_paged_forward_matches_model(family: str, tmp_path: Path) -> None:
     oracle = pytest.importorskip("oracle")
     model = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(oracle.build(family), tmp_path)).eval()
-    c = model.config
+    c = model.decoder_config
     pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 64, 4, model.dtype, model.device)
     runner = PagedRunner(model, pool)
     gen = torch.Generator().manual_seed(0)

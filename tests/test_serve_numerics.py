@@ -52,7 +52,7 @@ def transformers_alone(hf, prompt: list[int], steps: int) -> tuple[list[int], li
 @torch.inference_mode()
 def paged_greedy(model, requests: list[list[int]], steps: int) -> list[list[torch.Tensor]]:
     """Each request's logits per step when all of them share every step of the paged runner."""
-    c = model.config
+    c = model.decoder_config
     pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 32, 4, model.dtype, model.device)
     runner = PagedRunner(model, pool)
     tables = [pool.allocate(pool.blocks_for(len(p) + steps)) for p in requests]
@@ -128,7 +128,7 @@ def test_mpt_bf16_paged_logits_equal_the_models(tmp_path):
     same shapes as the model's forward through its cache, for a request on its own."""
     model = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(oracle.build("mpt"), tmp_path),
                                                             dtype=torch.bfloat16).eval()
-    c = model.config
+    c = model.decoder_config
     pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 16, 4, model.dtype, model.device)
     runner = PagedRunner(model, pool)
     prompt = torch.randint(3, 97, (11,), generator=torch.Generator().manual_seed(0)).tolist()

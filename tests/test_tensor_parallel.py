@@ -111,14 +111,14 @@ def test_two_ranks_match_one_process(variant, checkpoints, two_ranks):
     # Each rank holds its share of every split tensor and a whole copy of the rest (norms, position tables, the
     # row-parallel biases and, with one kv head, the k/v projections)
     full = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
-    kv_split = model.config.num_key_value_heads % 2 == 0
+    kv_split = model.decoder_config.num_key_value_heads % 2 == 0
     split_kinds = ("q_proj", "o_proj.weight", "gate_proj", "up_proj", "down_proj.weight", "embed_tokens") + (
         ("k_proj", "v_proj") if kv_split else ())
     replicated = sum(b for n, b in full.items() if not any(k in n for k in split_kinds))
     total = sum(full.values())
     for rank_bytes in result["bytes"]:
         held = sum(rank_bytes.values())
-        assert held <= (total - replicated) / 2 + replicated + 4 * model.config.hidden_size  # odd vocab: one row
+        assert held <= (total - replicated) / 2 + replicated + 4 * model.decoder_config.hidden_size  # odd vocab: one row
         assert held < 0.62 * total
     assert sum(sum(r.values()) for r in result["bytes"]) >= total
 

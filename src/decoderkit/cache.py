@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from decoderkit.config import DecoderConfig
+from decoderkit.config import DecoderConfig, FamilyConfig, as_decoder_config
 
 
 class Cache:
@@ -88,7 +88,7 @@ class StaticCache(Cache):
 
     def __init__(
         self,
-        config: DecoderConfig,
+        config: DecoderConfig | FamilyConfig,
         max_batch_size: int,
         max_cache_len: int,
         device: torch.device | str | None = None,
@@ -98,6 +98,7 @@ class StaticCache(Cache):
             raise ValueError(
                 f"StaticCache needs max_batch_size >= 1 and max_cache_len >= 1, got {max_batch_size}, {max_cache_len}"
             )
+        config = as_decoder_config(config)  # a model's `config` (transformers' view) or its `decoder_config`
         shape = (max_batch_size, config.num_key_value_heads, max_cache_len, config.head_dim)
         self.max_batch_size = max_batch_size
         self.max_cache_len = max_cache_len

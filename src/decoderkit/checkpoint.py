@@ -222,7 +222,7 @@ def load_pretrained(
     as they are read. `progress` None shows a bar only on a terminal. Other keyword arguments override config.json
     fields (e.g. `num_labels=3`).
     """
-    from decoderkit.model import prepare_config
+    from decoderkit.model import check_overrides, prepare_config
     from decoderkit.quantization import prepare_quantized, resolve_load_quantization
 
     location = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -249,6 +249,8 @@ def load_pretrained(
                   else TorchBinSource(files, str(location)))
     else:
         raise ValueError(f"{location}: expected a model directory (with config.json) or a .gguf file")
+    if overrides:
+        check_overrides(config if config is not None else hf_config, overrides)
     config = prepare_config(config if config is not None else hf_config, attn_implementation, overrides)
     # "auto" (transformers 5's default too): config.json's dtype, else the dtype the weights are stored in.
     target = explicit or resolve_dtype("auto", config) or source.checkpoint_dtype or torch.float32
@@ -497,7 +499,7 @@ def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], missing: l
                     if param_name == "bias":
                         fresh.zero_()
                     else:
-                        fresh.normal_(0.0, model.config.initializer_range)
+                        fresh.normal_(0.0, model.decoder_config.initializer_range)
                 setattr(module, param_name, torch.nn.Parameter(fresh))
     model.tie_weights()
     model.model.rebuild_buffers(device)

@@ -49,15 +49,37 @@ class DecoderLayer(nn.Module):
         return x, weights
 
 
+def scale_embeddings(x: torch.Tensor, scale: float) -> torch.Tensor:
+    # The scale is rounded to the weight dtype first, as transformers does (sqrt(3072) becomes 55.5 in bf16).
+    return x * torch.tensor(scale, dtype=x.dtype)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose rows come out multiplied by a constant (Gemma's sqrt(hidden_size)), as transformers' scaled
+    embedding module does: `get_input_embeddings()(ids)` gives what the first layer sees, `inputs_embeds` are used as
+    given."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scale: float) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.scale = scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return scale_embeddings(super().forward(input), self.scale)
+
+
 class DecoderStack(nn.Module):
     """Embeddings, the layers and the final norm."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.embedding_padding_idx
-        )
+        if config.embedding_scale is not None:
+            self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.embedding_padding_idx,
+                                                config.embedding_scale)
+        else:
+            self.embed_tokens = nn.Embedding(
+                config.vocab_size, config.hidden_size, padding_idx=config.embedding_padding_idx
+            )
         if config.position_embedding == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.embedding_dropout)
@@ -84,9 +106,8 @@ class DecoderStack(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.config.embedding_scale is not None:
-            # The scale is rounded to the weight dtype first, as transformers does (sqrt(3072) becomes 55.5 in bf16).
-            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        if self.config.embedding_scale is not None and not isinstance(self.embed_tokens, ScaledEmbedding):
+            x = scale_embeddings(x, self.config.embedding_scale)  # a quantized table that replaced the scaled one
         return x
 
     def forward(

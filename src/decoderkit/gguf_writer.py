@@ -291,7 +291,7 @@ def write_gguf(
     model_dir = Path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device="cpu", progress=False)
     hf_config = _hf_config(model)
-    source_dtype = model.config.hf_config.get("dtype", model.config.hf_config.get("torch_dtype"))
+    source_dtype = model.decoder_config.hf_config.get("dtype", model.decoder_config.hf_config.get("torch_dtype"))
     hf_config["dtype"] = source_dtype  # "auto" follows the checkpoint's own dtype, not the float32 we read it in
     tokenizer = None
     if (model_dir / "tokenizer.json").is_file():

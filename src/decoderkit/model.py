@@ -10,25 +10,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoderkit.cache import Cache
-from decoderkit.config import ATTN_IMPLEMENTATIONS, DecoderConfig
+from decoderkit.compat import (
+    TransformersCompatMixin,
+    check_config_overrides,
+    resolve_device_map,
+    split_from_pretrained_kwargs,
+)
+from decoderkit.config import ATTN_IMPLEMENTATIONS, DecoderConfig, FamilyConfig, as_decoder_config
 from decoderkit.decoder import DecoderStack
 from decoderkit.layers.attention import Attention, flash_attention_available
 from decoderkit.loss import causal_lm_loss, chunked_causal_lm_loss
 from decoderkit.outputs import ModelOutput
 
 
-class PreTrainedDecoder(nn.Module):
+class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
     """Shared machinery of every head: loading, saving, initialisation, gradient checkpointing."""
 
     head: ClassVar[str] = "base"
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig | FamilyConfig) -> None:
         super().__init__()
-        self.config = config
+        from decoderkit.families import get_family
+
+        config = as_decoder_config(config)
+        # Two views of one configuration: the layers read the neutral one; `config` is transformers' (see FamilyConfig)
+        self.decoder_config = config
+        self.config = get_family(config.model_type).make_config(config)
         self.model = DecoderStack(config)
-        # Where from_pretrained found the weights (a hub id, or an absolute path), as transformers' `name_or_path`;
-        # a saved LoRA adapter names it as its base so that PEFT can load the adapter on its own.
-        self.name_or_path: str | None = None
+
+    @property
+    def name_or_path(self) -> str | None:
+        """Where from_pretrained found the weights (a hub id, or an absolute path), as transformers' `name_or_path`;
+        a saved LoRA adapter names it as its base so that PEFT can load the adapter on its own."""
+        return self.config.name_or_path or None
+
+    @name_or_path.setter
+    def name_or_path(self, value: str | None) -> None:
+        self.config.name_or_path = value or ""
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -47,31 +65,35 @@ class PreTrainedDecoder(nn.Module):
         return model.to(target)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype: Any = None, torch_dtype: Any = None,
-        attn_implementation: str | None = None, device: str | torch.device | None = None,
-        quantization: Any = None, tp_plan: str | None = None, **kwargs: Any,
-    ) -> PreTrainedDecoder:
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> PreTrainedDecoder:
         """Load a Hugging Face model directory, a hub id in the local cache, or a `.gguf` file.
 
-        `quantization`: None (a GGUF file's quantized tensors stay packed on CPU; an HF checkpoint stays float),
-        "none" (all float), "int8", "int4" or a `QuantizationConfig` (weights quantized as they are read). `dtype`
-        names the activation dtype of a quantized model.
-        `tp_plan="auto"`: tensor-parallel over the ranks of the torch.distributed process group (started by
-        `torchrun --nproc-per-node N`, as transformers does); each rank reads and keeps only its shard of the weights
-        (see `decoderkit.parallel`).
+        Keywords (`decoderkit.compat.FROM_PRETRAINED_KEYWORDS`): `dtype` (alias `torch_dtype`; "auto" or None keeps
+        the checkpoint's), `attn_implementation`, `device`, `device_map` ("auto", "cpu", "cuda:0", an index, or a
+        dict of module name -> device; one process runs a model on one device, so a map naming several is an
+        error), `quantization` (None: a GGUF file's quantized tensors stay packed on CPU, an HF checkpoint stays
+        float; "none": all float; "int8", "int4" or a `QuantizationConfig`: weights quantized as they are read;
+        `dtype` then names the activation dtype), `config`, `progress`, `gguf_file`, `revision`, `cache_dir`,
+        `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed process group
+        started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only its shard of
+        the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`, `use_cache=False`).
+        transformers' `trust_remote_code`, `low_cpu_mem_usage`, `use_safetensors`, `token`, ... are accepted with no
+        effect (`ACCEPTED_WITHOUT_EFFECT` says why); `force_download`, `max_memory`, `subfolder`, ... raise. Any
+        other keyword is a TypeError naming the allowed ones.
         """
         from decoderkit.checkpoint import load_pretrained
 
+        options, overrides = split_from_pretrained_kwargs(kwargs)
+        dtype = options.pop("dtype", None)
+        torch_dtype = options.pop("torch_dtype", None)
+        options["device"] = resolve_device_map(options.pop("device_map", None), options.get("device"))
+        tp_plan = options.pop("tp_plan", None)
         if tp_plan is not None:
             from decoderkit.parallel.loading import load_tensor_parallel
 
             return load_tensor_parallel(cls, path, tp_plan=tp_plan, dtype=dtype if dtype is not None else torch_dtype,
-                                        attn_implementation=attn_implementation, device=device,
-                                        quantization=quantization, **kwargs)
-        return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype,
-                               attn_implementation=attn_implementation, device=device, quantization=quantization,
-                               **kwargs)
+                                        **options, **overrides)
+        return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, **options, **overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
@@ -88,7 +110,7 @@ class PreTrainedDecoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """transformers' initialisation for the family: N(0, initializer_range) for projections and embeddings."""
-        cfg = self.config
+        cfg = self.decoder_config
         std = cfg.initializer_range
         self.tie_weights()
         embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
@@ -120,9 +142,6 @@ class PreTrainedDecoder(nn.Module):
     def tie_weights(self) -> None:
         """Share the output projection with the input embedding when the config says so."""
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
     @property
     def dtype(self) -> torch.dtype:
         """The activation dtype (with quantized weights too: their scales, and every norm, are in it)."""
@@ -131,9 +150,6 @@ class PreTrainedDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer's activations in the backward pass instead of storing them."""
@@ -144,13 +160,18 @@ class PreTrainedDecoder(nn.Module):
 
     def set_attn_implementation(self, name: str) -> None:
         check_attn_implementation(name)
-        self.config.attn_implementation = name
+        self.decoder_config.attn_implementation = name
         for module in self.modules():
             if isinstance(module, Attention):
                 module.implementation = name
 
     def _base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
               output_attentions, output_hidden_states, cache_position, **extra) -> ModelOutput:
+        # As transformers: an unset flag follows the config (`config.output_hidden_states = True` applies to calls)
+        if output_attentions is None:
+            output_attentions = bool(self.config.output_attentions)
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -165,9 +186,26 @@ def check_attn_implementation(name: str) -> None:
                          "use 'sdpa' (default) or 'eager' here")
 
 
-def prepare_config(config: DecoderConfig | dict[str, Any], attn_implementation: str | None,
+def check_overrides(config: DecoderConfig | FamilyConfig | dict[str, Any], overrides: dict[str, Any]) -> None:
+    """TypeError for a from_pretrained keyword that is no field of the checkpoint's transformers config."""
+    from decoderkit.families import family_for
+
+    if not isinstance(config, dict):
+        config = as_decoder_config(config).to_hf_dict()
+    family = family_for(config)
+    check_config_overrides(family.transformers_config(config), family.hf_attribute_map, overrides)
+
+
+def prepare_config(config: DecoderConfig | FamilyConfig | dict[str, Any], attn_implementation: str | None,
                    overrides: dict[str, Any]) -> DecoderConfig:
-    """A DecoderConfig from either form, with the attention backend checked and HF-style overrides applied."""
+    """A DecoderConfig from any form, with the attention backend checked and HF-style overrides applied."""
+    if isinstance(config, FamilyConfig):
+        config = config.to_dict()
+    if isinstance(config, dict) and "num_labels" in overrides:
+        # As transformers' num_labels setter: a different count replaces the saved label names
+        labels = config.get("id2label")
+        if labels is not None and len(labels) != overrides["num_labels"]:
+            config = {k: v for k, v in config.items() if k not in ("id2label", "label2id")}
     if isinstance(config, dict):
         config = DecoderConfig.from_hf_dict({**config, **overrides})
     elif overrides:
@@ -191,16 +229,19 @@ class DecoderModel(PreTrainedDecoder):
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, output_attentions: bool = False,
-        output_hidden_states: bool = False, cache_position: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None, cache_position: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True,
-    ) -> ModelOutput:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                          cache_position=cache_position, token_type_ids=token_type_ids,
-                          encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask)
+        encoder_attention_mask: torch.Tensor | None = None, return_dict: bool | None = None,
+    ) -> ModelOutput | tuple:
+        extra = {}
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids
+        if encoder_hidden_states is not None:
+            extra.update(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask)
+        out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_attentions, output_hidden_states, cache_position, **extra)
+        return self._output(out, return_dict)
 
 
 class DecoderForCausalLM(PreTrainedDecoder):
@@ -215,19 +256,19 @@ class DecoderForCausalLM(PreTrainedDecoder):
 
     def tie_weights(self) -> None:
         # A quantized head shares its table with the embedding when it is built (decoderkit.quantization)
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+        if self.decoder_config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
         cache_position: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
         token_type_ids: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-        return_dict: bool = True, skip_logits: bool = False,
-    ) -> ModelOutput:
+        return_dict: bool | None = None, skip_logits: bool = False,
+    ) -> ModelOutput | tuple:
         """transformers' causal-LM forward. `skip_logits=True` (with `labels`) returns the loss alone, computed a
         chunk of positions at a time so the full-vocabulary logits never exist at once (see `decoderkit.loss`);
         `logits` is then None. The trainer uses it; the loss and its gradients are the same."""
@@ -244,17 +285,18 @@ class DecoderForCausalLM(PreTrainedDecoder):
                          output_attentions, output_hidden_states, cache_position, **extra)
         h = out.last_hidden_state
         if skip_logits:
-            loss = chunked_causal_lm_loss(h, self.lm_head, labels, self.config.vocab_size, num_items_in_batch)
-            return ModelOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
-                               hidden_states=out.hidden_states, attentions=out.attentions)
+            loss = chunked_causal_lm_loss(h, self.lm_head, labels, self.decoder_config.vocab_size,
+                                          num_items_in_batch)
+            return self._output(ModelOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                            hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
         else:
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generate continuations with transformers' `generate` arguments (see `decoderkit.generation`)."""
@@ -276,14 +318,14 @@ class DecoderForSequenceClassification(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        cache_position: torch.Tensor | None = None, return_dict: bool = True, **extra: Any,
-    ) -> ModelOutput:
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None, return_dict: bool | None = None, **extra: Any,
+    ) -> ModelOutput | tuple:
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         logits = self.score(out.last_hidden_state)
         batch = logits.shape[0]
-        pad = self.config.pad_token_id
+        pad = self.decoder_config.pad_token_id
         if pad is None and batch != 1:
             raise ValueError("cannot find the last token of each sequence: a batch larger than 1 needs "
                              "config.pad_token_id to be set")
@@ -295,13 +337,13 @@ class DecoderForSequenceClassification(PreTrainedDecoder):
             last = (idx * (input_ids != pad).to(logits.device, torch.int32)).argmax(-1)
         pooled = logits[torch.arange(batch, device=logits.device), last]
         loss = self._loss(pooled, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
 
     def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n = self.config.num_labels
+        n = self.decoder_config.num_labels
         labels = labels.to(pooled.device)
-        problem = self.config.problem_type
+        problem = self.decoder_config.problem_type
         if problem is None:
             if n == 1:
                 problem = "regression"
@@ -337,21 +379,22 @@ class DecoderForTokenClassification(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
-        output_attentions: bool = False, output_hidden_states: bool = False,
-        cache_position: torch.Tensor | None = None, return_dict: bool = True, **extra: Any,
-    ) -> ModelOutput:
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None, return_dict: bool | None = None, **extra: Any,
+    ) -> ModelOutput | tuple:
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            n = self.config.num_labels
+            n = self.decoder_config.num_labels
             valid = labels[labels != -100]
             if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= n):
                 raise ValueError(f"labels must be in [0, {n - 1}] or -100 (num_labels={n}), got values in "
                                  f"[{int(valid.min())}, {int(valid.max())}]")
             loss = F.cross_entropy(logits.float().view(-1, n), labels.view(-1).to(logits.device))
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions), return_dict)
 
 
 class DecoderForQuestionAnswering(PreTrainedDecoder):
@@ -367,10 +410,10 @@ class DecoderForQuestionAnswering(PreTrainedDecoder):
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
-        end_positions: torch.Tensor | None = None, use_cache: bool | None = False, output_attentions: bool = False,
-        output_hidden_states: bool = False, cache_position: torch.Tensor | None = None, return_dict: bool = True,
-        **extra: Any,
-    ) -> ModelOutput:
+        end_positions: torch.Tensor | None = None, use_cache: bool | None = False,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None, return_dict: bool | None = None, **extra: Any,
+    ) -> ModelOutput | tuple:
         out = self._base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states, cache_position, **extra)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
@@ -382,8 +425,8 @@ class DecoderForQuestionAnswering(PreTrainedDecoder):
             s = start_positions.reshape(-1).clamp(0, ignored).to(start.device)
             e = end_positions.reshape(-1).clamp(0, ignored).to(end.device)
             loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
-        return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states,
-                           attentions=out.attentions)
+        return self._output(ModelOutput(loss=loss, start_logits=start, end_logits=end,
+                                        hidden_states=out.hidden_states, attentions=out.attentions), return_dict)
 
 
 HEAD_CLASSES: dict[str, type[PreTrainedDecoder]] = {

@@ -114,7 +114,7 @@ def _linear_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def _tied(model: nn.Module) -> bool:
-    return bool(model.config.tie_word_embeddings) and isinstance(getattr(model, "lm_head", None), nn.Linear)
+    return bool(model.decoder_config.tie_word_embeddings) and isinstance(getattr(model, "lm_head", None), nn.Linear)
 
 
 def prepare_quantized(model: nn.Module, dtype: torch.dtype, config: QuantizationConfig | None = None,

@@ -71,7 +71,7 @@ def save_pretrained(
 
 
 def _hf_state_dict(model: PreTrainedDecoder) -> dict[str, torch.Tensor]:
-    config = model.config
+    config = model.decoder_config
     family = get_family(config.model_type)
     state = expected_tensors(model)  # one entry per tensor: a tied lm_head is left out, as transformers saves it
     if not config.tie_word_embeddings and "lm_head.weight" not in state and hasattr(model, "lm_head"):
@@ -92,8 +92,10 @@ def _hf_state_dict(model: PreTrainedDecoder) -> dict[str, torch.Tensor]:
 
 
 def _hf_config(model: PreTrainedDecoder) -> dict[str, Any]:
-    family = get_family(model.config.model_type)
-    hf_config = family.config_to_hf(model.config)
+    family = get_family(model.decoder_config.model_type)
+    # transformers' view, with what the user changed in it (`model.config.use_cache = False` is saved)
+    hf_config = model.config.to_diff_dict()
+    hf_config.pop("transformers_version", None)
     hf_config["architectures"] = [family.architecture(model.head)]
     hf_config["dtype"] = str(model.dtype).removeprefix("torch.")
     hf_config.pop("torch_dtype", None)

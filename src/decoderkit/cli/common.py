@@ -379,7 +379,7 @@ def eos_token_ids(model: PreTrainedDecoder) -> list[int]:
 
 def fit_new_tokens(args: argparse.Namespace, model: PreTrainedDecoder, prompt_tokens: int, wanted: int) -> int:
     """`wanted` new tokens, cut to what fits the context window after the prompt (with a notice)."""
-    context = model.config.max_position_embeddings
+    context = model.decoder_config.max_position_embeddings
     if prompt_tokens >= context:
         raise CLIError(f"the prompt has {prompt_tokens} tokens; the model's context window is {context}")
     if prompt_tokens + wanted > context:

@@ -35,7 +35,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, _, path = load_model(args, tokenizer=False)
     load_s = time.perf_counter() - start
-    config = model.config
+    config = model.decoder_config
     if args.prompt_tokens + args.new_tokens > config.max_position_embeddings:
         raise UsageError(f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
                          f"model's context window of {config.max_position_embeddings}")

@@ -160,7 +160,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         tok.chat_template = load_chat_template(args.chat_template)
     if not tok.chat_template:
         raise CLIError(f"{path}: the tokenizer has no chat template; pass --chat-template, or use `generate`")
-    context = model.config.max_position_embeddings
+    context = model.decoder_config.max_position_embeddings
     if kwargs["max_new_tokens"] >= context:
         raise UsageError(f"--max-new-tokens {kwargs['max_new_tokens']} leaves no room for the conversation in the "
                          f"model's {context}-token context window")

@@ -7,13 +7,14 @@ fused projections on load and fusing them again on save.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from decoderkit.config import DecoderConfig
+from decoderkit.config import PRETRAINED_DEFAULTS, DecoderConfig, FamilyConfig, family_config_class
 
 if TYPE_CHECKING:
     from decoderkit.gguf_model import GGUFMetadata
@@ -41,12 +42,61 @@ class Family:
     gguf_architecture: str = ""
     gguf_layers_key: str = "num_hidden_layers"
 
+    # transformers' config class for the family, as data: its fields with their defaults (None where transformers
+    # derives the value from others, see `complete_hf_config`), its attribute aliases, and the fields that hold a
+    # sub-config (a dict of that sub-config's defaults).
+    hf_defaults: dict[str, Any] = {}
+    hf_attribute_map: dict[str, str] = {}
+    hf_sub_configs: dict[str, dict[str, Any]] = {}
+
     # ------------------------------------------------------------------------------------------------ config
     def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
         raise NotImplementedError
 
     def config_to_hf(self, config: DecoderConfig) -> dict[str, Any]:
         raise NotImplementedError
+
+    def complete_hf_config(self, hf: dict[str, Any]) -> None:
+        """Fill in, in place, the values transformers' config class derives from others (head_dim, ...)."""
+
+    def transformers_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The fields transformers' config class holds for this config.json dict (`to_dict()` order)."""
+        raw = copy.deepcopy(hf)
+        if "torch_dtype" in raw:
+            dtype = raw.pop("torch_dtype")
+            raw["dtype"] = raw.get("dtype") or dtype
+        raw.pop("transformers_version", None)
+        num_labels = raw.pop("num_labels", None)
+        if num_labels is not None and not isinstance(raw.get("id2label"), dict):
+            raw["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+            raw["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        for name, defaults in self.hf_sub_configs.items():
+            raw[name] = {**copy.deepcopy(defaults), **(raw.get(name) or {})}
+        for fields in (raw, *(raw[name] for name in self.hf_sub_configs)):
+            if isinstance(fields.get("id2label"), dict):  # JSON's string keys, as integers again
+                fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
+        fields = {"transformers_version": hf.get("transformers_version")} if "transformers_version" in hf else {}
+        base = {k: v for k, v in PRETRAINED_DEFAULTS.items() if k not in ("_name_or_path", "output_attentions")}
+        fields.update(copy.deepcopy(base))
+        fields.update(copy.deepcopy(self.hf_defaults))
+        fields.update(_name_or_path="", model_type=self.model_type)
+        fields.update(raw)
+        fields.setdefault("output_attentions", False)
+        self.complete_hf_config(fields)
+        return fields
+
+    def make_config(self, config: DecoderConfig) -> FamilyConfig:
+        """transformers' view (`model.config`) of a model built from `config`, kept in step with it."""
+        # The version that wrote config.json, where transformers' to_dict() gives its own: the same for a checkpoint
+        # that transformers saved
+        version = config.hf_config.get("transformers_version")
+        fields = self.transformers_config({**config.to_hf_dict(), **({"transformers_version": version} if version
+                                                                      else {})})
+        if config.dtype is not None:
+            fields["dtype"] = config.dtype
+        for name in self.hf_sub_configs:
+            fields[name] = FamilyConfig(fields[name])
+        return family_config_class(self.class_prefix + "Config")(fields, self.hf_attribute_map, neutral=config)
 
     def architecture(self, head: str) -> str:
         suffix = {
@@ -172,7 +222,7 @@ def layer_groups(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, dict[str
 def standardize_rope(hf: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
     """transformers 5's `rope_parameters` from either spelling (`rope_parameters`, or `rope_scaling` + `rope_theta`)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_type", params.get("type", "default"))  # transformers keeps the old "type" key too
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     if hf.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])

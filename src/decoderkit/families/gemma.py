@@ -23,6 +23,13 @@ class GemmaFamily(LlamaFamily):
         initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
         tie_word_embeddings=True, attention_bias=False, attention_dropout=0.0,
     )
+    hf_defaults: dict[str, Any] = dict(
+        vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192,
+        initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=True, rope_parameters=None, attention_bias=False, attention_dropout=0.0,
+        use_bidirectional_attention=None,
+    )
     # Gemma's released configs say "gelu" but were trained with the tanh approximation (transformers #29402).
     hidden_act_aliases = {"gelu": "gelu_pytorch_tanh"}
 

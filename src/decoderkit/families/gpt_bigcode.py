@@ -39,6 +39,18 @@ class GPTBigCodeFamily(Family):
     hf_base_prefix = "transformer"
     hf_head_names = {"classifier": "classifier"}
     hf_heads = ("base", "causal_lm", "sequence_classification", "token_classification")
+    hf_defaults: dict[str, Any] = dict(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+        activation_function="gelu_pytorch_tanh", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+        layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True, use_cache=True, bos_token_id=50256,
+        eos_token_id=50256, pad_token_id=None, attention_softmax_in_fp32=True, scale_attention_softmax_in_fp32=True,
+        multi_query=True, add_cross_attention=False, tie_word_embeddings=True, num_key_value_heads=None,
+    )
+    hf_attribute_map = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                        "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+
+    def complete_hf_config(self, hf: dict[str, Any]) -> None:
+        hf["num_key_value_heads"] = 1 if hf["multi_query"] else hf["n_head"]
 
     def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
         hidden = hf.get("n_embd", hf.get("hidden_size", 768))

@@ -25,6 +25,31 @@ class LlamaFamily(Family):
         mlp_bias=False,
     )
     hidden_act_aliases: dict[str, str] = {}
+    hf_defaults: dict[str, Any] = dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=None, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
+        rms_norm_eps=1e-6, use_cache=True, pad_token_id=None, bos_token_id=1, eos_token_id=2, pretraining_tp=1,
+        tie_word_embeddings=False, rope_parameters=None, attention_bias=False, attention_dropout=0.0, mlp_bias=False,
+        head_dim=None,
+    )
+
+    def complete_hf_config(self, hf: dict[str, Any]) -> None:
+        if hf.get("head_dim") is None:
+            hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+        if hf.get("num_key_value_heads") is None:
+            hf["num_key_value_heads"] = hf["num_attention_heads"]
+        hf["hidden_act"] = self.hidden_act_aliases.get(hf["hidden_act"], hf["hidden_act"])
+        # transformers 5 folds the older rope_scaling / rope_theta keys into rope_parameters (rope_scaling first)
+        rope = dict(hf.pop("rope_scaling", None) or hf.get("rope_parameters") or {})
+        rope.setdefault("rope_theta", hf.pop("rope_theta", 10000.0))
+        if (partial := hf.pop("partial_rotary_factor", None)) is not None:
+            rope.setdefault("partial_rotary_factor", partial)
+        rope.setdefault("rope_type", rope.get("type", "default"))
+        if rope["rope_type"] in ("llama3", "yarn", "longrope"):
+            if "original_max_position_embeddings" in hf:
+                rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+            rope.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+        hf["rope_parameters"] = rope
 
     def hf_prefix(self, head: str) -> str:
         # transformers' LlamaForQuestionAnswering keeps the old `transformer` attribute name.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from decoderkit.config import DecoderConfig
+from decoderkit.config import PRETRAINED_DEFAULTS, DecoderConfig
 from decoderkit.families.base import Family, NameMap, common_fields, common_to_hf, layer_groups, split_rows
 
 if TYPE_CHECKING:
@@ -34,6 +34,20 @@ class MptFamily(Family):
     class_prefix = "Mpt"
     hf_base_prefix = "transformer"
     hf_head_names = {"classifier": "classifier"}
+    hf_defaults: dict[str, Any] = dict(
+        d_model=2048, n_heads=16, n_layers=24, expansion_ratio=4, max_seq_len=2048, vocab_size=50368, resid_pdrop=0.0,
+        layer_norm_epsilon=1e-5, emb_pdrop=0.0, learned_pos_emb=True, attn_config=None, init_device="cpu",
+        logit_scale=None, no_bias=True, embedding_fraction=1.0, norm_type="low_precision_layernorm", use_cache=False,
+        initializer_range=0.02, tie_word_embeddings=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    )
+    hf_attribute_map = {"num_attention_heads": "n_heads", "hidden_size": "d_model", "num_hidden_layers": "n_layers"}
+    # transformers' MptAttentionConfig, a sub-config with PreTrainedConfig's fields of its own
+    hf_sub_configs = {"attn_config": {
+        **{k: v for k, v in PRETRAINED_DEFAULTS.items() if k not in ("_name_or_path", "output_attentions")},
+        "attn_type": "multihead_attention", "attn_pdrop": 0, "attn_impl": "torch", "clip_qkv": None,
+        "softmax_scale": None, "prefix_lm": False, "qk_ln": False, "attn_uses_sequence_id": False, "alibi": True,
+        "alibi_bias_max": 8, "_name_or_path": "", "model_type": "", "output_attentions": False,
+    }}
 
     def config_from_hf(self, hf: dict[str, Any]) -> DecoderConfig:
         attn = dict(hf.get("attn_config") or {})

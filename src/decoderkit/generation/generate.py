@@ -46,6 +46,7 @@ from decoderkit.cache import Cache, DynamicCache, StaticCache
 from decoderkit.generation.beam_search import BeamSearchState
 from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import DecodeStep, forward_full
+from decoderkit.generation.inputs import check_embeds, check_past
 from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
 from decoderkit.generation.speculative import build_proposer, speculative_steps
 from decoderkit.generation.stopping import StoppingCriteriaList, StopStringCriteria
@@ -62,7 +63,7 @@ _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunke
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
 _COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
-_UNSUPPORTED = ("inputs_embeds", "past_key_values", "position_ids", "prefix_allowed_tokens_fn",
+_UNSUPPORTED = ("position_ids", "prefix_allowed_tokens_fn",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
 
 
@@ -125,10 +126,25 @@ def generate(
         raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__} (pass "
                          "generation_config by keyword)")
     assistant_model = kwargs.pop("assistant_model", None)
+    inputs_embeds = kwargs.pop("inputs_embeds", None)
+    past_key_values = kwargs.pop("past_key_values", None)
     config = _resolve_config(model, generation_config, kwargs)
     if compile is None:
         compile = bool(getattr(config, "compile", False))
     proposer = build_proposer(model, config, assistant_model, compile)
+    resumed = [name for name, value in (("inputs_embeds", inputs_embeds), ("past_key_values", past_key_values))
+               if value is not None]
+    if resumed and (proposer is not None or compile):
+        raise ValueError(f"{resumed[0]} cannot be combined with speculative decoding or compile=True")
+    if inputs_embeds is not None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError("inputs_embeds feeds the prompt once, through the KV cache: it cannot run with "
+                             "use_cache=False")
+        config.use_cache = True  # as transformers: the embeddings are used for the first step only
+    if past_key_values is not None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError("past_key_values was given with use_cache=False")
+        config.use_cache = True  # continuing a cache means using it, whatever the checkpoint's use_cache says
     if proposer is not None:
         if kwargs.get("use_cache") is False:
             raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
@@ -140,7 +156,7 @@ def generate(
         # A checkpoint's use_cache=false (MPT's default) only reflects its training setup: compiling asks for a cache
         config.use_cache = True
     plan = _Plan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-                       logits_processor, stopping_criteria, compile)
+                       logits_processor, stopping_criteria, compile, inputs_embeds, past_key_values)
     if proposer is not None:
         steps = speculative_steps(plan, proposer)
     else:
@@ -157,7 +173,7 @@ def generate(
 def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
     base = getattr(model, "generation_config", None)
     if base is None:
-        mc = model.config
+        mc = model.decoder_config
         base = GenerationConfig.from_dict({k: getattr(mc, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
                                            if getattr(mc, k) is not None})
     if generation_config is None:
@@ -194,12 +210,23 @@ class _Plan:
     streamer: BaseStreamer | None
     generator: torch.Generator | None
     compile: bool
+    # (rows, L, hidden) prompt embeddings fed instead of the prompt's ids, with their placeholder ids left out of
+    # everything the caller sees (`first` = L), as transformers returns only the new tokens for inputs_embeds alone
+    embeds: torch.Tensor | None = None
+    first: int = 0
+    # Prompt tokens already in a cache the caller passed (past_key_values): only the rest is fed
+    past: int = 0
 
     @classmethod
     def build(cls, model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-              logits_processor, stopping_criteria, compile) -> _Plan:
-        mc = model.config
+              logits_processor, stopping_criteria, compile, inputs_embeds=None, past_key_values=None) -> _Plan:
+        mc = model.decoder_config
         device = model.device
+        embeds_only = inputs_embeds is not None and input_ids is None
+        if inputs_embeds is not None:
+            check_embeds(inputs_embeds, input_ids, mc.hidden_size)
+            if embeds_only:
+                input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if input_ids is None:
             if config.bos_token_id is None:
                 raise ValueError("input_ids: no prompt was given and the generation config has no bos_token_id")
@@ -209,7 +236,9 @@ class _Plan:
         batch, L = prompt.shape
         if getattr(mc, "add_cross_attention", False):
             raise ValueError("generate does not support models with cross-attention (config add_cross_attention)")
-        max_length = config.max_length_for(L, mc.max_position_embeddings)
+        max_length = config.max_length_for(0 if embeds_only else L, mc.max_position_embeddings)
+        if embeds_only and (config.max_new_tokens is not None or config.max_length is None):
+            max_length += L  # the embedded prompt is not counted in the length the caller asked for
         if max_length < L or (max_length == L and config.max_new_tokens != 0):
             raise ValueError(f"max_length: {max_length} leaves no room after the prompt of {L} tokens; set "
                              "max_new_tokens instead")
@@ -223,6 +252,9 @@ class _Plan:
                 raise ValueError(f"{name}: prompt ({L}) + new tokens = {max_length} tokens, longer than this "
                                  f"{mc.model_type} model's context (max_position_embeddings={limit})")
         beams = config.num_beams > 1
+        if embeds_only and beams:
+            raise ValueError("inputs_embeds without input_ids supports greedy search and sampling; beam search "
+                             "(num_beams > 1) needs input_ids too")
         if config.stop_strings is not None and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass tokenizer= to generate")
         if beams and (streamer is not None or stream):
@@ -245,7 +277,7 @@ class _Plan:
 
         eos_ids = config.eos_token_ids
         pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
-        if mask is None and pad is not None and pad not in eos_ids and bool((prompt == pad).any()):
+        if mask is None and not embeds_only and pad is not None and pad not in eos_ids and bool((prompt == pad).any()):
             mask = prompt != pad  # transformers infers the padding from pad_token_id when it differs from EOS
         if mask is None:
             mask = torch.ones_like(prompt, dtype=torch.bool)
@@ -259,7 +291,9 @@ class _Plan:
         ids = torch.full((rows, max_length), pad if pad is not None else 0, dtype=torch.long, device=device)
         ids[:, :L] = prompt_rows
 
-        processors = build_logits_processors(config, L, padding)
+        first = L if embeds_only else 0
+        # What the caller sees of the prompt: nothing for inputs_embeds alone (penalties then see new tokens only)
+        processors = build_logits_processors(config, L - first, padding if first == 0 else None)
         if logits_processor:
             processors.extend(logits_processor)
         criteria = StoppingCriteriaList()
@@ -269,7 +303,11 @@ class _Plan:
             criteria.extend(stopping_criteria)
 
         cache: Cache | None = None
-        if config.use_cache and max_length > L:
+        past = 0
+        if past_key_values is not None:
+            past = check_past(past_key_values, config, rows, L, max_length)
+            cache = past_key_values
+        elif config.use_cache and max_length > L:
             if cache_kind in _STATIC_CACHES:
                 # Prompt + new tokens (the last token is never fed back, but one spare slot costs nothing). A compiled
                 # step is specialised on the cache length: rounding it up lets other lengths reuse the graph
@@ -278,19 +316,31 @@ class _Plan:
             else:
                 cache = DynamicCache()
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+        embeds = None
+        if inputs_embeds is not None:
+            embeds = inputs_embeds.to(device, model.dtype).repeat_interleave(expand, dim=0)
         return cls(model, config, prompt, ids, padding, positions, max_length, pad, eos, processors, criteria, cache,
-                   streamer, generator, compile)
+                   streamer, generator, compile, embeds, first, past)
 
     # ---------------------------------------------------------------------------------------------- the loops
+    def _feed_prompt(self, cache: Cache | None) -> torch.Tensor:
+        """Logits after the prompt's tokens not yet in the cache (all of them unless past_key_values was given)."""
+        L, P = self.prompt.shape[1], self.past
+        if self.embeds is None:
+            return forward_full(self.model, self.ids[:, P:L], self.padding, self.positions[:, P:], cache)
+        out = self.model.model(inputs_embeds=self.embeds, attention_mask=self.padding, position_ids=self.positions,
+                               past_key_values=cache, use_cache=cache is not None, validate=False)
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
     def _prefill(self) -> torch.Tensor:
         L = self.prompt.shape[1]
         cache = self.cache
-        if cache is None or not cache.is_static:
-            return forward_full(self.model, self.ids[:, :L], self.padding, self.positions, cache)
+        if cache is None or not cache.is_static or self.past:
+            return self._feed_prompt(cache)
         # Through a static cache the prompt would attend over every slot under an explicit mask, which loses the
         # causal SDPA kernel; a dynamic cache keeps it, then its entries are copied into the static buffers
         prompt_cache = DynamicCache()
-        logits = forward_full(self.model, self.ids[:, :L], self.padding, self.positions, prompt_cache)
+        logits = self._feed_prompt(prompt_cache)
         for layer, (k, v) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
             cache.keys[layer][:, :, :L].copy_(k)
             cache.values[layer][:, :, :L].copy_(v)
@@ -328,12 +378,12 @@ class _Plan:
 
     def sample(self) -> Generator[torch.Tensor, None, Any]:
         """Greedy search or multinomial sampling; yields each step's tokens (rows,), returns the output."""
-        config, ids, streamer = self.config, self.ids, self.streamer
+        config, ids, streamer, first = self.config, self.ids, self.streamer, self.first
         L, rows = self.prompt.shape[1], ids.shape[0]
         scores: tuple = ()
         raw: tuple = ()
-        if streamer is not None:
-            streamer.put(ids[:, :L].cpu())
+        if streamer is not None and first < L:
+            streamer.put(ids[:, first:L].cpu())
         cur = L
         try:
             if self.max_length > L:
@@ -344,7 +394,7 @@ class _Plan:
                 step = self._stepper()
                 while True:
                     with torch.no_grad():
-                        next_scores = self.processors(ids[:, :cur], logits) if self.processors else logits
+                        next_scores = self.processors(ids[:, first:cur], logits) if self.processors else logits
                         if config.do_sample:
                             probs = next_scores.softmax(dim=-1)
                             tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
@@ -362,7 +412,7 @@ class _Plan:
                         if self.eos is not None:
                             unfinished &= ~torch.isin(tokens, self.eos)
                         if self.criteria:
-                            unfinished &= ~self.criteria(ids[:, :cur], scores or None)
+                            unfinished &= ~self.criteria(ids[:, first:cur], scores or None)
                     if streamer is not None:
                         streamer.put(tokens.cpu())
                     yield tokens
@@ -373,7 +423,7 @@ class _Plan:
         finally:
             if streamer is not None:
                 streamer.end()
-        return self._output(ids[:, :cur], scores, raw)
+        return self._output(ids[:, first:cur], scores, raw)
 
     def beam_search(self) -> Generator[torch.Tensor, None, Any]:
         """Beam search (or beam sampling) driven by :class:`BeamSearchState`; returns the output."""

@@ -258,9 +258,10 @@ def speculative_steps(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, 
         raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
                          "use_cache=False")
     draft = getattr(proposer, "model", None)
-    if draft is not None and draft.config.hard_max_positions and plan.max_length > draft.config.max_position_embeddings:
+    if draft is not None and draft.decoder_config.hard_max_positions and (
+            plan.max_length > draft.decoder_config.max_position_embeddings):
         raise ValueError(f"prompt + new tokens = {plan.max_length} tokens, longer than the assistant_model's context "
-                         f"(max_position_embeddings={draft.config.max_position_embeddings})")
+                         f"(max_position_embeddings={draft.decoder_config.max_position_embeddings})")
     return _run(plan, proposer)
 
 

@@ -118,7 +118,7 @@ class _Follower:
             from decoderkit.serve.paged import BlockPool, PagedRunner
 
             num_blocks, block_size = args
-            c = self.model.config
+            c = self.model.decoder_config
             pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, block_size,
                              self.model.dtype, self.model.device)
             self.runner = PagedRunner(self.model, pool)

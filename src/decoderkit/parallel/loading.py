@@ -62,7 +62,7 @@ def load_tensor_parallel(cls: type[PreTrainedDecoder], path: str | os.PathLike, 
                          "file first (`decoderkit convert`)")
     model = load_pretrained(cls, location, device="meta", **kwargs)
     model.name_or_path = str(location.absolute())
-    global_config = model.config
+    global_config = model.decoder_config
     files = _safetensors_files(location)
     check_same_checkpoint(global_config.to_hf_dict(), files)
     part = shard_model(model)

@@ -177,13 +177,13 @@ def shard_model(model: nn.Module, group: dist.ProcessGroup | None = None) -> Par
     """Replace `model`'s projections, embedding and LM head by this rank's shards, in place, on the meta device.
 
     The model must be built on the meta device (the weights are loaded afterwards, slice by slice, by
-    `decoderkit.parallel.loading`). Attention modules are told their local head counts; `model.config` becomes
+    `decoderkit.parallel.loading`). Attention modules are told their local head counts; `model.decoder_config` becomes
     the rank's view (its local head counts, which the caches size themselves by) and `model.tp` holds the whole
     model's config and the partition.
     """
     group = group or dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    config: DecoderConfig = model.config
+    config: DecoderConfig = model.decoder_config
     part = partition(config, rank, world)
     for name, module in list(model.named_modules()):
         if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
@@ -212,8 +212,8 @@ def shard_model(model: nn.Module, group: dist.ProcessGroup | None = None) -> Par
                                           head.bias is not None, group)
     model.to(dtype)
     model.tp = TensorParallelInfo(config=config, partition=part, group=group)
-    model.config = config.replace(num_attention_heads=part.num_heads, num_key_value_heads=part.num_kv_heads)
-    stack.config = model.config
+    model.decoder_config = config.replace(num_attention_heads=part.num_heads, num_key_value_heads=part.num_kv_heads)
+    stack.config = model.decoder_config
     model.tie_weights()
     return part
 

@@ -156,7 +156,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64) -> None:
-        config = model.config
+        config = model.decoder_config
         if config.add_cross_attention:
             raise ValueError("the server runs decoder-only models; this one has cross-attention layers")
         if block_size < 1 or max_batch_size < 1 or max_prefill_tokens < 1 or max_queue < 0:
@@ -506,7 +506,7 @@ class Engine:
 
 
 def _default_kv_tokens(model: Any) -> int:
-    c = model.config
+    c = model.decoder_config
     floor = max(c.max_position_embeddings, 16384)
     if model.device.type != "cuda":
         return floor

@@ -48,10 +48,10 @@ def _translate(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
     """Our tensors -> the family's names (adapter-relative: no base prefix for a bare model); {} if untranslatable."""
     from decoderkit.families import get_family
 
-    family = get_family(model.config.model_type)
+    family = get_family(model.decoder_config.model_type)
     head = getattr(model, "head", "causal_lm")
     try:
-        out = family.ours_to_hf(state, model.config, head)
+        out = family.ours_to_hf(state, model.decoder_config, head)
     except (KeyError, TypeError, RuntimeError, AttributeError, ValueError):
         # Fusing needs every member of the group; a partial group cannot be translated.
         return {}
@@ -138,8 +138,8 @@ def import_fused(model: nn.Module, hf_module: str, factors: LoraFactors, use_rsl
     """Our members' adapters equal to a LoRA on the fused projection `hf_module` (transformers' module name)."""
     from decoderkit.families import get_family
 
-    family = get_family(model.config.model_type)
-    split = family.hf_to_ours(f"{hf_module}.weight", factors.B, model.config)
+    family = get_family(model.decoder_config.model_type)
+    split = family.hf_to_ours(f"{hf_module}.weight", factors.B, model.decoder_config)
     pieces = {n.removesuffix(".weight"): t for n, t in split}
     scaling = lora_scaling(factors.alpha, factors.r, use_rslora)
     support = {m: (p != 0).any(0).nonzero().squeeze(1) for m, p in pieces.items()}

@@ -687,7 +687,7 @@ def _fsdp_no_sync(model: nn.Module):
 def _unsharded_copy(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A plain CPU copy of a (sharded) model from its full state dict, to save with `save_pretrained`."""
     with torch.device("meta"):
-        copy = type(model)(model.config)
+        copy = type(model)(model.decoder_config)
     copy.load_state_dict(dict(state), strict=False, assign=True)
     copy.tie_weights()
     copy.model.rebuild_buffers("cpu")
