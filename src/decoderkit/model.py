@@ -76,7 +76,8 @@ class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
         `dtype` then names the activation dtype), `config`, `progress`, `gguf_file`, `revision`, `cache_dir`,
         `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed process group
         started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only its shard of
-        the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`, `use_cache=False`).
+        the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`,
+        `use_cache=False`).
         transformers' `trust_remote_code`, `low_cpu_mem_usage`, `use_safetensors`, `token`, ... are accepted with no
         effect (`ACCEPTED_WITHOUT_EFFECT` says why); `force_download`, `max_memory`, `subfolder`, ... raise. Any
         other keyword is a TypeError naming the allowed ones.
