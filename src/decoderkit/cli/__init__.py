@@ -36,6 +36,7 @@ from decoderkit.cli.common import (
 from decoderkit.cli.inspect import _has_chat_template, cmd_bench, cmd_info
 from decoderkit.cli.manage import cmd_convert, cmd_serve, cmd_train
 from decoderkit.cli.text import cmd_chat, cmd_generate
+from decoderkit.cli.threads import add_threads_arg, configure_threads, prefer_passive_openmp
 
 __all__ = ["_has_chat_template", "build_parser", "default_model_path", "main"]
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", "-b", type=positive_int, default=1, metavar="B", help="sequences (default 1)")
     bench.add_argument("--prompt-tokens", "-p", type=positive_int, default=128, metavar="P",
                        help="prompt length per sequence (default 128)")
-    bench.add_argument("--new-tokens", "-t", type=positive_int, default=64, metavar="N",
+    bench.add_argument("--new-tokens", "-n", type=positive_int, default=64, metavar="N",
                        help="tokens to generate per sequence (default 64)")
     bench.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
     bench.set_defaults(handler=cmd_bench)
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "bf16 for a bfloat16 model, else f16, as llama.cpp's converter)")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     convert.add_argument("--force", action="store_true", help="write into OUTPUT even if it is not empty")
+    add_threads_arg(convert)
     convert.set_defaults(handler=cmd_convert)
     return parser
 
@@ -134,6 +136,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
+    add_threads_arg(group)
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="compile the decode step with a static cache (CUDA graphs on GPU); off by default "
                        "(DECODERKIT_COMPILE=1 changes that default); compiled code is cached in "
@@ -181,10 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     if trainer_args is not None:
         args.trainer_args = trainer_args
+    # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
+    prefer_passive_openmp()
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     prog = f"{PROG} {args.command}"
     try:
         with _cli_logging(verbose, quiet):
+            if hasattr(args, "threads"):
+                args.threads = configure_threads(args.threads)
             return args.handler(args)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)

@@ -80,10 +80,44 @@ def device_name(text: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error, pointing at `--help` instead of repeating the usage block."""
+    """argparse with a one-line usage error, pointing at `--help` instead of repeating the usage block.
+
+    transformers' spelling of a flag (`--max_new_tokens`) is taken as the flag itself, and an unknown flag is an
+    error that suggests the nearest known one, instead of being left over (or read as the prompt)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        args = self._dashed(list(sys.argv[1:] if args is None else args))
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("--") and len(a) > 2]
+        if unknown:
+            self.error(self.unknown_flag_message(unknown[0]))
+        return namespace, extras
+
+    def _dashed(self, args: list[str]) -> list[str]:
+        """`--max_new_tokens` -> `--max-new-tokens` where the dashed spelling is one of this parser's flags."""
+        out = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            name, eq, value = arg.partition("=")
+            if name.startswith("--") and "_" in name:
+                dashed = name.replace("_", "-")
+                if dashed in self._option_string_actions:
+                    out[i] = dashed + eq + value
+        return out
+
+    def unknown_flag_message(self, arg: str) -> str:
+        """'unrecognized argument --x', with the nearest known flag when one is close."""
+        import difflib
+
+        name = arg.partition("=")[0]
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+        return f"unrecognized argument {name}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def _describe(err: BaseException) -> str:

@@ -93,6 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         _print_table(f"bench: {path.name}", {
             "device / dtype": f"{record['device']} / {record['dtype']}",
+            "threads": str(record["torch_threads"]),
             "batch x prompt + new": f"{b} x {args.prompt_tokens} + {generated}",
             "load": f"{load_s:.2f} s",
             "time to first token": _fmt(ttft, "{:.4f} s"),

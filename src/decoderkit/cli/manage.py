@@ -14,22 +14,12 @@ from decoderkit.cli.common import EXIT_ERROR, EXIT_OK, PROG, TOKENIZER_FILES, CL
 
 # ---------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    """`decoderkit train ...`: run `python -m decoderkit.training ...` in this process."""
-    import importlib.util
-    import runpy
-
+    """`decoderkit train ...`: the trainer's own command line (`python -m decoderkit.training`), in this process."""
     try:
-        found = importlib.util.find_spec("decoderkit.training.__main__") is not None
-    except ImportError:
-        found = False
-    if not found:
-        raise CLIError("the trainer (decoderkit.training) is not available in this installation")
-    saved = sys.argv
-    sys.argv = [f"{PROG} train", *args.trainer_args]
-    try:
-        return _exit_status(lambda: runpy.run_module("decoderkit.training", run_name="__main__", alter_sys=True))
-    finally:
-        sys.argv = saved
+        from decoderkit.training.__main__ import main as train_main
+    except ImportError as err:
+        raise CLIError(f"the trainer (decoderkit.training) is not available in this installation ({err})") from None
+    return _exit_status(lambda: train_main(args.trainer_args, prog=f"{PROG} train"))
 
 
 def _exit_status(run: Callable[[], object]) -> int:
