@@ -1,4 +1,4 @@
-"""The `decoderkit` command: generate, chat, bench, info, train, serve and convert.
+"""The `decoderkit` command: generate, chat, bench, info, train, serve, convert and merge.
 
 Every subcommand follows the same contract: 0 on success, 1 on a runtime error (reported as one line on stderr, the
 traceback only with `--verbose`), 2 on a usage error, 130 when interrupted with Ctrl-C. Model code, tokenizers and
@@ -12,6 +12,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from decoderkit.cli.adapters import add_merge_parser
 from decoderkit.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="write into OUTPUT even if it is not empty")
     add_threads_arg(convert)
     convert.set_defaults(handler=cmd_convert)
+    add_merge_parser(sub, [common])
     return parser
 
 
@@ -137,6 +139,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
     add_threads_arg(group)
+    group.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT directory, as `decoderkit train --lora` "
+                       "writes) merged into the model's weights after loading; the base must be float (a GGUF file "
+                       "is dequantized)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="compile the decode step with a static cache (CUDA graphs on GPU); off by default "
                        "(DECODERKIT_COMPILE=1 changes that default); compiled code is cached in "

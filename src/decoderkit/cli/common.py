@@ -243,9 +243,14 @@ def pick_device(name: str | None) -> str:
 def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTrainedDecoder, Tokenizer | None, Path]:
     """The causal LM (and its tokenizer) named by `--model`, on `--device` in `--dtype`."""
     from decoderkit import AutoModelForCausalLM
+    from decoderkit.cli.adapters import adapter_dir, adapter_load_quantization, apply_adapter
 
     path = locate_model(args.model)
     device = pick_device(args.device)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:
+        adapter_dir(adapter)  # before the weights load: a wrong path should not cost the load
+    quantization = adapter_load_quantization(getattr(args, "quantize", None), [adapter] if adapter else [])
     tok = None
     if tokenizer:
         # The tokenizer first: it is quick, and a missing one should fail before minutes of weight loading.
@@ -254,8 +259,10 @@ def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTra
         tok = AutoTokenizer.from_pretrained(path)
     # The loader draws a progress bar only when stderr is a terminal; --quiet turns it off there too.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
-                                                 quantization=getattr(args, "quantize", None),
+                                                 quantization=quantization,
                                                  progress=False if getattr(args, "quiet", False) else None)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
     return model, tok, path
 
 

@@ -89,9 +89,12 @@ def build_parser(prog: str = "python -m decoderkit.training") -> argparse.Argume
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--steps", "--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--epochs", "--num-train-epochs", type=positive_float, default=1.0, help="passes over the training data")
-    t.add_argument("--batch-size", "--per-device-train-batch-size", type=positive_int, default=8, help="examples per process per micro-batch")
-    t.add_argument("--grad-accum", "--gradient-accumulation-steps", type=positive_int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--epochs", "--num-train-epochs", type=positive_float, default=1.0,
+                   help="passes over the training data")
+    t.add_argument("--batch-size", "--per-device-train-batch-size", type=positive_int, default=8,
+                   help="examples per process per micro-batch")
+    t.add_argument("--grad-accum", "--gradient-accumulation-steps", type=positive_int, default=1,
+                   help="micro-batches per optimizer step")
     t.add_argument("--lr", "--learning-rate", type=positive_float, default=3e-4, help="peak learning rate (AdamW)")
     t.add_argument("--weight-decay", type=ratio(False), default=0.01, help="AdamW weight decay")
     t.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps")
