@@ -13,6 +13,8 @@ import traceback
 from collections.abc import Sequence
 
 from decoderkit.cli.adapters import add_merge_parser
+from decoderkit.cli.chat import HELP as CHAT_HELP
+from decoderkit.cli.chat import cmd_chat
 from decoderkit.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -36,7 +38,7 @@ from decoderkit.cli.common import (
 )
 from decoderkit.cli.inspect import _has_chat_template, cmd_bench, cmd_info
 from decoderkit.cli.manage import cmd_convert, cmd_serve, cmd_train
-from decoderkit.cli.text import cmd_chat, cmd_generate
+from decoderkit.cli.text import cmd_generate
 from decoderkit.cli.threads import add_threads_arg, configure_threads, prefer_passive_openmp
 
 __all__ = ["_has_chat_template", "build_parser", "default_model_path", "main"]
@@ -71,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     chat = sub.add_parser("chat", parents=[common], help="talk to a model with its chat template",
-                          description="Interactive conversation through the model's chat template. Reads one message "
-                          "per line from stdin (a terminal or a pipe); /reset clears the history, /exit quits.")
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Interactive conversation through the model's chat template. Reads messages "
+                          "from stdin (a terminal, with line editing and history, or a pipe).\n\n" + CHAT_HELP)
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", metavar="TEXT", help="system message opening the conversation")
+    chat.add_argument("--ctx-size", "-c", type=positive_int, default=None, metavar="N",
+                      help="context window in tokens, prompt and reply together (default: the model's); the oldest "
+                      "turns are dropped to stay within it")
     chat.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                       help="a Jinja chat template (file or inline text) to use instead of the tokenizer's")
     chat.set_defaults(handler=cmd_chat)

@@ -348,13 +348,18 @@ def resolve_compile(args: argparse.Namespace) -> bool:
     return wanted
 
 
-def compile_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs for decoderkit: `$DECODERKIT_CACHE_DIR/inductor`, by default under
-    `$XDG_CACHE_HOME` (`~/.cache/decoderkit/inductor`)."""
+def cache_root() -> Path:
+    """decoderkit's cache directory: `$DECODERKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/decoderkit`
+    (`~/.cache/decoderkit`)."""
     root = os.environ.get("DECODERKIT_CACHE_DIR")
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
-    return Path(root).expanduser() / "inductor"
+    return Path(root).expanduser()
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs for decoderkit: `cache_root()/inductor`."""
+    return cache_root() / "inductor"
 
 
 def use_compile_cache() -> None:
