@@ -39,7 +39,7 @@ from decoderkit.cli.common import (
 from decoderkit.cli.inspect import _has_chat_template, cmd_bench, cmd_info
 from decoderkit.cli.manage import cmd_convert, cmd_serve, cmd_train
 from decoderkit.cli.text import cmd_generate
-from decoderkit.cli.threads import add_threads_arg, configure_threads, prefer_passive_openmp
+from decoderkit.cli.threads import add_threads_arg, configure_threads
 
 __all__ = ["_has_chat_template", "build_parser", "default_model_path", "main"]
 
@@ -195,8 +195,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     if trainer_args is not None:
         args.trainer_args = trainer_args
-    # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
-    prefer_passive_openmp()
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     prog = f"{PROG} {args.command}"
     try:

@@ -8,16 +8,18 @@ worker that the scheduler takes off its core stalls every region. The default co
 run on (`os.sched_getaffinity`) and leaves out the ones other processes keep busy, measured from /proc/stat over a
 short interval: it follows the load as it is now, where /proc/loadavg lags by a minute and, in a container, counts
 the whole host. OpenMP's wait policy is made passive as well (idle workers sleep at once), unless the user set
-`OMP_WAIT_POLICY`; libgomp reads it when torch is imported, so `prefer_passive_openmp` must run before that.
+`OMP_WAIT_POLICY`; libgomp reads it when torch is imported, so `decoderkit/__init__` does that first of all
+(`decoderkit._openmp`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 import time
 
+logger = logging.getLogger("decoderkit.cli")
 THREADS_ENV = "DECODERKIT_THREADS"
 SAMPLE_SECONDS = 0.1
 # A core counts as taken when other processes used more than this share of it during the sample.
@@ -86,23 +88,18 @@ def thread_count(text: str) -> int:
 
 def add_threads_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The `-t/--threads` option every command shares."""
-    parser.add_argument("--threads", "-t", type=thread_count, default=None, metavar="N",
+    parser.add_argument("-t", "--threads", type=thread_count, default=None, metavar="N",
                         help=f"CPU threads (default: ${THREADS_ENV} or $OMP_NUM_THREADS, else the cores not busy "
                         "with other work right now)")
-
-
-def prefer_passive_openmp() -> None:
-    """Make OpenMP's idle workers sleep at once unless the user chose `OMP_WAIT_POLICY`; effective only before torch
-    is imported."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def configure_threads(requested: int | None) -> int:
     """Apply `requested` threads (else `default_threads()`) to torch's intra-op pool; return the count."""
     threads = requested if requested is not None else default_threads()
-    prefer_passive_openmp()
     import torch
 
     torch.set_num_threads(threads)
+    logger.info("%d CPU thread(s) (%s; %d usable cores), OMP_WAIT_POLICY=%s", threads,
+                "--threads" if requested is not None else "default", len(usable_cores()),
+                os.environ.get("OMP_WAIT_POLICY"))
     return threads
