@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_arg(p)
     p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="NAME=DIR",
                    help="also serve the base with this LoRA adapter merged in, as model NAME (repeatable; each is a "
-                   "separate copy of the weights with its own KV cache)")
+                   "separate copy of the weights with its own KV cache; the base then loads as float, a GGUF file "
+                   "dequantized)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"))
     p.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
     return p
@@ -586,6 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   max_body_bytes=args.max_body_bytes, model_path=str(path))
         apps = {name: create_app(engine, settings)}
         for adapter_name, directory in args.adapter:
+            if adapter_name in apps:
+                raise ValueError(f"--adapter {adapter_name}={directory}: the name {adapter_name!r} is served already")
             adapter_engine = load_engine(args, adapter=directory)[0]
             apps[adapter_name] = create_app(adapter_engine, ServerSettings(
                 model_name=adapter_name, api_key=args.api_key, request_timeout=args.request_timeout,
