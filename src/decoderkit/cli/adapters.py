@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decoderkit.cli.common import EXIT_OK, TOKENIZER_FILES, CLIError, UsageError, _note, locate_model
+from decoderkit.cli.common import EXIT_OK, CLIError, UsageError, _note, copy_tokenizer, locate_model
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -102,7 +102,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
-        _copy_tokenizer(source, staging)
+        copy_tokenizer(source, staging)
         if output.exists():
             old = output.parent / f".{output.name}.merge-old"
             shutil.rmtree(old, ignore_errors=True)
@@ -116,20 +116,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _note(args, f"wrote {output} ({str(model.dtype).removeprefix('torch.')}, {model.num_parameters():,} parameters, "
                 f"{adapter.name} merged into {source.name}) in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
-
-
-def _copy_tokenizer(source: Path, output: Path) -> None:
-    if source.is_file():
-        from decoderkit.tokenizer import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(source).save_pretrained(output)
-        return
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, output / name)
-    for name in ("generation_config.json",):
-        if (source / name).is_file() and not (output / name).exists():
-            shutil.copy2(source / name, output / name)
 
 
 def add_merge_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:

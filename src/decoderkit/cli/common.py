@@ -220,6 +220,21 @@ def locate_model(name: str | None) -> Path:
     return path
 
 
+def copy_tokenizer(source: Path, output: Path) -> None:
+    """The tokenizer of `source` (a model directory or .gguf file) written into the directory `output`."""
+    if source.is_file():
+        from decoderkit.tokenizer import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(output)
+        return
+    # Copied byte for byte: the directory's tokenizer files are already what transformers reads.
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, output / name)
+
+
 def pick_device(name: str | None) -> str:
     """The requested device after checking it exists; by default cuda when available."""
     import torch
