@@ -138,3 +138,14 @@ def test_ctx_size_beyond_the_model_is_refused(capsys, monkeypatch, tiny):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     code, _, err = run_main(capsys, "chat", "--model", str(tiny), "--ctx-size", "4096")
     assert code == 2 and "--ctx-size 4096 exceeds the model's context window of 128 tokens" in err
+
+
+def test_multiline_messages_and_ctrl_c_inside_one():
+    from decoderkit.cli.chat import read_messages
+
+    def typed(lines):  # what read_lines yields (None: Ctrl-C inside a message); a generator, as it takes send()
+        for line in lines:  # noqa: UP028 - `yield from` a list would pass send() on to the list's iterator
+            yield line
+
+    assert list(read_messages(typed(['"""', "a", "", "b", '"""', '"""one line"""', "x \\", "y", '"""', "lost", None,
+                                     "c \\", None, "kept"]))) == ["a\n\nb", "one line", "x \ny", "kept"]

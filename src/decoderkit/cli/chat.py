@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +96,7 @@ def _start_readline() -> Callable[[], None]:
     return save
 
 
-def read_lines(interactive: bool) -> Iterator[str]:
+def read_lines(interactive: bool) -> Generator[str | None, bool, None]:
     """Raw input lines: `input()` with a prompt on a terminal, plain lines from a pipe."""
     stdin = sys.stdin
     if stdin is None:
@@ -107,6 +107,15 @@ def read_lines(interactive: bool) -> Iterator[str]:
             line = input("... " if continued else ">>> ") if interactive else _decode_stdin(_raw(stdin).readline())
         except EOFError:
             return
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            # As in Python's own prompt: Ctrl-C drops what is being typed (None: the message begun, too); Ctrl-D or
+            # /exit quits.
+            print(flush=True)
+            if continued:
+                continued = yield None
+            continue
         except UnicodeDecodeError as err:  # a terminal in a non-UTF-8 locale
             raise CLIError(f"stdin is not valid {err.encoding} text (byte {err.start})") from None
         if not interactive and not line:
@@ -115,27 +124,26 @@ def read_lines(interactive: bool) -> Iterator[str]:
         continued = yield line  # the reader says whether the next line continues a message
 
 
-def read_messages(lines: Iterator[str]) -> Iterator[str]:
+def read_messages(lines: Generator[str | None, bool, None]) -> Iterator[str]:
     """Whole inputs from lines: a `\"\"\"` block or backslash-continued lines become one message."""
     try:
         line = next(lines)
         while True:
-            if line.strip().startswith('"""'):
+            message: str | None = line
+            if line is not None and line.strip().startswith('"""'):
                 parts, rest = [], line.strip()[3:]
-                while not rest.endswith('"""'):
+                while rest is not None and not rest.endswith('"""'):
                     parts.append(rest)
                     rest = lines.send(True)
-                parts.append(rest[:-3])
-                yield "\n".join(parts).strip("\n")
-            elif line.endswith("\\"):
+                message = None if rest is None else "\n".join([*parts, rest[:-3]]).strip("\n")
+            elif line is not None and line.endswith("\\"):
                 parts = []
-                while line.endswith("\\"):
+                while line is not None and line.endswith("\\"):
                     parts.append(line[:-1])
                     line = lines.send(True)
-                parts.append(line)
-                yield "\n".join(parts)
-            else:
-                yield line
+                message = None if line is None else "\n".join([*parts, line])
+            if message is not None:
+                yield message
             line = lines.send(False)
     except StopIteration:
         return
