@@ -47,19 +47,15 @@ def test_bench_uses_and_reports_the_thread_count(tiny):
     assert re.search(r"threads\s*│\s*2\b", table.stdout), table.stdout
 
 
-def test_the_default_leaves_out_busy_cores(monkeypatch):
+def test_the_default_is_one_thread_per_usable_core_unless_the_environment_says(monkeypatch):
     monkeypatch.delenv("DECODERKIT_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cli_threads, "usable_cores", lambda: [0, 1, 2, 3])
-    samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (0, 0)},
-                    {0: (90, 100), 1: (20, 100), 2: (100, 100), 3: (0, 100)}])  # cores 0 and 2 busy
-    monkeypatch.setattr(cli_threads, "_cpu_times", lambda cores: next(samples))
-    monkeypatch.setattr(cli_threads.time, "sleep", lambda s: None)
-    assert cli_threads.default_threads() == 2
-    samples = iter([{c: (0, 0) for c in range(4)}, {c: (100, 100) for c in range(4)}])
-    assert cli_threads.default_threads() == 1  # never zero
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torchrun's (or the user's) choice wins
+    monkeypatch.setattr(cli_threads.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
     assert cli_threads.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's (or the user's) choice
+    assert cli_threads.default_threads() == 2
+    monkeypatch.setenv("DECODERKIT_THREADS", "1")  # decoderkit's own variable wins
+    assert cli_threads.default_threads() == 1
 
 
 def test_bad_thread_counts(capsys, monkeypatch, tiny):
