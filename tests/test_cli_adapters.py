@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from test_cli import TEXT, run_cli, run_main, save_tiny_model
+from test_cli_contract import first_line
 
 import decoderkit
 from decoderkit.training.lora import LoraConfig, apply_lora, save_adapter
@@ -136,9 +137,9 @@ def test_merge_writes_once_unless_overwrite(capsys, tmp_path, tiny, adapter):
 def test_serve_serves_each_adapter_as_a_model(capsys, tiny, adapter):
     proc = subprocess.Popen([sys.executable, "-m", "decoderkit", "serve", "--model", str(tiny), "--port", "0",
                              "--adapter", f"poet={adapter}", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        line = proc.stderr.readline()
+        line = first_line(proc)
         assert "serving tiny (+ adapters: poet)" in line, line
         base = "http://127.0.0.1:" + re.search(r"127\.0\.0\.1:(\d+)/v1", line).group(1)
         deadline = time.monotonic() + 60

@@ -56,9 +56,11 @@ def chat_on_a_terminal(model: Path, lines: list[str], cache: Path, *extra: str) 
         prompts = 0
         for line in lines:
             # Wait for the prompt that asks for this line: ">>> " for a message, "... " inside one.
+            deadline = time.monotonic() + 120
             while screen.count(b">>> ") + screen.count(b"... ") <= prompts:
                 read(None, 0.5)
-                assert proc.poll() is None or screen.count(b">>> ") + screen.count(b"... ") > prompts, screen
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    f"no prompt for {line!r}", screen.decode("utf-8", "replace"))
             prompts = screen.count(b">>> ") + screen.count(b"... ")
             os.write(master, (line + "\r").encode())
         assert proc.wait(timeout=120) == 0

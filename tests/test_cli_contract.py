@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -20,6 +21,18 @@ from test_cli import assert_clean_failure, run_cli, run_main, save_tiny_model
 from decoderkit.cli import threads as cli_threads
 
 COMMANDS_WITH_THREADS = ["generate", "chat", "bench", "convert", "merge", "train", "serve"]
+
+
+def first_line(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The first line the process writes on stderr, waiting at most `timeout` seconds ('' if none comes)."""
+    data, deadline = b"", time.monotonic() + timeout
+    while b"\n" not in data and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stderr], [], [], 0.5)[0]:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode("utf-8", "replace").split("\n")[0]
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +166,9 @@ def test_serve_usage_errors_are_one_line(capsys):
 def test_serve_prints_what_it_serves_and_where(tiny):
     proc = subprocess.Popen([sys.executable, "-m", "decoderkit", "serve", "--model", str(tiny), "--port", "0",
                              "-t", "1", "--dtype", "bfloat16", "--log-level", "warning", "--verbose"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        line = proc.stderr.readline()
+        line = first_line(proc)
         match = re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line)
         assert match, line
         assert f"serving tiny from {tiny.resolve()} on cpu, dtype bfloat16, quantization none, 1 thread, " \
