@@ -13,6 +13,8 @@ import torch
 # The CLI compiles the decode step by default; a compilation costs seconds, so the suite's many CLI runs opt out and
 # the tests of the compiled default opt back in
 os.environ.setdefault("DECODERKIT_COMPILE", "0")
+# The same for the CLI's thread choice: commands run in this process must not raise the suite's one thread (below).
+os.environ.setdefault("DECODERKIT_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

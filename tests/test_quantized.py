@@ -209,7 +209,7 @@ def test_cli_quantize_reaches_the_loader(capsys, monkeypatch, tmp_path, flag, ki
     out, err = capsys.readouterr()
     assert code == 0, err
     assert type(loaded[0].model.layers[0].mlp.up_proj) is kind
-    bench = cli.main(["bench", "--model", str(directory), "--quantize", flag, "-p", "4", "-t", "2", "--json"])
+    bench = cli.main(["bench", "--model", str(directory), "--quantize", flag, "-p", "4", "-n", "2", "--json"])
     assert bench == 0
     assert type(loaded[1].model.layers[0].mlp.up_proj) is kind
 

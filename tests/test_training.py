@@ -385,13 +385,11 @@ def test_cli_trains_from_config_and_with_lora(tmp_path, tokenizer_dir, capsys):
                      *common]) == 0
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "lora/final").iterdir()}
     assert (tmp_path / "lora/merged/model.safetensors").exists()
-    # A bad input is an error message and exit status 2, not a traceback.
-    assert cli_main(["--model", str(final), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.txt")]) == 2
+    # A bad input is an error message and exit status 1, not a traceback.
+    assert cli_main(["--model", str(final), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.txt")]) == 1
     assert "none.txt: no such data file" in capsys.readouterr().err
 
 
-# runpy warns because this module imported decoderkit.training.__main__ before `decoderkit train` runs it.
-@pytest.mark.filterwarnings("ignore:.decoderkit.training.__main__. found in sys.modules:RuntimeWarning")
 def test_cli_train_refuses_an_earlier_run_unless_overwrite_or_resume(tmp_path, tokenizer_dir, capsys):
     from decoderkit import cli
 
@@ -415,7 +413,7 @@ def test_cli_train_refuses_an_earlier_run_unless_overwrite_or_resume(tmp_path, t
     assert train("--steps", "4", "--merge")[0] == 0
     adapter = (out / "final/adapter_model.safetensors").read_bytes()
     code, err = train("--steps", "1")
-    assert code == 2 and "out is not empty (it holds final, log.jsonl, merged); pass --overwrite" in err
+    assert code == 1 and "out is not empty (it holds final, log.jsonl, merged); pass --overwrite" in err
     assert (out / "final/adapter_model.safetensors").read_bytes() == adapter and logged_steps() == [1, 2, 3, 4]
 
     assert train("--steps", "2", "--save-steps", "2", "--overwrite")[0] == 0
@@ -426,7 +424,7 @@ def test_cli_train_refuses_an_earlier_run_unless_overwrite_or_resume(tmp_path, t
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
 
     code, err = train("--steps", "1")
-    assert code == 2
+    assert code == 1
     assert "already holds checkpoints of an earlier run (checkpoint-2); pass --resume latest" in err
     assert "or --overwrite" in err
 
@@ -438,7 +436,7 @@ def test_cli_train_refuses_an_earlier_run_unless_overwrite_or_resume(tmp_path, t
     code = cli.main(["train", *common[:4], "--out", str(tmp_path / "other"), *common[6:], "--steps", "1",
                      "--resume", "latest"])
     err = capsys.readouterr().err
-    assert code == 2 and "not empty (it holds notes.txt) and no checkpoint to resume from" in err
+    assert code == 1 and "not empty (it holds notes.txt) and no checkpoint to resume from" in err
     assert "--overwrite" in err
 
 

@@ -1,5 +1,6 @@
 """decoderkit: run, serve and fine-tune decoder-only language models from Hugging Face checkpoints and GGUF files."""
 
+import decoderkit._openmp  # noqa: F401  (before torch: see the module)
 from decoderkit.auto import (
     FAMILY_CLASSES,
     AutoModel,

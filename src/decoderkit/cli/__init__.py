@@ -1,4 +1,4 @@
-"""The `decoderkit` command: generate, chat, bench, info, train, serve and convert.
+"""The `decoderkit` command: generate, chat, bench, info, train, serve, convert and merge.
 
 Every subcommand follows the same contract: 0 on success, 1 on a runtime error (reported as one line on stderr, the
 traceback only with `--verbose`), 2 on a usage error, 130 when interrupted with Ctrl-C. Model code, tokenizers and
@@ -12,6 +12,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from decoderkit.cli.adapters import add_merge_parser
+from decoderkit.cli.chat import HELP as CHAT_HELP
+from decoderkit.cli.chat import cmd_chat
 from decoderkit.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -35,7 +38,8 @@ from decoderkit.cli.common import (
 )
 from decoderkit.cli.inspect import _has_chat_template, cmd_bench, cmd_info
 from decoderkit.cli.manage import cmd_convert, cmd_serve, cmd_train
-from decoderkit.cli.text import cmd_chat, cmd_generate
+from decoderkit.cli.text import cmd_generate
+from decoderkit.cli.threads import add_threads_arg, configure_threads
 
 __all__ = ["_has_chat_template", "build_parser", "default_model_path", "main"]
 
@@ -69,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     chat = sub.add_parser("chat", parents=[common], help="talk to a model with its chat template",
-                          description="Interactive conversation through the model's chat template. Reads one message "
-                          "per line from stdin (a terminal or a pipe); /reset clears the history, /exit quits.")
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Interactive conversation through the model's chat template. Reads messages "
+                          "from stdin (a terminal, with line editing and history, or a pipe).\n\n" + CHAT_HELP)
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", metavar="TEXT", help="system message opening the conversation")
+    chat.add_argument("--ctx-size", "-c", type=positive_int, default=None, metavar="N",
+                      help="context window in tokens, prompt and reply together (default: the model's); the oldest "
+                      "turns are dropped to stay within it")
     chat.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                       help="a Jinja chat template (file or inline text) to use instead of the tokenizer's")
     chat.set_defaults(handler=cmd_chat)
@@ -85,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", "-b", type=positive_int, default=1, metavar="B", help="sequences (default 1)")
     bench.add_argument("--prompt-tokens", "-p", type=positive_int, default=128, metavar="P",
                        help="prompt length per sequence (default 128)")
-    bench.add_argument("--new-tokens", "-t", type=positive_int, default=64, metavar="N",
+    bench.add_argument("--new-tokens", "-n", type=positive_int, default=64, metavar="N",
                        help="tokens to generate per sequence (default 64)")
     bench.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
     bench.set_defaults(handler=cmd_bench)
@@ -119,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "bf16 for a bfloat16 model, else f16, as llama.cpp's converter)")
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     convert.add_argument("--force", action="store_true", help="write into OUTPUT even if it is not empty")
+    add_threads_arg(convert)
     convert.set_defaults(handler=cmd_convert)
+    add_merge_parser(sub, [common])
     return parser
 
 
@@ -134,6 +144,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
+    add_threads_arg(group)
+    group.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT directory, as `decoderkit train --lora` "
+                       "writes) merged into the model's weights after loading; the base must be float (a GGUF file "
+                       "is dequantized)")
     group.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                        help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -187,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"{PROG} {args.command}"
     try:
         with _cli_logging(verbose, quiet):
+            if hasattr(args, "threads"):
+                args.threads = configure_threads(args.threads)
             return args.handler(args)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)

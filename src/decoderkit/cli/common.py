@@ -80,10 +80,44 @@ def device_name(text: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error, pointing at `--help` instead of repeating the usage block."""
+    """argparse with a one-line usage error, pointing at `--help` instead of repeating the usage block.
+
+    transformers' spelling of a flag (`--max_new_tokens`) is taken as the flag itself, and an unknown flag is an
+    error that suggests the nearest known one, instead of being left over (or read as the prompt)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        args = self._dashed(list(sys.argv[1:] if args is None else args))
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("--") and len(a) > 2]
+        if unknown:
+            self.error(self.unknown_flag_message(unknown[0]))
+        return namespace, extras
+
+    def _dashed(self, args: list[str]) -> list[str]:
+        """`--max_new_tokens` -> `--max-new-tokens` where the dashed spelling is one of this parser's flags."""
+        out = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            name, eq, value = arg.partition("=")
+            if name.startswith("--") and "_" in name:
+                dashed = name.replace("_", "-")
+                if dashed in self._option_string_actions:
+                    out[i] = dashed + eq + value
+        return out
+
+    def unknown_flag_message(self, arg: str) -> str:
+        """'unrecognized argument --x', with the nearest known flag when one is close."""
+        import difflib
+
+        name = arg.partition("=")[0]
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+        return f"unrecognized argument {name}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def _describe(err: BaseException) -> str:
@@ -186,6 +220,21 @@ def locate_model(name: str | None) -> Path:
     return path
 
 
+def copy_tokenizer(source: Path, output: Path) -> None:
+    """The tokenizer of `source` (a model directory or .gguf file) written into the directory `output`."""
+    if source.is_file():
+        from decoderkit.tokenizer import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(output)
+        return
+    # Copied byte for byte: the directory's tokenizer files are already what transformers reads.
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, output / name)
+
+
 def pick_device(name: str | None) -> str:
     """The requested device after checking it exists; by default cuda when available."""
     import torch
@@ -209,9 +258,14 @@ def pick_device(name: str | None) -> str:
 def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTrainedDecoder, Tokenizer | None, Path]:
     """The causal LM (and its tokenizer) named by `--model`, on `--device` in `--dtype`."""
     from decoderkit import AutoModelForCausalLM
+    from decoderkit.cli.adapters import adapter_dir, adapter_load_quantization, apply_adapter
 
     path = locate_model(args.model)
     device = pick_device(args.device)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:
+        adapter_dir(adapter)  # before the weights load: a wrong path should not cost the load
+    quantization = adapter_load_quantization(getattr(args, "quantize", None), [adapter] if adapter else [])
     tok = None
     if tokenizer:
         # The tokenizer first: it is quick, and a missing one should fail before minutes of weight loading.
@@ -219,13 +273,17 @@ def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTra
 
         tok = AutoTokenizer.from_pretrained(path)
     # The loader draws a progress bar only when stderr is a terminal; --quiet turns it off there too.
-    options = dict(dtype=args.dtype, device=device, quantization=getattr(args, "quantize", None),
+    options = dict(dtype=args.dtype, device=device, quantization=quantization,
                    progress=False if getattr(args, "quiet", False) else None)
     if getattr(args, "tensor_parallel", 1) > 1:
+        if adapter is not None:
+            raise UsageError("--adapter cannot be combined with --tensor-parallel: merge it first (`decoderkit merge`)")
         from decoderkit.parallel.launch import start_tensor_parallel
 
         return start_tensor_parallel(path, args.tensor_parallel, **options).model, tok, path
     model = AutoModelForCausalLM.from_pretrained(path, **options)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
     return model, tok, path
 
 
@@ -311,13 +369,18 @@ def resolve_compile(args: argparse.Namespace) -> bool:
     return wanted
 
 
-def compile_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs for decoderkit: `$DECODERKIT_CACHE_DIR/inductor`, by default under
-    `$XDG_CACHE_HOME` (`~/.cache/decoderkit/inductor`)."""
+def cache_root() -> Path:
+    """decoderkit's cache directory: `$DECODERKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/decoderkit`
+    (`~/.cache/decoderkit`)."""
     root = os.environ.get("DECODERKIT_CACHE_DIR")
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
-    return Path(root).expanduser() / "inductor"
+    return Path(root).expanduser()
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs for decoderkit: `cache_root()/inductor`."""
+    return cache_root() / "inductor"
 
 
 def use_compile_cache() -> None:

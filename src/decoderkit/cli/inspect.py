@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,13 +87,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "decode_weight_read_gb_per_s": _round(weights_bytes * decode_tps / b / 1e9, 3) if decode_tps else None,
         "weights_bytes": weights_bytes, "peak_rss_bytes": rss_bytes,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "compiled": compiled, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "compiled": compiled, "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_version": torch.__version__,
     }
     if args.json:
         print(json.dumps(record))
     else:
         _print_table(f"bench: {path.name}", {
             "device / dtype": f"{record['device']} / {record['dtype']}",
+            "threads": str(record["torch_threads"]),
             "batch x prompt + new": f"{b} x {args.prompt_tokens} + {generated}",
             "load": f"{load_s:.2f} s",
             "time to first token": _fmt(ttft, "{:.4f} s"),

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from decoderkit.cli.common import EXIT_ERROR, EXIT_OK, PROG, TOKENIZER_FILES, CLIError, UsageError, _note, locate_model
+from decoderkit.cli.common import EXIT_ERROR, EXIT_OK, PROG, CLIError, UsageError, _note, copy_tokenizer, locate_model
 
 
 # ---------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    """`decoderkit train ...`: run `python -m decoderkit.training ...` in this process."""
-    import importlib.util
-    import runpy
-
+    """`decoderkit train ...`: the trainer's own command line (`python -m decoderkit.training`), in this process."""
     try:
-        found = importlib.util.find_spec("decoderkit.training.__main__") is not None
-    except ImportError:
-        found = False
-    if not found:
-        raise CLIError("the trainer (decoderkit.training) is not available in this installation")
-    saved = sys.argv
-    sys.argv = [f"{PROG} train", *args.trainer_args]
-    try:
-        return _exit_status(lambda: runpy.run_module("decoderkit.training", run_name="__main__", alter_sys=True))
-    finally:
-        sys.argv = saved
+        from decoderkit.training.__main__ import main as train_main
+    except ImportError as err:
+        raise CLIError(f"the trainer (decoderkit.training) is not available in this installation ({err})") from None
+    return _exit_status(lambda: train_main(args.trainer_args, prog=f"{PROG} train"))
 
 
 def _exit_status(run: Callable[[], object]) -> int:
@@ -86,15 +75,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu", quantization="none",
                                                  progress=False if getattr(args, "quiet", False) else None)
     model.save_pretrained(output, max_shard_size=args.max_shard_size)
-    if source.is_file():
-        from decoderkit.tokenizer import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(source).save_pretrained(output)
-    else:
-        # Copied byte for byte: the directory's tokenizer files are already what transformers reads.
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, output / name)
+    copy_tokenizer(source, output)
     _note(args, f"wrote {output} ({str(model.dtype).removeprefix('torch.')}, {model.num_parameters():,} parameters) "
                 f"in {time.perf_counter() - start:.1f} s")
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""`decoderkit generate` and `decoderkit chat`."""
+"""`decoderkit generate`, and the stdin reading that `chat` shares."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from decoderkit.cli.common import (
@@ -24,7 +23,6 @@ from decoderkit.cli.common import (
     fit_new_tokens,
     generation_kwargs,
     load_model,
-    logger,
     resolve_compile,
     run_generate,
 )
@@ -120,96 +118,3 @@ def completion_text(tok: Tokenizer, prompt_ids: Sequence[int], ids: Sequence[int
     """
     decoder = tok.stream_decoder(skip_special_tokens=True, prefix_ids=prompt_ids)
     return "".join(decoder.push(i) for i in ids) + decoder.flush()
-
-
-# ---------------------------------------------------------------------------------------------- chat
-def read_messages(prompt: str) -> Any:
-    """User lines: `input()` on a terminal (line editing, a prompt), plain lines from a pipe."""
-    stdin = sys.stdin
-    if stdin is None:
-        raise CLIError("stdin is closed; chat reads messages from stdin")
-    interactive = stdin.isatty()
-    while True:
-        try:
-            line = input(prompt) if interactive else _decode_stdin(_raw(stdin).readline())
-        except EOFError:
-            return
-        except UnicodeDecodeError as err:  # a terminal in a non-UTF-8 locale
-            raise CLIError(f"stdin is not valid {err.encoding} text (byte {err.start})") from None
-        if not interactive and not line:
-            return
-        yield line.rstrip("\r\n")
-
-
-def load_chat_template(value: str) -> str:
-    """`--chat-template`: the contents of a file, or the text itself."""
-    path = Path(value)
-    if "{" not in value and path.is_file():
-        return path.read_text(encoding="utf-8")
-    if "{" not in value:
-        raise CLIError(f"--chat-template {value}: no such file (and not an inline Jinja template)")
-    return value
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    """`decoderkit chat`: a conversation over stdin/stdout with history trimmed to the context window."""
-    kwargs = generation_kwargs(args)
-    model, tok, path = load_model(args)
-    kwargs["compile"] = resolve_compile(args)
-    if args.chat_template is not None:
-        tok.chat_template = load_chat_template(args.chat_template)
-    if not tok.chat_template:
-        raise CLIError(f"{path}: the tokenizer has no chat template; pass --chat-template, or use `generate`")
-    context = model.decoder_config.max_position_embeddings
-    if kwargs["max_new_tokens"] >= context:
-        raise UsageError(f"--max-new-tokens {kwargs['max_new_tokens']} leaves no room for the conversation in the "
-                         f"model's {context}-token context window")
-    opening = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = []
-    eos = eos_token_ids(model)
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    if interactive:
-        _note(args, f"Chatting with {path}. Commands: /reset clears the history, /exit quits (or Ctrl-D).")
-
-    for line in read_messages(">>> " if interactive else ""):
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit", "/bye"):
-            break
-        if text == "/reset":
-            history.clear()
-            _note(args, "[history cleared]")
-            continue
-        history.append({"role": "user", "content": line})
-        prompt_ids = _fit_history(args, tok, opening, history, context - kwargs["max_new_tokens"])
-        if prompt_ids is None:
-            history.pop()
-            _note(args, f"[message too long for the {context}-token context window with --max-new-tokens "
-                        f"{kwargs['max_new_tokens']}; not sent]")
-            continue
-        logger.info("prompt: %d tokens from %d message(s)", len(prompt_ids), len(opening) + len(history))
-        streamer = TokenStreamer(tok, prompt_ids, eos, out=sys.stdout)
-        completed = run_generate(model, prompt_ids, kwargs, streamer)
-        reply = tok.decode(streamer.rows[0] if streamer.rows else [], skip_special_tokens=True)
-        print(flush=True)
-        history.append({"role": "assistant", "content": reply})
-        if not completed:
-            _note(args, "[reply interrupted]")
-    return EXIT_OK
-
-
-def _fit_history(args: argparse.Namespace, tok: Tokenizer, opening: list[dict[str, str]],
-                 history: list[dict[str, str]], budget: int) -> list[int] | None:
-    """The prompt ids of the conversation, dropping the oldest turns (in place) until it fits `budget` tokens."""
-    while True:
-        ids = tok.apply_chat_template(opening + history, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        if len(ids) <= budget:
-            return ids
-        if len(history) <= 1:
-            return None
-        # Drop a whole exchange (user + assistant) so the history never starts with an assistant turn.
-        dropped = 2 if len(history) > 2 and history[1]["role"] == "assistant" else 1
-        del history[:dropped]
-        _note(args, f"[context window full: dropped the oldest {'exchange' if dropped == 2 else 'message'}]")

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -505,13 +506,17 @@ def default_model_path() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="decoderkit serve",
-                                description="OpenAI-compatible server with continuous batching")
+    from decoderkit.cli.adapters import named_adapter
+    from decoderkit.cli.common import _Parser
+    from decoderkit.cli.serve import port_number
+    from decoderkit.cli.threads import add_threads_arg
+
+    p = _Parser(prog="decoderkit serve", description="OpenAI-compatible server with continuous batching")
     p.add_argument("model", nargs="?", default=None,
                    help="model directory, .gguf file or hub id in the local cache (default: the shipped model)")
     p.add_argument("--model", "-m", dest="model_option", default=None, help="the same as the positional MODEL")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free port)")
     p.add_argument("--api-key", default=os.environ.get("DECODERKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $DECODERKIT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
@@ -530,7 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    add_threads_arg(p)
+    p.add_argument("--adapter", action="append", type=named_adapter, default=[], metavar="NAME=DIR",
+                   help="also serve the base with this LoRA adapter merged in, as model NAME (repeatable; each is a "
+                   "separate copy of the weights with its own KV cache; the base then loads as float, a GGUF file "
+                   "dequantized)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA)")
     p.add_argument("--ray", action="store_true",
@@ -538,11 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas of the model")
     p.add_argument("--ray-metrics-port", type=int, default=None, metavar="PORT",
                    help="with --ray: the port where Ray exports every replica's metrics in Prometheus format")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"))
+    p.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
     return p
 
 
-def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
+def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[Engine, str, Path]:
     import torch
 
     from decoderkit.auto import AutoModelForCausalLM
@@ -570,6 +580,10 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
                                                          quantization=args.quantize)
     except ValueError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
+    if adapter is not None:
+        from decoderkit.cli.adapters import apply_adapter
+
+        model = apply_adapter(model, adapter)
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                     max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
@@ -606,20 +620,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `decoderkit serve` and `python -m decoderkit.serve`."""
     import uvicorn
 
+    from decoderkit.cli.adapters import adapter_dir, adapter_load_quantization
+    from decoderkit.cli.serve import ModelRouter, bind_socket, serve_errors, start_line
+    from decoderkit.cli.threads import configure_threads
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
-    if args.ray:
-        return serve_on_ray(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    engine, name, path = load_engine(args)
-    settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
-                              max_body_bytes=args.max_body_bytes, model_path=str(path))
-    config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to the timeout above),
-    # then runs the app's lifespan shutdown, which stops the engine.
-    uvicorn.Server(config).run()
+    with serve_errors(args.verbose):
+        threads = configure_threads(args.threads)
+        if args.ray:
+            return serve_on_ray(args)
+        if args.adapter and args.tensor_parallel > 1:
+            raise ValueError("--adapter cannot be combined with --tensor-parallel: merge it first (`decoderkit merge`)")
+        for _, directory in args.adapter:
+            adapter_dir(directory)
+        args.quantize = adapter_load_quantization(args.quantize, args.adapter)
+        # The port first: a busy one fails now, not after minutes of loading.
+        sock = bind_socket(args.host, args.port)
+        engine, name, path = load_engine(args)
+        settings = ServerSettings(model_name=name, api_key=args.api_key, request_timeout=args.request_timeout,
+                                  max_body_bytes=args.max_body_bytes, model_path=str(path))
+        apps = {name: create_app(engine, settings)}
+        for adapter_name, directory in args.adapter:
+            if adapter_name in apps:
+                raise ValueError(f"--adapter {adapter_name}={directory}: the name {adapter_name!r} is served already")
+            adapter_engine = load_engine(args, adapter=directory)[0]
+            apps[adapter_name] = create_app(adapter_engine, ServerSettings(
+                model_name=adapter_name, api_key=args.api_key, request_timeout=args.request_timeout,
+                max_body_bytes=args.max_body_bytes, model_path=str(Path(directory).resolve())))
+        app = apps[name] if len(apps) == 1 else ModelRouter(apps, args.max_body_bytes)
+        print(start_line(list(apps), path, engine.model, threads, engine.max_context, sock), file=sys.stderr,
+              flush=True)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
+        # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to the timeout above),
+        # then runs the app's lifespan shutdown, which stops the engine.
+        uvicorn.Server(config).run(sockets=[sock])
     return 0

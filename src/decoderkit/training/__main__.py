@@ -17,7 +17,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,58 +36,99 @@ HEAD_MODULES = {"sequence_classification": ["score"], "token_classification": ["
                 "question_answering": ["qa_outputs"]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m decoderkit.training", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# The API names TrainingArguments and the trainer use in their messages, and the flags a user of this command typed.
+FLAG_FOR_FIELD = {
+    "max_steps": "--steps", "num_epochs": "--epochs", "per_device_batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum", "learning_rate": "--lr", "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup-steps", "warmup_ratio": "--warmup-ratio", "min_lr_ratio": "--min-lr-ratio",
+    "max_grad_norm": "--max-grad-norm", "logging_steps": "--logging-steps", "eval_steps": "--eval-steps",
+    "max_eval_batches": "--max-eval-batches", "save_steps": "--save-steps", "save_total_limit": "--save-total-limit",
+    "resume_from": "--resume", "overwrite_output_dir": "--overwrite", "output_dir": "--out",
+    "block_size": "--block-size",
+    "max_length": "--max-length", "num_labels": "--num-labels", "strategy": "--strategy",
+    "per_device_eval_batch_size": "--batch-size",
+}  # fmt: skip
+
+
+def build_parser(prog: str = "python -m decoderkit.training") -> argparse.ArgumentParser:
+    """The trainer's arguments; `prog` is the command the user typed (`decoderkit train` from the CLI).
+
+    transformers' TrainingArguments names are accepted as second spellings (`--max-steps`, `--learning-rate`, and
+    with underscores, `--max_steps`), so that a command copied from a transformers script works."""
+    from decoderkit.cli.common import _Parser, non_negative_int, positive_float, positive_int
+    from decoderkit.cli.threads import add_threads_arg
+
+    def ratio(upper_open: bool) -> Any:
+        def parse(text: str) -> float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+                raise argparse.ArgumentTypeError(f"must be in [0, {'1)' if upper_open else '1]'}, got {text}")
+            return value
+
+        return parse
+
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0].replace("`python -m decoderkit.training", f"`{prog}"),
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="model directory or .gguf file, or a config.json to train from scratch")
     p.add_argument("--data", required=True, nargs="+", help="training files (.txt, .jsonl, .csv)")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final model)")
+    p.add_argument("--out", "--output-dir", required=True, help="output directory (checkpoints, logs, final model)")
     p.add_argument("--eval-data", nargs="+", help="evaluation files, same format as --data")
-    p.add_argument("--task", default="auto", choices=("auto", *TASKS))
+    p.add_argument("--task", default="auto", choices=("auto", *TASKS), help="what to train (auto: from the data)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    p.add_argument("--block-size", type=int, default=512, help="tokens per packed block (plain text)")
-    p.add_argument("--max-length", type=int, help="truncate chat / labelled examples to this many tokens")
-    p.add_argument("--num-labels", type=int, help="classes of a classification head (default: the config's)")
+    p.add_argument("--block-size", type=positive_int, default=512, help="tokens per packed block (plain text)")
+    p.add_argument("--max-length", type=positive_int, help="truncate chat / labelled examples to this many tokens")
+    p.add_argument("--num-labels", type=positive_int, help="classes of a classification head (default: the config's)")
     p.add_argument("--text-field", help="column with the text (classification tasks)")
     p.add_argument("--label-field", help="column with the label(s) (classification tasks)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks on errors")
+    add_threads_arg(p)
 
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--batch-size", type=int, default=8, help="examples per process per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--warmup-ratio", type=float, default=0.0)
-    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of --lr")
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: off)")
+    t.add_argument("--steps", "--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--epochs", "--num-train-epochs", type=positive_float, default=1.0,
+                   help="passes over the training data")
+    t.add_argument("--batch-size", "--per-device-train-batch-size", type=positive_int, default=8,
+                   help="examples per process per micro-batch")
+    t.add_argument("--grad-accum", "--gradient-accumulation-steps", type=positive_int, default=1,
+                   help="micro-batches per optimizer step")
+    t.add_argument("--lr", "--learning-rate", type=positive_float, default=3e-4, help="peak learning rate (AdamW)")
+    t.add_argument("--weight-decay", type=ratio(False), default=0.01, help="AdamW weight decay")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps")
+    t.add_argument("--warmup-ratio", type=ratio(True), default=0.0,
+                   help="linear warm-up as a fraction of the steps (when --warmup-steps is 0)")
+    t.add_argument("--min-lr-ratio", type=ratio(False), default=0.0, help="cosine decays to this fraction of --lr")
+    t.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0,
+                   help="clip gradients to this norm (0: off)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on where CUDA supports it)")
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the backward pass (default: on with --lora)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=non_negative_int, default=0, help="random seed (data order, dropout, init)")
 
     r = p.add_argument_group("evaluation, checkpoints, output")
-    r.add_argument("--eval-steps", type=int)
-    r.add_argument("--max-eval-batches", type=int)
-    r.add_argument("--save-steps", type=int)
-    r.add_argument("--save-total-limit", type=int, default=2)
-    r.add_argument("--logging-steps", type=int, default=10)
-    r.add_argument("--resume", help="'latest' or a checkpoint directory")
-    r.add_argument("--overwrite", action="store_true",
+    r.add_argument("--eval-steps", type=positive_int, help="evaluate every N steps (default: at the end only)")
+    r.add_argument("--max-eval-batches", type=positive_int, help="evaluate on at most N batches")
+    r.add_argument("--save-steps", type=positive_int, help="write a checkpoint every N steps (default: none)")
+    r.add_argument("--save-total-limit", type=non_negative_int, default=2,
+                   help="checkpoints kept (older ones deleted; 0 keeps all)")
+    r.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
+    r.add_argument("--resume", "--resume-from-checkpoint", help="'latest' or a checkpoint directory")
+    r.add_argument("--overwrite", "--overwrite-output-dir", action="store_true",
                    help="start over in a non-empty output directory (an earlier run's files there are deleted first)")
     r.add_argument("--strategy", default="auto", choices=("auto", *STRATEGIES),
                    help="multi-process strategy under torchrun (auto: ddp)")
-    r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--no-plot", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-plot", action="store_true", help="do not draw loss_curve.png")
 
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole model")
-    lora.add_argument("--lora-r", type=int, default=8)
-    lora.add_argument("--lora-alpha", type=float, default=16.0)
-    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument("--lora-r", type=positive_int, default=8, help="adapter rank")
+    lora.add_argument("--lora-alpha", type=positive_float, default=16.0, help="adapter scale numerator (alpha / r)")
+    lora.add_argument("--lora-dropout", type=ratio(True), default=0.0, help="dropout on the adapters' input")
     lora.add_argument("--lora-targets", default="q_proj,v_proj",
                       help="comma-separated module names, or 'all-linear'")
     lora.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
@@ -93,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dtype of the frozen base weights (auto: the checkpoint's; a GGUF's quantized weights "
                            "become bfloat16); the adapters train in float32 whatever it is")
     return p
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def in_flag_terms(message: str) -> str:
+    """`message` with the API's field names replaced by this command's flags."""
+    return re.sub(r"\b(" + "|".join(FLAG_FOR_FIELD) + r")\b", lambda m: FLAG_FOR_FIELD[m.group(1)], message)
 
 
 def load_model(source: str, head: str, num_labels: int | None, dtype: Any = torch.float32) -> Any:
@@ -129,16 +187,33 @@ def base_dtype(args: argparse.Namespace, is_gguf: bool) -> Any:
     return getattr(torch, args.base_dtype)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main(argv: list[str] | None = None, prog: str = "python -m decoderkit.training") -> int:
+    """Train; exit status 0 on success, 1 on an error (one line on stderr, the traceback with --verbose), 2 on a
+    usage error, 130 on Ctrl-C."""
     try:
+        args = build_parser(prog).parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from decoderkit.cli.threads import configure_threads
+
+        configure_threads(args.threads)
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the boundary where any failure becomes one line
+        from decoderkit.cli.common import _describe
+
+        if args.verbose:
+            traceback.print_exc()
+        expected = isinstance(err, (ValueError, OSError))
+        hint = "" if args.verbose or expected else " (run with --verbose for details)"
+        print(f"{prog}: error: {in_flag_terms(_describe(err))}{hint}", file=sys.stderr)
+        return 1
 
 
 def run(args: argparse.Namespace) -> int:

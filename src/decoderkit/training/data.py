@@ -33,7 +33,13 @@ def check_data_file(path: PathLike) -> Path:
         raise FileNotFoundError(f"{file}: no such data file")
     if not file.is_file():
         raise ValueError(f"{file}: is a directory, not a data file")
-    if file.stat().st_size == 0 or not file.read_text(encoding="utf-8", errors="replace").strip():
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text (byte offset {err.start}: {data[err.start:err.start + 1]!r}); "
+                         "re-encode it as UTF-8") from None
+    if not text.strip():
         raise ValueError(f"{file}: the data file is empty")
     return file
 
