@@ -18,59 +18,18 @@ import torch.nn.functional as F
 
 from decoderkit.layers.attention import AttentionInputs, eager_attention
 from decoderkit.layers.rope import apply_rotary
+from decoderkit.serve.blocks import BlockPool
 
 # scaled_dot_product_attention shares each key/value head across its query heads itself from torch 2.5 on.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
+__all__ = ["BlockPool", "PagedRunner", "Segment"]
 
 
 def _eager_math(implementation: str, alibi: bool, dtype: torch.dtype) -> bool:
     """Whether the model's own attention (`Attention.forward`) takes the eager math here: asked for, or ALiBi in half
     precision, whose fp32 bias SDPA would round to half precision. The server follows it to give the same numbers."""
     return implementation == "eager" or (implementation == "sdpa" and alibi and dtype != torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------------- KV blocks
-
-
-class BlockPool:
-    """Fixed-size KV blocks shared by all sequences; buffer row `b * block_size + s` is slot s of block b."""
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        # Block 0 is never handed out: padded key slots point at it, so it is the only block that must be zeroed
-        # (0 * NaN from uninitialised memory would poison attention). The rest stays uninitialised: on CPU a page is
-        # only committed once a request writes to it, so memory follows use.
-        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.keys[:, :block_size].zero_()
-        self.values[:, :block_size].zero_()
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free = list(range(num_blocks, 0, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} KV blocks requested, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        blocks.clear()
-
-    def slots(self, block_table: Sequence[int], length: int) -> torch.Tensor:
-        """Buffer rows holding positions 0..length-1 of a sequence with this block table."""
-        pos = torch.arange(length)
-        table = torch.tensor(block_table[: self.blocks_for(length)], dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
 
 @dataclass
