@@ -55,8 +55,8 @@ class Engine:
     Args:
         model: a loaded `DecoderForCausalLM` (eval mode is set here).
         tokenizer: its `Tokenizer` (for incremental detokenisation and stop strings).
-        kv_cache_tokens: tokens the block pool holds, over all requests; at least one full context. Default: 80% of
-            the free memory on CUDA, else 16384 tokens (CPU pages are only committed once written).
+        kv_cache_tokens: tokens the block pool holds, over all requests; at least max_model_len. Default: 80% of
+            the free memory on CUDA, else max(max_model_len, 16384) tokens (CPU pages are committed once written).
         block_size: tokens per KV block.
         max_batch_size: requests decoded together at most.
         max_prefill_tokens: prompt tokens processed per step (the step's token budget beside one token per decoding
