@@ -156,7 +156,7 @@ def second_turn_ttft(base: str, model: str, history: str) -> tuple[float, float]
     messages = [{"role": "system", "content": "You are a literary assistant. Here is a text:\n" + history},
                 {"role": "user", "content": "Who speaks first in this text?"}]
     with httpx.Client(timeout=1800) as http:
-        body = {"model": model, "messages": messages, "max_tokens": 32, "temperature": 0}
+        body = {"model": model, "messages": messages, "max_tokens": 16, "temperature": 0}
         first_ttft, _, _ = stream(http, base, "/v1/chat/completions", {**body, "max_tokens": 1})
         answer = http.post(f"{base}/v1/chat/completions", json=body)
         answer.raise_for_status()

@@ -350,3 +350,14 @@ def test_constraint_masks_apply_per_row() -> None:
     constraint = _OnlyEven()
     got = sample(logits, [SampleRow(temperature=0.0, constraint=constraint), SampleRow(temperature=0.0)])
     assert got[0].token_id % 2 == 0 and got[1].token_id == 3 and constraint.accepted == [got[0].token_id]
+
+
+def test_a_zero_noise_draw_never_picks_a_ruled_out_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = torch.tensor([[0.0, 2.0, -1.0, 1.0]])
+    rows = [SampleRow(temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))]
+
+    def zeros(self, generator=None):  # the draw every entry of an exponential could be
+        return self.zero_()
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", zeros)
+    assert sample(logits, rows)[0].token_id in (1, 3)

@@ -105,6 +105,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sampled]:
     if sampled:
         noise = torch.stack([torch.empty(scores.shape[1], device=dev).exponential_(generator=rows[i].generator)
                              for i in sampled])
+        # exponential_ returns 0 for a uniform draw of exactly 0 (about once in 2**24 entries: every few hundred
+        # steps over a large vocabulary); 0 / 0 would be NaN, which argmax picks, even for a ruled-out token.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         index = torch.tensor(sampled, device=dev)
         choice = choice.index_put((index,), (scores[index].softmax(-1) / noise).argmax(-1))
     want = [i for i, r in enumerate(rows) if r.top_logprobs is not None]
