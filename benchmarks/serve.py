@@ -171,7 +171,8 @@ class Server:
         self.engine, self.base = engine, f"http://127.0.0.1:{port}"
         env = {**os.environ, **engine.env}
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(engine.command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        command = [part.replace("{port}", str(port)) for part in engine.command]
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> Server:
         deadline = time.monotonic() + self.engine.startup
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-history", type=int, default=1500, help="tokens of the chat's first turn")
     parser.add_argument("--threads", type=int, default=1, help="threads of every engine")
     parser.add_argument("--before-src", default=None, help="also run decoderkit from this source tree")
-    parser.add_argument("--only", nargs="+", default=None, help="engine names to run (default: all found)")
+    parser.add_argument("--only", nargs="+", default=None, help="engines to run, in this order (default: all found)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     found, skipped = engines(args, directory, gguf)
     if args.only:
-        found = [e for e in found if e.name in args.only]
+        found = [e for name in args.only for e in found if e.name == name]  # in the order given
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
@@ -289,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     rows, extra = [], []
     for engine in found:
         port = free_port()
-        engine.command = [part.replace("{port}", str(port)) for part in engine.command]
         try:
             with Server(engine, port) as server:
                 run_clients(server.base, engine.model, 1, 1, 4)  # warm-up
