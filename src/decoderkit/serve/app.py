@@ -30,6 +30,7 @@ from decoderkit.serve.chat import ChatDeltas, ChatSetup, assistant_message, prep
 from decoderkit.serve.engine import Engine, EngineStoppedError, QueueFullError, RequestOutput, SamplingParams
 from decoderkit.serve.grammar import Grammar, GrammarCompiler
 from decoderkit.serve.logprobs import LogprobFormatter
+from decoderkit.serve.metrics import render_metrics
 from decoderkit.serve.protocol import (
     APIError,
     ChatChoice,
@@ -198,7 +199,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render_metrics(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(engine.stats(), settings.model_name),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -290,7 +292,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                            code="context_length_exceeded")
         return [SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else room, temperature=body.temperature,
-            top_p=body.top_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            top_p=body.top_p, top_k=max(body.top_k, 0), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
             stop=tuple(body.stop_list()), seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
             top_logprobs=top_logprobs, stop_token_ids=() if body.ignore_eos else None, prompt_logprobs=prompt_logprobs,
             logit_bias=body.logit_bias_ids(vocab_size), grammar=grammar,
@@ -470,34 +473,6 @@ class Job:
         return self.finals()
 
 
-def render_metrics(engine: Engine) -> str:
-    """Prometheus text exposition of the engine's state."""
-    s = engine.stats()
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                     for labels, value in samples)
-
-    metric("decoderkit_queue_length", "gauge", "Requests waiting for admission.", [("", s.waiting)])
-    metric("decoderkit_running_requests", "gauge", "Requests in the running batch.", [("", s.running)])
-    metric("decoderkit_generated_tokens_total", "counter", "Tokens generated since start.",
-           [("", s.generated_tokens_total)])
-    metric("decoderkit_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
-           [("", s.tokens_per_second)])
-    metric("decoderkit_kv_blocks_free", "gauge", "Free KV-cache blocks.", [("", s.free_blocks)])
-    metric("decoderkit_kv_blocks_total", "gauge", "KV-cache blocks in the pool.", [("", s.total_blocks)])
-    metric("decoderkit_requests_finished_total", "counter", "Finished requests by reason.",
-           [(f'{{reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
-    buckets = [(f'_bucket{{le="{bound:g}"}}', count) for bound, count in s.ttft_buckets]
-    buckets += [('_bucket{le="+Inf"}', s.ttft_count), ("_sum", s.ttft_sum), ("_count", s.ttft_count)]
-    lines.extend(["# HELP decoderkit_time_to_first_token_seconds Time from arrival to the first generated token.",
-                  "# TYPE decoderkit_time_to_first_token_seconds histogram"])
-    lines.extend(f"decoderkit_time_to_first_token_seconds{suffix} {value:g}" for suffix, value in buckets)
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 
@@ -530,7 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="tokens the shared KV block pool holds (default: 80%% of free CUDA memory, else 16384)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-prefill-tokens", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--max-prefill-tokens", type=int, default=256,
+                   help="prompt tokens prefilled per step (longer prompts go in chunks, between decode steps)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence served, prompt and completion (default: the model's context); "
+                   "the default KV pool is sized from it")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompt prefixes across requests (default on)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -585,9 +566,13 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
 
         model = apply_adapter(model, adapter)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
-                    max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-                    max_queue=args.max_queue)
+    try:
+        engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
+                        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+                        max_queue=args.max_queue, max_model_len=args.max_model_len,
+                        enable_prefix_caching=args.enable_prefix_caching)
+    except ValueError as err:
+        raise SystemExit(f"decoderkit serve: error: {err}") from None
     if group is not None:
         group.attach_engine(engine)
     return engine, args.served_model_name or path.resolve().name, path.resolve()

@@ -2,13 +2,15 @@
 
 One background thread runs every request. Each step it gathers the pending tokens of all admitted requests (one token
 for those decoding, a prompt chunk for those still prefilling), runs them through the model as one flat batch, samples
-one token for every request whose pending tokens are all in the cache, and hands the result to the request's callback.
-Requests join and leave between steps.
+one token for every request whose pending tokens are all in the cache (one batched call, `sampler.sample`), and hands
+the result to the request's callback. Requests join and leave between steps.
 
 The KV cache is a pool of fixed-size blocks shared by all requests (`BlockPool`); a request holds a block table and
 gets a new block only when its sequence crosses a block boundary, so memory follows what requests use, not their
-worst case. When the pool runs dry the most recently admitted request is preempted: its blocks are freed and it is
-prefilled again (prompt and tokens so far) once blocks are free.
+worst case. With prefix caching, full blocks are keyed by their token prefix and outlive their request: an admitted
+request starts from the longest cached prefix of its prompt and prefills only the rest. When the pool runs dry the
+most recently admitted request is preempted: its blocks are released and it is prefilled again (prompt and tokens so
+far, mostly from the prefix cache) once blocks are free.
 
 `PagedRunner` is the model's forward pass written against that pool, using the model's own modules (norms,
 projections, rotary, MLP); per-request outputs do not depend on which other requests share the step, up to the
@@ -24,18 +26,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from decoderkit.generation.logits_process import PresenceFrequencyPenaltyLogitsProcessor, TopPLogitsWarper
-from decoderkit.serve.grammar import Constraint, Grammar, allocate_bitmask, apply_bitmask
-from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
+from decoderkit.serve.blocks import BlockPool, block_hashes
+from decoderkit.serve.metrics import EngineCounters, EngineStats
+from decoderkit.serve.paged import PagedRunner, Segment
+from decoderkit.serve.requests import Request, RequestOutput, SamplingParams, TokenLogprob
+from decoderkit.serve.sampler import Sampled, sample
 
+__all__ = ["Engine", "EngineStats", "EngineStoppedError", "QueueFullError", "RequestOutput", "SamplingParams",
+           "TokenLogprob"]
 logger = logging.getLogger(__name__)
-RATE_WINDOW = 10.0  # seconds over which tokens/s is measured
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class QueueFullError(RuntimeError):
@@ -46,128 +49,43 @@ class EngineStoppedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
 
 
-# -------------------------------------------------------------------------------------------------------- requests
-
-
-@dataclass
-class SamplingParams:
-    """What one request asks for. temperature 0 means greedy."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence ids
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-    prompt_logprobs: int | None = None  # score the prompt too, with this many alternatives per position
-    logit_bias: dict[int, float] | None = None  # added to the logits before sampling
-    grammar: Grammar | None = None  # the output is constrained to it (each request gets its own matcher)
-
-    def __post_init__(self) -> None:
-        # max_tokens 0 only scores the prompt (echo with logprobs, as evaluation harnesses ask).
-        checks = (("max_tokens", self.max_tokens >= 0, ">= 0"), ("temperature", self.temperature >= 0, ">= 0"),
-                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_logprobs", self.top_logprobs >= 0, ">= 0"))
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request; the final one has `finish_reason` set."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # "stop", "length", "cancelled", "error"
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None  # positions 1.. of the prompt; set on the first output only
-
-
-@dataclass(eq=False)  # identity, not field-by-field comparison: requests are looked up in lists every step
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_output: Callable[[RequestOutput], None]
-    decoder: Any
-    generator: torch.Generator | None
-    submitted: float = field(default_factory=time.monotonic)
-    tokens: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0
-    text: str = ""  # everything decoded so far
-    emitted: int = 0  # characters of `text` already handed out
-    first_token_at: float | None = None
-    penalty: PresenceFrequencyPenaltyLogitsProcessor | None = None
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    constraint: Constraint | None = None
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - len(self.prompt_ids)
-
-
-@dataclass
-class EngineStats:
-    waiting: int
-    running: int
-    free_blocks: int
-    total_blocks: int
-    generated_tokens_total: int
-    tokens_per_second: float
-    ttft_buckets: list[tuple[float, int]]  # (upper bound, cumulative count), Prometheus style
-    ttft_sum: float
-    ttft_count: int
-    requests_finished: dict[str, int]
-
-
-# ---------------------------------------------------------------------------------------------------------- engine
-
-
 class Engine:
     """Serves generation requests from a background thread with continuous batching.
 
     Args:
         model: a loaded `DecoderForCausalLM` (eval mode is set here).
         tokenizer: its `Tokenizer` (for incremental detokenisation and stop strings).
-        kv_cache_tokens: tokens the block pool holds, over all requests; at least one full context. Default: 80% of
-            the free memory on CUDA, else 16384 tokens (CPU pages are only committed once written).
+        kv_cache_tokens: tokens the block pool holds, over all requests; at least max_model_len. Default: 80% of
+            the free memory on CUDA, else max(max_model_len, 16384) tokens (CPU pages are committed once written).
         block_size: tokens per KV block.
         max_batch_size: requests decoded together at most.
-        max_prefill_tokens: prompt tokens processed per step; a longer prompt is prefilled in chunks of this size,
-            interleaved with the decoding of running requests.
+        max_prefill_tokens: prompt tokens processed per step (the step's token budget beside one token per decoding
+            request); a longer prompt is prefilled in chunks of this size, interleaved with the decoding of running
+            requests, so their inter-token latency stays bounded.
         max_queue: requests waiting for admission at most; `submit` raises QueueFullError beyond it.
+        max_model_len: longest sequence (prompt and completion) served; default the model's context
+            (max_position_embeddings). The default pool is sized from it.
+        enable_prefix_caching: keep full KV blocks keyed by their token prefix and reuse them across requests.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_tokens: int | None = None, block_size: int = 16,
-                 max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64) -> None:
+                 max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True) -> None:
         config = model.decoder_config
         if config.add_cross_attention:
             raise ValueError("the server runs decoder-only models; this one has cross-attention layers")
         if block_size < 1 or max_batch_size < 1 or max_prefill_tokens < 1 or max_queue < 0:
             raise ValueError("block_size, max_batch_size and max_prefill_tokens must be >= 1, max_queue >= 0")
+        if max_model_len is not None and not 1 < max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be in [2, {config.max_position_embeddings}] (the model's "
+                             f"max_position_embeddings), got {max_model_len}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_context = config.max_position_embeddings
-        kv_cache_tokens = kv_cache_tokens or _default_kv_tokens(model)
+        self.max_context = max_model_len or config.max_position_embeddings
+        kv_cache_tokens = kv_cache_tokens or _default_kv_tokens(model, self.max_context)
         if kv_cache_tokens < self.max_context:
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens} cannot hold one full context of "
-                             f"{self.max_context} tokens (max_position_embeddings)")
+                             f"{self.max_context} tokens (max_model_len; pass a smaller one to serve a smaller pool)")
         num_blocks = -(-kv_cache_tokens // block_size)
         self.pool = BlockPool(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, num_blocks,
                               block_size, model.dtype, model.device)
@@ -176,22 +94,18 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.default_stop_token_ids = _eos_ids(model, tokenizer)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.counters = EngineCounters()
 
         self._cond = threading.Condition()
-        self._inbox: list[_Request] = []
+        self._inbox: list[Request] = []
         self._cancels: set[str] = set()
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
         self._ids = itertools.count()
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._generated_total = 0
-        self._recent: deque[float] = deque()  # times of the tokens generated in the last RATE_WINDOW seconds
-        self._ttft_counts = [0] * len(TTFT_BUCKETS)
-        self._ttft_sum = 0.0
-        self._ttft_count = 0
-        self._finished: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------------------------- public API
 
@@ -230,22 +144,21 @@ class Engine:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_context}")
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the maximum context length "
+                             f"(max_model_len) is {self.max_context}")
         generator = None
         if params.temperature > 0:
             generator = torch.Generator(device=self.pool.keys.device)
             # An unseeded request draws a fresh seed without touching torch's global generator (torch.seed would).
             generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req = _Request(
+        req = Request(
             request_id=request_id or f"req-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
             on_output=on_output, generator=generator,
             decoder=self.tokenizer.stream_decoder(skip_special_tokens=True, prefix_ids=prompt_ids),
-            constraint=params.grammar.constraint() if params.grammar is not None else None,
         )
         req.tokens = list(prompt_ids)
         if params.presence_penalty or params.frequency_penalty:
-            req.penalty = PresenceFrequencyPenaltyLogitsProcessor(params.presence_penalty, params.frequency_penalty,
-                                                                  prompt_length=len(prompt_ids))
+            req.counts = torch.zeros(self.model.decoder_config.vocab_size, device=self.pool.keys.device)
         with self._cond:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
@@ -284,14 +197,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            now = time.monotonic()
-            while self._recent and self._recent[0] < now - RATE_WINDOW:
-                self._recent.popleft()
-            rate = len(self._recent) / RATE_WINDOW
-            buckets = list(zip(TTFT_BUCKETS, itertools.accumulate(self._ttft_counts)))
-            return EngineStats(len(self._inbox) + len(self._waiting), len(self._running), self.pool.num_free,
-                               self.pool.num_blocks, self._generated_total, rate, buckets, self._ttft_sum,
-                               self._ttft_count, dict(self._finished))
+            return self.counters.snapshot(len(self._inbox) + len(self._waiting), len(self._running),
+                                          self.pool.num_free, self.pool.num_blocks, self.pool.num_cached)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -322,8 +229,7 @@ class Engine:
         if not scheduled:
             return
         segments = [Segment(req.num_cached, req.tokens[req.num_cached: end], req.blocks) for req, end in scheduled]
-        scoring = [req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
-                   for req, _ in scheduled]
+        scoring = [self._scoring(req) for req, _ in scheduled]
         if any(scoring):
             every = self.runner.forward(segments, all_positions=True)  # (N, V): a row per token of the step
             ends = list(itertools.accumulate(len(s.ids) for s in segments))
@@ -333,17 +239,32 @@ class Engine:
                     self._score_prompt(req, seg.start, every[last - len(seg.ids): last].float())
         else:
             logits = self.runner.forward(segments)
+        ready: list[tuple[int, Request]] = []
         for row, (req, end) in enumerate(scheduled):
             req.num_cached = end
-            if end == len(req.tokens):
-                if req.params.max_tokens == 0:
-                    self._release(req, "length")
-                    self._emit(req, RequestOutput(req.request_id, "", [], None, "length", len(req.prompt_ids), 0,
-                                                  prompt_logprobs=req.prompt_logprobs))
-                else:
-                    self._advance(req, logits[row].float())
+            self._register_blocks(req)
+            if end < len(req.tokens):
+                continue
+            if req.params.max_tokens == 0:
+                self._release(req, "length")
+                self._emit(req, RequestOutput(req.request_id, "", [], None, "length", len(req.prompt_ids), 0,
+                                              prompt_logprobs=req.prompt_logprobs))
+            else:
+                ready.append((row, req))
+        if not ready:
+            return
+        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        chosen = sample(logits.index_select(0, rows), [req.sample_row() for _, req in ready])
+        now = time.monotonic()
+        self.counters.tokens(len(ready), now)
+        for (_, req), got in zip(ready, chosen):
+            self._advance(req, got, now)
 
-    def _score_prompt(self, req: _Request, start: int, logits: torch.Tensor) -> None:
+    def _scoring(self, req: Request) -> bool:
+        """Whether the request still needs logits of prompt positions (echo with logprobs)."""
+        return req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
+
+    def _score_prompt(self, req: Request, start: int, logits: torch.Tensor) -> None:
         """Record the log-probabilities of the prompt tokens that logits (rows for positions start, ...) predict."""
         # A preempted request prefills again: positions already scored are skipped, so each is recorded once.
         first = len(req.prompt_logprobs)  # logits at position first predict prompt token first + 1
@@ -359,17 +280,24 @@ class Engine:
         for token, value, (ids, values) in zip(targets.tolist(), chosen, tops):
             req.prompt_logprobs.append(TokenLogprob(token, value, list(zip(ids, values))))
 
-    def _schedule(self) -> list[tuple[_Request, int]]:
+    # --------------------------------------------------------------------------------------- scheduling, blocks
+
+    def _schedule(self) -> list[tuple[Request, int]]:
         """Pick this step's work: every decoding request, then prompt chunks within the prefill budget."""
         budget = self.max_prefill_tokens
         while self._waiting and len(self._running) < self.max_batch_size:
             req = self._waiting[0]
+            hits = self._attach_cached_prefix(req)
             # Admit only what fits now, leaving a block per running request so that decoding rarely preempts.
-            need = self.pool.blocks_for(len(req.tokens) + 1) + len(self._running)
+            need = self.pool.blocks_for(len(req.tokens) + 1) - len(req.blocks) + len(self._running)
             if need > self.pool.num_free and self._running:
+                self._detach(req)
                 break
             self._running.append(self._waiting.popleft())
-        scheduled: list[tuple[_Request, int]] = []
+            self.counters.admitted(len(req.prompt_ids) if req.admissions == 0 else 0,
+                                   len(req.tokens) if self._caching(req) else 0, hits)
+            req.admissions += 1
+        scheduled: list[tuple[Request, int]] = []
         for req in list(self._running):
             if req not in self._running:  # preempted while making room for an earlier one
                 continue
@@ -389,7 +317,43 @@ class Engine:
             scheduled.append((req, end))
         return [(req, end) for req, end in scheduled if req in self._running]
 
-    def _reserve(self, req: _Request, length: int) -> bool:
+    def _caching(self, req: Request) -> bool:
+        # A request still scoring its prompt needs the logits of every prompt position: it computes them all.
+        return self.enable_prefix_caching and not self._scoring(req)
+
+    def _keys(self, req: Request, num_blocks: int) -> list[bytes]:
+        """Prefix-cache keys of the request's first num_blocks full blocks, computed once."""
+        have = len(req.block_keys)
+        if have < num_blocks:
+            req.block_keys += block_hashes(req.tokens[: num_blocks * self.pool.block_size], self.pool.block_size,
+                                           start=have, parent=req.block_keys[-1] if have else None)
+        return req.block_keys[:num_blocks]
+
+    def _attach_cached_prefix(self, req: Request) -> int:
+        """Start a request being admitted from the longest cached prefix of its tokens; returns the tokens hit."""
+        if not self._caching(req) or req.blocks:
+            return 0
+        # At least the last token is computed again: its logits choose the next token.
+        blocks = self.pool.lookup(self._keys(req, (len(req.tokens) - 1) // self.pool.block_size))
+        req.blocks.extend(blocks)
+        req.num_registered = len(blocks)
+        req.num_cached = len(blocks) * self.pool.block_size
+        return req.num_cached
+
+    def _register_blocks(self, req: Request) -> None:
+        """Key the blocks the request has filled since the last step, so that later requests can share them."""
+        full = req.num_cached // self.pool.block_size
+        if not self.enable_prefix_caching or full <= req.num_registered:
+            return
+        for block, key in zip(req.blocks[req.num_registered: full], self._keys(req, full)[req.num_registered:]):
+            self.pool.register(block, key)
+        req.num_registered = full
+
+    def _detach(self, req: Request) -> None:
+        self.pool.release(req.blocks)
+        req.num_cached = req.num_registered = 0
+
+    def _reserve(self, req: Request, length: int) -> bool:
         """Give `req` blocks for `length` tokens, preempting the newest other requests if the pool is empty."""
         need = self.pool.blocks_for(length) - len(req.blocks)
         while need > self.pool.num_free:
@@ -401,37 +365,25 @@ class Engine:
             req.blocks.extend(self.pool.allocate(need))
         return True
 
-    def _preempt(self, req: _Request) -> None:
-        # Recompute rather than swap: the request goes back to the front of the queue with its tokens so far.
-        self.pool.release(req.blocks)
-        req.num_cached = 0
+    def _preempt(self, req: Request) -> None:
+        # Recompute rather than swap: the request goes back to the front of the queue with its tokens so far (its
+        # full blocks stay in the prefix cache until evicted, so readmission often finds them).
+        self._detach(req)
         self._running.remove(req)
         self._waiting.appendleft(req)
+        self.counters.preempted()
 
-    def _advance(self, req: _Request, logits: torch.Tensor) -> None:
-        token, logprob = self._sample(req, logits)
+    # ------------------------------------------------------------------------------------------------- outputs
+
+    def _advance(self, req: Request, got: Sampled, now: float) -> None:
+        token = got.token_id
+        logprob = TokenLogprob(token, got.logprob, got.top) if got.logprob is not None else None
         req.tokens.append(token)
-        complete = False  # the grammar allows nothing more
-        if req.constraint is not None:
-            if not req.constraint.accept(token):
-                logger.warning("request %s: token %d refused by its grammar: %s", req.request_id, token,
-                               req.constraint.error())
-            complete = req.constraint.is_terminated()
-        now = time.monotonic()
+        if req.counts is not None and token < req.counts.shape[0]:
+            req.counts[token] += 1
         if req.first_token_at is None:
             req.first_token_at = now
-            ttft = now - req.submitted
-            with self._cond:
-                self._ttft_sum += ttft
-                self._ttft_count += 1
-                bucket = next((i for i, bound in enumerate(TTFT_BUCKETS) if ttft <= bound), None)
-                if bucket is not None:
-                    self._ttft_counts[bucket] += 1
-        with self._cond:
-            self._generated_total += 1
-            self._recent.append(now)
-            while self._recent[0] < now - RATE_WINDOW:
-                self._recent.popleft()
+            self.counters.first_token(now - req.submitted)
         p = req.params
         finish = None
         stop_ids = p.stop_token_ids if p.stop_token_ids is not None else self.default_stop_token_ids
@@ -439,8 +391,8 @@ class Engine:
             finish = "stop"
         else:
             req.text += req.decoder.push(token)
-            if complete:
-                finish = "stop"
+            if req.constraint is not None and req.constraint.is_terminated():
+                finish = "stop"  # the grammar allows nothing more
             elif req.num_generated >= p.max_tokens or len(req.tokens) >= self.max_context:
                 finish = "length"
         if finish is not None:
@@ -456,63 +408,33 @@ class Engine:
         self._emit(req, RequestOutput(req.request_id, delta, [token], [logprob] if logprob else None, finish,
                                       len(req.prompt_ids), req.num_generated, prompt_logprobs=prompt_logprobs))
 
-    def _sample(self, req: _Request, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        p = req.params
-        scores = logits[None]
-        if req.penalty is not None:
-            scores = req.penalty(torch.tensor([req.tokens], device=logits.device), scores)
-        if p.logit_bias:
-            ids, bias = zip(*p.logit_bias.items())
-            scores = scores.index_add(1, torch.tensor(ids, device=scores.device),
-                                      torch.tensor([bias], dtype=scores.dtype, device=scores.device))
-        if req.constraint is not None:
-            bitmask = allocate_bitmask(1, scores.shape[-1])
-            req.constraint.fill_bitmask(bitmask)
-            scores = apply_bitmask(scores.clone(), bitmask)
-        if p.temperature == 0:
-            token = int(scores.argmax(-1))
-        else:
-            scores = scores / p.temperature
-            if p.top_p < 1.0:
-                scores = TopPLogitsWarper(p.top_p)(None, scores)
-            token = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=req.generator))
-        if not p.logprobs:
-            return token, None
-        # Log-probabilities of the model's own distribution (before penalties and temperature), as OpenAI reports.
-        logprobs = logits.log_softmax(-1)
-        top = logprobs.topk(p.top_logprobs) if p.top_logprobs else None
-        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-        return token, TokenLogprob(token, float(logprobs[token]), pairs)
-
-    def _emit(self, req: _Request, out: RequestOutput) -> None:
+    def _emit(self, req: Request, out: RequestOutput) -> None:
         try:
             req.on_output(out)
         except Exception:  # noqa: BLE001 - a consumer that went away (closed event loop) must not stop the engine
             self.cancel(req.request_id)
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         self._release(req, reason)
         self._emit(req, RequestOutput(req.request_id, "", [], None, reason, len(req.prompt_ids), req.num_generated,
                                       error))
 
-    def _release(self, req: _Request, reason: str) -> None:
+    def _release(self, req: Request, reason: str) -> None:
         self.pool.release(req.blocks)
         if req in self._running:
             self._running.remove(req)
         if req in self._waiting:
             self._waiting.remove(req)
-        with self._cond:
-            self._finished[reason] = self._finished.get(reason, 0) + 1
+        self.counters.finish(reason)
 
 
-def _default_kv_tokens(model: Any) -> int:
+def _default_kv_tokens(model: Any, max_model_len: int) -> int:
     c = model.decoder_config
-    floor = max(c.max_position_embeddings, 16384)
     if model.device.type != "cuda":
-        return floor
+        return max(max_model_len, 16384)
     free, _ = torch.cuda.mem_get_info(model.device)
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
-    return max(c.max_position_embeddings, int(free * 0.8) // per_token)
+    return max(max_model_len, int(free * 0.8) // per_token)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

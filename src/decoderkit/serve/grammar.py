@@ -123,6 +123,12 @@ class Constraint:
             raise ValueError("the bitmask must be a contiguous int32 CPU tensor")
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
+    def fill_mask(self, allowed: torch.Tensor) -> None:
+        """The batched sampler's form: clear, in the (V,) bool row `allowed`, every token the grammar rules out."""
+        bitmask = allocate_bitmask(1, allowed.shape[-1])
+        self.fill_bitmask(bitmask)
+        allowed &= bitmask_to_bool(bitmask, allowed.shape[-1]).to(allowed.device)[0]
+
     def accept(self, token_id: int) -> bool:
         """Take the sampled token; False if the grammar does not allow it (the constraint is then in error)."""
         return self.matcher.consume_token(token_id)
@@ -140,8 +146,13 @@ def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
     return torch.full((batch, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
+def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The (B, V) bool form of an int32 bitmask (B, ceil(V / 32)): True where the token is allowed."""
+    bits = (bitmask[:, :, None] >> _BIT_SHIFTS.to(bitmask.device)) & 1  # (B, W, 32)
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Set to -inf, in place, the logits (B, V) of the tokens whose bit is clear in `bitmask` (B, ceil(V / 32))."""
-    bits = (bitmask.to(logits.device)[:, :, None] >> _BIT_SHIFTS.to(logits.device)) & 1  # (B, W, 32)
-    allowed = bits.reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]].bool()
+    allowed = bitmask_to_bool(bitmask.to(logits.device), logits.shape[-1])
     return logits.masked_fill_(~allowed, float("-inf"))

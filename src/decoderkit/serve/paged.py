@@ -18,59 +18,20 @@ import torch.nn.functional as F
 
 from decoderkit.layers.attention import AttentionInputs, eager_attention
 from decoderkit.layers.rope import apply_rotary
+from decoderkit.serve.blocks import BlockPool
 
 # scaled_dot_product_attention shares each key/value head across its query heads itself from torch 2.5 on.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+__all__ = ["BlockPool", "PagedRunner", "Segment"]
 
 
 def _eager_math(implementation: str, alibi: bool, dtype: torch.dtype) -> bool:
     """Whether the model's own attention (`Attention.forward`) takes the eager math here: asked for, or ALiBi in half
     precision, whose fp32 bias SDPA would round to half precision. The server follows it to give the same numbers."""
     return implementation == "eager" or (implementation == "sdpa" and alibi and dtype != torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------------- KV blocks
-
-
-class BlockPool:
-    """Fixed-size KV blocks shared by all sequences; buffer row `b * block_size + s` is slot s of block b."""
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        # Block 0 is never handed out: padded key slots point at it, so it is the only block that must be zeroed
-        # (0 * NaN from uninitialised memory would poison attention). The rest stays uninitialised: on CPU a page is
-        # only committed once a request writes to it, so memory follows use.
-        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.keys[:, :block_size].zero_()
-        self.values[:, :block_size].zero_()
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free = list(range(num_blocks, 0, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} KV blocks requested, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        blocks.clear()
-
-    def slots(self, block_table: Sequence[int], length: int) -> torch.Tensor:
-        """Buffer rows holding positions 0..length-1 of a sequence with this block table."""
-        pos = torch.arange(length)
-        table = torch.tensor(block_table[: self.blocks_for(length)], dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
 
 @dataclass
@@ -92,6 +53,32 @@ class _AttentionGroup:
     slots: torch.Tensor  # (G, K) buffer rows of every key each sequence attends to (padded with row 0: the null block)
     mask: torch.Tensor  # (G, 1, Tq, K) bool, True = attend
     alibi: torch.Tensor | None  # (G, H, 1, K) fp32: slope * (j - last key of the row's sequence), as the model's bias
+    chunk: torch.Tensor | None = None  # for a prefill chunk taking the split path: buffer rows of its earlier keys
+
+
+def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
+                     v_buf: torch.Tensor, earlier: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one prefill chunk: q (1, H, Tq, D) over its own keys k_new, v_new (H_kv, Tq, D) and over
+    the sequence's earlier keys at buffer rows `earlier`, without a dense mask.
+
+    The two parts run as two flash-attention calls, the chunk's own causally (the kernel skips the masked half) and
+    the earlier keys unmasked, with the query heads of each key head folded into one axis (no copies of the keys per
+    query head); their outputs are merged by their log-sum-exps, which is exactly softmax over the union."""
+    _, h, tq, d = q.shape
+    h_kv = k_new.shape[0]
+    rep = h // h_kv
+    own_k = k_new[None].repeat_interleave(rep, 1) if rep > 1 else k_new[None]
+    own_v = v_new[None].repeat_interleave(rep, 1) if rep > 1 else v_new[None]
+    out, lse = _flash(q, own_k, own_v, 0.0, True, scale=scale)[:2]
+    if earlier.numel() == 0:
+        return out
+    k_old = k_buf.index_select(0, earlier).to(q.dtype).permute(1, 0, 2)[None]  # (1, H_kv, P, D)
+    v_old = v_buf.index_select(0, earlier).to(q.dtype).permute(1, 0, 2)[None]
+    out_old, lse_old = _flash(q.reshape(1, h_kv, rep * tq, d), k_old, v_old, 0.0, False, scale=scale)[:2]
+    out_old, lse_old = out_old.reshape(1, h, tq, d), lse_old.reshape(1, h, tq)
+    top = torch.maximum(lse, lse_old)
+    w_new, w_old = (lse - top).exp()[..., None], (lse_old - top).exp()[..., None]
+    return ((out.float() * w_new + out_old.float() * w_old) / (w_new + w_old)).to(q.dtype)
 
 
 class PagedRunner:
@@ -139,22 +126,11 @@ class PagedRunner:
             for g in groups:
                 G, Tq = g.tokens.shape
                 qg = q[:, g.tokens].transpose(0, 1)  # (G, H, Tq, D)
-                rows = g.slots.view(-1)  # index_select: a plain gather, cheaper than advanced indexing
-                kg = k_buf.index_select(0, rows).view(G, -1, *k_buf.shape[1:]).permute(0, 2, 1, 3).to(q.dtype)
-                vg = v_buf.index_select(0, rows).view(G, -1, *v_buf.shape[1:]).permute(0, 2, 1, 3).to(q.dtype)
-                gqa = attn.num_heads != attn.num_kv_heads
-                if gqa and not _SDPA_GQA:
-                    groups_per_kv = attn.num_heads // attn.num_kv_heads
-                    kg, vg = kg.repeat_interleave(groups_per_kv, 1), vg.repeat_interleave(groups_per_kv, 1)
-                if _eager_math(attn.implementation, g.alibi is not None, q.dtype):
-                    inputs = AttentionInputs(mask=g.mask, causal=True, alibi=g.alibi)
-                    og = eager_attention(qg, kg, vg, inputs, attn.scale, 0.0, False)[0]
+                if g.chunk is not None and not _eager_math(attn.implementation, g.alibi is not None, q.dtype):
+                    og = _chunk_attention(qg, k[:, g.tokens[0]], v[:, g.tokens[0]], k_buf, v_buf, g.chunk,
+                                          attn.scale)
                 else:
-                    mask = g.mask
-                    if g.alibi is not None:
-                        mask = g.alibi.to(q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
-                    extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
-                    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=attn.scale, **extra)
+                    og = self._padded_attention(attn, qg, k_buf, v_buf, g)
                 out[g.tokens.reshape(-1)] = og.transpose(1, 2).reshape(G * Tq, attn.num_heads, attn.head_dim)
             x = x + attn.o_proj(out.view(1, n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -163,14 +139,45 @@ class PagedRunner:
         last = torch.tensor(list(itertools.accumulate(len(s.ids) for s in segments)), device=dev) - 1
         return self.model.lm_head(stack.norm(x[0, last]))
 
+    @staticmethod
+    def _padded_attention(attn: Any, qg: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                          g: _AttentionGroup) -> torch.Tensor:
+        """Attention of a group over its keys gathered from the pool, padded to the longest and masked."""
+        G = qg.shape[0]
+        rows = g.slots.view(-1)  # index_select: a plain gather, cheaper than advanced indexing
+        kg = k_buf.index_select(0, rows).view(G, -1, *k_buf.shape[1:]).permute(0, 2, 1, 3).to(qg.dtype)
+        vg = v_buf.index_select(0, rows).view(G, -1, *v_buf.shape[1:]).permute(0, 2, 1, 3).to(qg.dtype)
+        gqa = attn.num_heads != attn.num_kv_heads
+        if gqa and not _SDPA_GQA:
+            groups_per_kv = attn.num_heads // attn.num_kv_heads
+            kg, vg = kg.repeat_interleave(groups_per_kv, 1), vg.repeat_interleave(groups_per_kv, 1)
+        if _eager_math(attn.implementation, g.alibi is not None, qg.dtype):
+            inputs = AttentionInputs(mask=g.mask, causal=True, alibi=g.alibi)
+            return eager_attention(qg, kg, vg, inputs, attn.scale, 0.0, False)[0]
+        mask = g.mask
+        if g.alibi is not None:
+            mask = g.alibi.to(qg.dtype).masked_fill(~mask, torch.finfo(qg.dtype).min)
+        extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+        return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=attn.scale, **extra)
+
     def _groups(self, segments: Sequence[Segment], ctx_slots: list[torch.Tensor]) -> list[_AttentionGroup]:
         # Single-token segments (decoding) share one padded batch; each longer segment (a prefill chunk) gets its own,
         # so a long prompt does not pad every decoding sequence to its length.
         offsets = [0, *itertools.accumulate(len(s.ids) for s in segments)]
         singles = [i for i, s in enumerate(segments) if len(s.ids) == 1]
         batches = ([singles] if singles else []) + [[i] for i, s in enumerate(segments) if len(s.ids) > 1]
+        config = self.stack.config
+        # The split path needs flash attention's log-sum-exp, which only the CPU kernel returns to Python.
+        split = (self.device.type == "cpu" and config.position_embedding != "alibi"
+                 and config.attn_implementation == "sdpa")
         groups = []
         for members in batches:
+            if split and len(segments[members[0]].ids) > 1:
+                i = members[0]
+                tokens = torch.arange(offsets[i], offsets[i + 1])[None]
+                groups.append(_AttentionGroup(tokens.to(self.device), None, None, None,  # type: ignore[arg-type]
+                                              ctx_slots[i][: segments[i].start].to(self.device)))
+                continue
             k_len = max(segments[i].end for i in members)
             tokens = torch.stack([torch.arange(offsets[i], offsets[i + 1]) for i in members])
             slots = torch.zeros(len(members), k_len, dtype=torch.long)
