@@ -98,6 +98,22 @@ inline void tile(const Problem& p, int64_t n, int64_t r0) {
 #else
   float acc[MR][32] = {};
 #endif
+#ifdef DK_AVX2
+  if (p.group == 32) {  // GGUF's blocks: one scale (and offset) per run of 32, no inner loop to set up
+    const int64_t base = n * p.groups;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const __m256 vd = _mm256_set1_ps(scalar_at<HALF>(p.scales, base + g));
+      const __m256 vm = _mm256_set1_ps(OFFSET ? scalar_at<HALF>(p.offsets, base + g) : 0.0f);
+      const int64_t k = g * 32;
+      __m256 w[4];
+      unpack32<BITS>(q + (BITS == 4 ? k / 2 : k), w);
+      for (int v = 0; v < 4; ++v) w[v] = OFFSET ? _mm256_fmadd_ps(w[v], vd, vm) : _mm256_mul_ps(w[v], vd);
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < 4; ++v)
+          acc[r][v % NA] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x[r] + k + 8 * v), acc[r][v % NA]);
+    }
+  } else
+#endif
   for (int64_t g = 0; g < p.groups; ++g) {
     const float d = scalar_at<HALF>(p.scales, n * p.groups + g);
     const float m = OFFSET ? scalar_at<HALF>(p.offsets, n * p.groups + g) : 0.0f;
