@@ -11,6 +11,7 @@ transformers       bf16 HF directory, ``generate`` with its defaults
 dk-bf16            decoderkit, bf16 HF directory
 dk-int8 / dk-int4  decoderkit, the bf16 HF directory quantized on load (``quantization="int8"`` / ``"int4"``)
 dk-gguf            decoderkit, the Q4_1 file in its own packed weights (``quantization=None``), bf16 activations
+dk-gguf-f32        the same with float32 activations (decoderkit's kernel computes in float32 anyway)
 dk-gguf-float      decoderkit, the Q4_1 file dequantized (``quantization="none"``): the float reference for dk-gguf
 llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
 llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
@@ -60,7 +61,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-float", "llamacpp", "llamacpp-ours")
+ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-float", "llamacpp",
+           "llamacpp-ours")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
 PROMPT_TOKENS = 32
@@ -139,14 +141,15 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         source, quantization = {
             "dk-bf16": (spec["hf_dir"], None), "dk-int8": (spec["hf_dir"], "int8"),
             "dk-int4": (spec["hf_dir"], "int4"), "dk-gguf": (spec["gguf"], None),
-            "dk-gguf-float": (spec["gguf"], "none"),
+            "dk-gguf-f32": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
         }[engine]  # fmt: skip
         # dk-gguf names quantization=None explicitly: the packed path, not today's silent dequantization
         kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
-        model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, **kwargs).eval()
+        dtype = torch.float32 if engine == "dk-gguf-f32" else torch.bfloat16
+        model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     load_s = time.perf_counter() - start
     packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
-    if engine in ("dk-int8", "dk-int4", "dk-gguf") and not packed:
+    if engine in ("dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32") and not packed:
         # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
         raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
 
@@ -347,7 +350,7 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
           f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB; copy bandwidth "
           f"{spec['copy_bandwidth'] / 1e9:.1f} GB/s (roofline = b=1 tok/s x MB/token / that)")
     llama = results.get("llamacpp", {})
-    for engine in ("dk-gguf", "dk-int8", "dk-int4", "dk-bf16"):
+    for engine in ("dk-gguf", "dk-gguf-f32", "dk-int8", "dk-int4", "dk-bf16"):
         mine = results.get(engine, {})
         if "b1" in mine and "b1" in llama:
             print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}, "
