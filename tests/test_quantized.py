@@ -7,7 +7,7 @@ import torch
 from oracle import build, rel_err, save
 
 import decoderkit
-from decoderkit import AutoModelForCausalLM, QuantizationConfig
+from decoderkit import AutoModelForCausalLM, QuantizationConfig, kernels
 from decoderkit.layers import quantized as qmod
 from decoderkit.layers.quantized import Int4Linear, Int8Embedding, Int8Linear
 
@@ -19,16 +19,21 @@ def _reference_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return (codes.double() - 8.0) * s + z
 
 
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="decoderkit's kernel did not build here")
+LAYOUTS = [pytest.param("kernel", marks=needs_kernel), "torch"]
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_layer_equals_its_float_reference(group, bias):
+    """torch's layout, from codes with (q - 8) * scale + zero."""
     gen = torch.Generator().manual_seed(group)
     n, k = 48, 256
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
     scales = torch.rand(n, k // group, generator=gen) + 0.1
     zeros = torch.randn(n, k // group, generator=gen)
-    layer = Int4Linear(k, n, bias=bias, group_size=group, dtype=torch.float32)
-    for name, value in Int4Linear.pack(codes, scales, zeros, torch.float32).items():
+    layer = Int4Linear(k, n, bias=bias, group_size=group, dtype=torch.float32, layout="torch")
+    for name, value in Int4Linear.pack(codes, scales, zeros, torch.float32, layout="torch").items():
         setattr(layer, name, value)
     if bias:
         layer.bias = torch.nn.Parameter(torch.randn(n, generator=gen), requires_grad=False)
@@ -41,44 +46,69 @@ def test_int4_layer_equals_its_float_reference(group, bias):
     assert torch.equal(layer.dequantize(), weight.float())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_layer_equals_its_float_reference(bias):
+def test_int8_layer_equals_its_float_reference(bias, layout):
     gen = torch.Generator().manual_seed(1)
     n, k = 40, 96
-    layer = Int8Linear(k, n, bias=bias, dtype=torch.float32)
+    layer = Int8Linear(k, n, bias=bias, dtype=torch.float32, layout=layout)
     layer.weight_int8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-    layer.scales = torch.rand(n, generator=gen) * 0.01
+    layer.scales = Int8Linear.row_scales(torch.rand(n, generator=gen) * 0.01, torch.float32, layout)
     if bias:
         layer.bias = torch.nn.Parameter(torch.randn(n, generator=gen), requires_grad=False)
     x = torch.randn(5, k, generator=gen)
-    weight = layer.weight_int8.double() * layer.scales.double()[:, None]
+    weight = layer.weight_int8.double() * layer.scales.double().reshape(n, 1)
     expected = x.double() @ weight.t() + (layer.bias.double() if bias else 0.0)
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_quantize_error_is_within_half_a_step():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantize_error_is_within_half_a_step(layout):
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(64, 128, generator=gen)
-    int8 = Int8Linear(128, 64, dtype=torch.float32)
-    for name, value in Int8Linear.quantize(w, torch.float32).items():
+    int8 = Int8Linear(128, 64, dtype=torch.float32, layout=layout)
+    for name, value in Int8Linear.quantize(w, torch.float32, layout).items():
         setattr(int8, name, value)
     step8 = w.abs().amax(dim=1, keepdim=True) / 127
     assert ((int8.dequantize() - w).abs() <= step8 / 2 + 1e-6).all()
-    int4 = Int4Linear(128, 64, group_size=32, dtype=torch.float32)
-    for name, value in Int4Linear.quantize(w, 32, torch.float32).items():
+    int4 = Int4Linear(128, 64, group_size=32, dtype=torch.float32, layout=layout)
+    for name, value in Int4Linear.quantize(w, 32, torch.float32, layout).items():
         setattr(int4, name, value)
     groups = w.reshape(64, 4, 32)
     step4 = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
-    assert ((int4.dequantize() - w).abs() <= step4 / 2 + 1e-5).all()
+    # the kernel layout rounds each group's scale and minimum to float16 first (relative error 2^-11; the codes
+    # are rounded against the float16 values): the end codes may then sit that much further out
+    slack = 1e-5 if layout == "torch" else 1e-5 + 2**-10 * (15 * step4 + groups.abs().amax(-1).repeat_interleave(32, 1))
+    assert ((int4.dequantize() - w).abs() <= step4 / 2 + slack).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_int4_kernel_layout_equals_its_float_reference(group, scale_dtype):
+    """decoderkit's layout, from codes with scale * q + offset (GGUF's Q4_1 form; Q4_0 is offset = -8 scale)."""
+    gen = torch.Generator().manual_seed(group)
+    n, k = 40, 256
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=gen) + 0.1).to(scale_dtype)
+    offsets = torch.randn(n, k // group, generator=gen).to(scale_dtype)
+    layer = Int4Linear(k, n, group_size=group, dtype=torch.float32, layout="kernel")
+    for name, value in Int4Linear.pack_affine(codes, scales, offsets, torch.float32, layout="kernel").items():
+        setattr(layer, name, value)
+    weight = codes.double() * scales.double().repeat_interleave(group, 1) + offsets.double().repeat_interleave(group, 1)
+    assert torch.equal(layer.dequantize(), weight.float())
+    for rows in (1, 3, 16, 17, 40):  # the kernel's tiles and, past KERNEL_ROWS, the dequantized GEMM
+        x = torch.randn(rows, k, generator=gen)
+        torch.testing.assert_close(layer(x).double(), x.double() @ weight.float().double().t(), rtol=1e-5, atol=1e-4)
 
 
 def test_int4_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 16, (320, 64), generator=gen, dtype=torch.uint8)
     scales, zeros = torch.rand(320, 2, generator=gen), torch.randn(320, 2, generator=gen)
-    whole = Int4Linear.pack(codes, scales, zeros, torch.float32)["weight_int4pack"]
+    whole = Int4Linear.pack(codes, scales, zeros, torch.float32, layout="torch")["weight_int4pack"]
     monkeypatch.setattr(qmod, "_PACK_ROWS", 64)
-    assert torch.equal(Int4Linear.pack(codes, scales, zeros, torch.float32)["weight_int4pack"], whole)
+    assert torch.equal(Int4Linear.pack(codes, scales, zeros, torch.float32, layout="torch")["weight_int4pack"], whole)
 
 
 # ---------------------------------------------------------------------------------------------- HF checkpoints
@@ -97,14 +127,17 @@ def tied_dir(tmp_path_factory):
     return save(model, tmp_path_factory.mktemp("q") / "tied")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("quantization, bound", [("int8", 0.05), ("int4", 0.5),
                                                  (QuantizationConfig(bits=4, group_size=64), 0.5)])
-def test_hf_checkpoint_quantized_on_load_is_close_to_float(llama_dir, quantization, bound):
+def test_hf_checkpoint_quantized_on_load_is_close_to_float(llama_dir, quantization, bound, layout, monkeypatch):
+    monkeypatch.setenv("DECODERKIT_KERNELS", "1" if layout == "kernel" else "0")
     ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
     ref = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32", quantization=quantization)
     kind = Int8Linear if quantization == "int8" else Int4Linear
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind)
+    assert model.lm_head.layout == layout
     assert isinstance(model.lm_head, kind)
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)  # untied: the embedding stays float
     assert model.dtype == torch.float32
@@ -134,7 +167,8 @@ def test_tied_head_and_embedding_share_one_int8_table(tied_dir):
 def test_bfloat16_activations_and_greedy_generation(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="bfloat16", quantization="int8")
     assert model.dtype == torch.bfloat16
-    assert model.lm_head.scales.dtype == torch.bfloat16
+    # torch's kernels take their scales in the activation dtype; decoderkit's keeps float32 per-channel scales
+    assert model.lm_head.scales.dtype == (torch.float32 if model.lm_head.layout == "kernel" else torch.bfloat16)
     out = model.generate(torch.tensor([[3, 14, 15]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
 

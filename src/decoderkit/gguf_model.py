@@ -319,8 +319,10 @@ def _check_tensors(meta: GGUFMetadata, arch_name: str, n_layers: int) -> dict[st
 # --------------------------------------------------------------------------------------------------------------------
 # Quantized tensors kept quantized ("gguf-native" loading)
 
-# Q4_0 and Q4_1 are int4 group-32 codes exactly; Q8_0, Q5 and the K-quants have no exact fast form and become int8 per
-# output channel (requantized from gguf's dequantized values: the error is measured in tests/test_quantized_gguf.py).
+# Q4_0 and Q4_1 are int4 group-32 codes exactly, and Q8_0 is int8 codes with a float16 scale per 32 exactly (the
+# layers keep it so where decoderkit's kernel runs, and requantize it per output channel on torch's kernels); Q5 and
+# the K-quants have no exact fast form and become int8 per output channel (requantized from gguf's dequantized values:
+# the error is measured in tests/test_quantized_gguf.py).
 INT4_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
 INT8_TYPES = frozenset({
     GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K,
@@ -334,7 +336,7 @@ _ROWS_AT_ONCE = 2048  # rows decoded at a time: bounds the float scratch of a re
 class GGUFBlocks:
     """One quantized GGUF tensor (out, in) as codes and per-group affine parameters: ``w = scale * code + offset``.
 
-    ``codes`` is uint8 (0..15, Q4_0 / Q4_1) or int8 (everything requantized to int8 per row, offset 0); ``params``
+    ``codes`` is uint8 (0..15, Q4_0 / Q4_1) or int8 (Q8_0's own codes, or the rest requantized per row); ``params``
     is float32 (out, groups, 2) holding [scale, offset] for each group of ``in / groups`` inputs. Both keep the rows
     of the tensor, so row permutations and splits (llama's q/k un-permute, fused-qkv splits) apply to each alike.
     """
@@ -366,6 +368,13 @@ def _q4_rows(raw: np.ndarray, has_min: bool) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.stack([d, offset], axis=-1)
 
 
+def _q8_0_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (n, K) int8 and params (n, K/32, 2) of Q8_0 rows (n, blocks, 34 bytes): a float16 scale, 32 codes."""
+    d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    codes = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
+    return codes, np.stack([d, np.zeros_like(d)], axis=-1)
+
+
 def _int8_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.maximum(np.abs(values).max(axis=1), np.finfo(np.float32).tiny) / 127.0
     codes = np.clip(np.rint(values / scale[:, None]), -127, 127).astype(np.int8)
@@ -385,12 +394,14 @@ def gguf_blocks(tensor: gguf.ReaderTensor, path: str) -> GGUFBlocks:
     data = tensor.data  # (rows, bytes per row): a view of the memory map
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     codes = np.empty((rows, cols), dtype=np.uint8 if qtype in INT4_TYPES else np.int8)
-    groups = cols // block if qtype in INT4_TYPES else 1
+    groups = cols // block if qtype in INT4_TYPES or qtype == GGMLQuantizationType.Q8_0 else 1
     params = np.empty((rows, groups, 2), dtype=np.float32)
     for start in range(0, rows, _ROWS_AT_ONCE):
         chunk = data[start:start + _ROWS_AT_ONCE]
         if qtype in INT4_TYPES:
             out = _q4_rows(chunk.reshape(chunk.shape[0], -1, size), qtype == GGMLQuantizationType.Q4_1)
+        elif qtype == GGMLQuantizationType.Q8_0:
+            out = _q8_0_rows(chunk.reshape(chunk.shape[0], -1, size))
         else:
             out = _int8_rows(gguf.quants.dequantize(chunk, qtype).reshape(chunk.shape[0], cols))
         codes[start:start + _ROWS_AT_ONCE], params[start:start + _ROWS_AT_ONCE] = out

@@ -11,6 +11,10 @@ Which layers:
 * a head tied to the input embedding becomes int8 for both, sharing one table (an int4 table has no cheap gather),
   except a GGUF file's Q4_0 / Q4_1 tied table, which stays int4 for the head beside a float embedding;
 * other heads (classification, question answering) and an untied embedding stay float.
+
+Layout (layers/quantized.py): where decoderkit's kernel builds, GGUF's Q4_0 / Q4_1 / Q8_0 blocks keep their exact
+values (Q8_0 as int8 with a float16 scale per 32 inputs); on torch's kernels (the fallback) Q8_0 is requantized to
+int8 per output channel and int4 needs output sizes divisible by 16.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from decoderkit.layers.quantized import (
     Int8Embedding,
     Int8Linear,
     QuantizationConfig,
+    default_layout,
     resolve_quantization,
 )
 
@@ -63,15 +68,18 @@ def resolve_load_quantization(value: Any, is_gguf: bool,
     return spec, False
 
 
-def _int8_entries(prefix: str, value: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _int8_entries(prefix: str, value: Any, dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
     from decoderkit.gguf_model import GGUFBlocks
 
     if isinstance(value, GGUFBlocks):
         if value.params.shape[1] == 1:  # already int8 per row
             return {f"{prefix}weight_int8": value.codes.to(torch.int8),
-                    f"{prefix}scales": value.params[:, 0, 0].to(dtype).contiguous()}  # the kernel reads it densely
+                    f"{prefix}scales": Int8Linear.row_scales(value.params[:, 0, 0], dtype, layout)}
+        if layout == "kernel" and value.codes.dtype == torch.int8:  # Q8_0: its own codes and float16 scales
+            return {f"{prefix}weight_int8": value.codes,
+                    f"{prefix}scales": value.params[..., 0].half().contiguous()}
         value = _RowDequantized(value)
-    return {f"{prefix}{k}": v for k, v in Int8Linear.quantize(value, dtype).items()}
+    return {f"{prefix}{k}": v for k, v in Int8Linear.quantize(value, dtype, layout).items()}
 
 
 class _RowDequantized:
@@ -86,18 +94,17 @@ class _RowDequantized:
         return GGUFBlocks(self.blocks.codes[rows], self.blocks.params[rows], self.blocks.qtype).dequantize()
 
 
-def _int4_entries(prefix: str, value: Any, group: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _int4_entries(prefix: str, value: Any, group: int, dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
     from decoderkit.gguf_model import INT4_TYPES, GGUFBlocks
 
     if isinstance(value, GGUFBlocks):
         if value.qtype not in INT4_TYPES or value.codes.shape[1] // value.params.shape[1] != group:
             raise ValueError(f"{prefix}weight: a {value.qtype.name} tensor cannot fill an int4 group-{group} layer")
-        scale, offset = value.params[..., 0], value.params[..., 1]
-        # w = scale * q + offset = (q - 8) * scale + (offset + 8 * scale): the kernel's zero is exact for Q4_0
-        # (offset = -8 scale) and rounds once in fp32 for Q4_1
-        entries = Int4Linear.pack(value.codes, scale, offset + 8.0 * scale, dtype)
+        # float16 in the file, so exactly float16 again; torch's layout rounds its zero once (exact for Q4_0)
+        scale, offset = value.params[..., 0].half(), value.params[..., 1].half()
+        entries = Int4Linear.pack_affine(value.codes, scale, offset, dtype, layout)
     else:
-        entries = Int4Linear.quantize(value, group, dtype)
+        entries = Int4Linear.quantize(value, group, dtype, layout)
     return {f"{prefix}{k}": v for k, v in entries.items()}
 
 
@@ -124,28 +131,32 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype, config: Quantization
     `config` quantizes float weights as they are read (Hugging Face checkpoints); `gguf_types` (our parameter name ->
     the file's tensor type) keeps a GGUF file's quantized tensors in their closest packed form instead.
     """
+    from gguf import GGMLQuantizationType
+
     from decoderkit.gguf_model import FLOAT_TYPES, INT4_TYPES
 
     load = QuantizedLoad()
     embed_name = "model.embed_tokens"
     tied = _tied(model)
+    layout = default_layout()
+    rows = _INT4_ROWS if layout == "torch" else 1
 
     def form(name: str, linear: nn.Linear) -> tuple[int, int] | None:
-        """(bits, group) for a layer, or None to keep it float."""
+        """(bits, group) for a layer, or None to keep it float; int8 group 0 is per output channel."""
         n, k = linear.out_features, linear.in_features
         if gguf_types is not None:
             qtype = gguf_types.get(f"{embed_name if tied and name == 'lm_head' else name}.weight")
             if qtype is None or qtype in FLOAT_TYPES:
                 return None
-            if qtype in INT4_TYPES and n % _INT4_ROWS == 0:
+            if qtype in INT4_TYPES and n % rows == 0:
                 return 4, 32
-            return 8, 0
-        if config.bits == 8 or (name == "lm_head" and (tied or n % _INT4_ROWS)):
+            return 8, 32 if layout == "kernel" and qtype == GGMLQuantizationType.Q8_0 else 0
+        if config.bits == 8 or (name == "lm_head" and (tied or n % rows)):
             return 8, 0
         if k % config.group_size:
             raise ValueError(f"{name}: int4 group_size {config.group_size} does not divide its input size {k}; "
                              "choose a group_size that does (32, 64 or 128) or quantization='int8'")
-        if n % _INT4_ROWS:
+        if n % rows:
             raise ValueError(f"{name}: int4 needs an output size divisible by {_INT4_ROWS} (torch's packed layout); "
                              f"it has {n}: use quantization='int8'")
         return 4, config.group_size
@@ -157,38 +168,38 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype, config: Quantization
         bits, group = chosen
         n, k, bias = linear.out_features, linear.in_features, linear.bias is not None
         with torch.device("meta"):
-            new = (Int8Linear(k, n, bias, dtype=dtype) if bits == 8
-                   else Int4Linear(k, n, bias, group_size=group, dtype=dtype))
+            new = (Int8Linear(k, n, bias, dtype=dtype, group_size=group or None, layout=layout) if bits == 8
+                   else Int4Linear(k, n, bias, group_size=group, dtype=dtype, layout=layout))
         _swap(model, name, new)
         prefix = f"{name}."
         load.replaced |= {prefix + b for b, _ in new.named_buffers()}
         if name == "lm_head" and tied:
-            _tie_head(model, load, embed_name, bits, group, dtype)
+            _tie_head(model, load, embed_name, bits, group, dtype, layout)
             continue
         load.logical[f"{prefix}weight"] = torch.empty(n, k, device="meta")
         load.converters[f"{prefix}weight"] = (
-            (lambda v, p=prefix: _int8_entries(p, v, dtype)) if bits == 8
-            else (lambda v, p=prefix, g=group: _int4_entries(p, v, g, dtype)))
+            (lambda v, p=prefix: _int8_entries(p, v, dtype, layout)) if bits == 8
+            else (lambda v, p=prefix, g=group: _int4_entries(p, v, g, dtype, layout)))
     return load
 
 
 def _tie_head(model: nn.Module, load: QuantizedLoad, embed_name: str, bits: int, group: int,
-              dtype: torch.dtype) -> None:
+              dtype: torch.dtype, layout: str) -> None:
     """The tied table fills the head and the embedding from one checkpoint tensor (the embedding's)."""
     embedding = model.get_submodule(embed_name)
     vocab, dim = embedding.num_embeddings, embedding.embedding_dim
     if bits == 8:
         with torch.device("meta"):
-            _swap(model, embed_name, Int8Embedding(vocab, dim, dtype=dtype))
+            _swap(model, embed_name, Int8Embedding(vocab, dim, dtype=dtype, group_size=group or None, layout=layout))
         load.replaced |= {f"{embed_name}.weight_int8", f"{embed_name}.scales", f"{embed_name}.weight"}
 
         def convert(value: Any) -> dict[str, torch.Tensor]:
-            head = _int8_entries("lm_head.", value, dtype)
+            head = _int8_entries("lm_head.", value, dtype, layout)
             return {**head, f"{embed_name}.weight_int8": head["lm_head.weight_int8"],
                     f"{embed_name}.scales": head["lm_head.scales"]}
     else:
         def convert(value: Any) -> dict[str, torch.Tensor]:
-            return {**_int4_entries("lm_head.", value, group, dtype),
+            return {**_int4_entries("lm_head.", value, group, dtype, layout),
                     f"{embed_name}.weight": value.dequantize().to(dtype)}
         load.replaced.add(f"{embed_name}.weight")
     load.logical[f"{embed_name}.weight"] = torch.empty(vocab, dim, device="meta")

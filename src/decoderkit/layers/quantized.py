@@ -1,17 +1,23 @@
-"""Weight-only quantized linear layers over torch's own CPU kernels, family-neutral.
+"""Weight-only quantized linear layers, family-neutral, in one of two layouts chosen when a layer is built.
 
-* `Int8Linear`: symmetric int8 per output channel, ``w[n, k] = q[n, k] * scale[n]``, run by
-  ``aten._weight_int8pack_mm`` (the int8 weight is kept unpacked; the kernel reads it as is).
-* `Int4Linear`: int4 group-wise with a scale and a zero per group of ``group_size`` inputs,
-  ``w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]`` (q in 0..15, g = k // group_size), the formula of
-  ``aten._weight_int4pack_mm_for_cpu`` (checked against a float reference in tests/test_quantized.py). The codes are
-  held in the kernel's packed layout (``aten._convert_weight_to_int4pack_for_cpu``), two codes a byte.
+* ``"kernel"`` (where decoderkit's own kernel compiles, see decoderkit.kernels): codes with a float16 / float32
+  scale (and offset) per group, run by ``decoderkit_kernels::qmm`` in float32 at decode-sized batches (up to
+  `KERNEL_ROWS` rows; more rows multiply by the dequantized weight). GGUF's Q4_0 / Q4_1 / Q8_0 blocks map onto it
+  exactly.
+* ``"torch"`` (the fallback): torch's own CPU kernels, ``aten._weight_int8pack_mm`` and
+  ``aten._weight_int4pack_mm_for_cpu`` (codes in their packed layout, scales in the activation dtype).
+
+* `Int8Linear`: ``w[n, k] = q[n, k] * scale[n, g]``, q int8, one scale per output channel (or, kernel layout, per
+  group of 32 inputs: GGUF's Q8_0).
+* `Int4Linear`: q in 0..15, a scale and an offset per group of ``group_size`` inputs. Kernel layout:
+  ``w = scale * q + offset``, two codes a byte, each run of 32 inputs 16 bytes with input j in the low nibble of byte
+  j and input j + 16 in the high one (GGUF's order). Torch layout: ``w = (q - 8) * scale + zero`` (the formula of
+  ``aten._weight_int4pack_mm_for_cpu``).
 * `Int8Embedding`: the gather for an embedding tied to an `Int8Linear` output head, reading the head's own buffers.
 
 The packed data are buffers, not parameters: nothing trains them (`check_trainable` says what to do instead), and
-inductor's freezing folds them into a compiled graph as constants without repacking them. Scales and zeros are held in
-the activation dtype because the kernels require it. On CPUs without AVX-512 (the 2-core EPYC this was measured on)
-the kernels have fast paths for bfloat16 activations only: float32 activations are exact but about 10x slower.
+inductor's freezing folds them into a compiled graph as constants without repacking them. Torch's kernels have fast
+paths for bfloat16 activations only on CPUs without AVX-512 (float32 is exact but about 10x slower there).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import torch
 from torch import nn
 
 SUPPORTED_BITS = (8, 4)
+LAYOUTS = ("kernel", "torch")
+# Rows up to which the kernel runs; past them (prefill, perplexity) the dequantized weight and a float GEMM win
+KERNEL_ROWS = 16
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # Rows converted at a time: _convert_weight_to_int4pack_for_cpu wants int32 codes, 4 bytes a weight. The kernel's
 # packed layout is blocked by 64 output rows, so chunks of a multiple of 64 rows concatenate to the whole.
@@ -75,6 +84,20 @@ def resolve_quantization(value: None | str | QuantizationConfig) -> Quantization
                      f"QuantizationConfig(bits=8|4, group_size={'|'.join(map(str, SUPPORTED_GROUP_SIZES))})")
 
 
+def default_layout() -> str:
+    """"kernel" where decoderkit's kernel is built and loaded, else "torch"."""
+    from decoderkit import kernels
+
+    return "kernel" if kernels.available() else "torch"
+
+
+def _layout(layout: str | None) -> str:
+    layout = layout or default_layout()
+    if layout not in LAYOUTS:
+        raise ValueError(f"quantized layout {layout!r} is not one of {list(LAYOUTS)}")
+    return layout
+
+
 def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # The kernels take 2-D row-major activations in the dtype of their scales.
     return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
@@ -84,9 +107,10 @@ class QuantizedLinear(nn.Module):
     """What the int8 and int4 layers share: sizes, an optional float bias, and the float view of the weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, layout: str | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.layout = _layout(layout)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
@@ -98,7 +122,11 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(_flat(x, self.activation_dtype))
+        flat = _flat(x, self.activation_dtype)
+        if self.layout == "kernel" and flat.shape[0] > KERNEL_ROWS:
+            y = flat @ self.dequantize().t()
+        else:
+            y = self._matmul(flat)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -109,32 +137,47 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"layout={self.layout}")
 
 
 class Int8Linear(QuantizedLinear):
-    """y = x (q * scale)^T + b with q int8 (out, in) and one scale per output channel."""
+    """y = x (q * scale)^T + b with q int8 (out, in) and one scale per output channel or per `group_size` inputs.
+
+    `group_size` (kernel layout only) is 32 for GGUF's Q8_0 blocks (float16 scales); None is one float32 scale per
+    output channel (torch layout: one scale per channel in the activation dtype).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__(in_features, out_features, bias, dtype, device)
+                 device: torch.device | str | None = None, group_size: int | None = None,
+                 layout: str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype, device, layout)
+        if group_size is not None and (self.layout != "kernel" or group_size % 32 or in_features % group_size):
+            raise ValueError(f"int8 group_size={group_size} needs the kernel layout and a multiple of 32 dividing "
+                             f"the input size {in_features}")
+        self.group_size = group_size
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        shape, scale_dtype = _int8_scales(self.layout, out_features, in_features, group_size, dtype)
+        self.register_buffer("scales", torch.empty(shape, dtype=scale_dtype, device=device))
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        return self.scales.dtype
+        return torch.float32 if self.layout == "kernel" else self.scales.dtype
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "kernel":
+            from decoderkit import kernels
+
+            return kernels.qmm(x, self.weight_int8, self.scales, None, 8, self.group_size or self.in_features)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float()[:, None]
+        return _int8_rows(self.weight_int8, self.scales)
 
     @staticmethod
     @torch.no_grad()
-    def quantize(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def quantize(weight: torch.Tensor, dtype: torch.dtype, layout: str | None = None) -> dict[str, torch.Tensor]:
         """Buffers for a float weight (out, in): round-to-nearest with the row's max |w| mapped to 127."""
         out = torch.empty(weight.shape, dtype=torch.int8)
         scales = torch.empty(weight.shape[0], dtype=torch.float32)
@@ -143,36 +186,84 @@ class Int8Linear(QuantizedLinear):
             scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
             out[start:start + _PACK_ROWS] = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             scales[start:start + _PACK_ROWS] = scale
-        return {"weight_int8": out, "scales": scales.to(dtype)}
+        return {"weight_int8": out, "scales": Int8Linear.row_scales(scales, dtype, layout)}
+
+    @staticmethod
+    def row_scales(scales: torch.Tensor, dtype: torch.dtype, layout: str | None = None) -> torch.Tensor:
+        """Per-channel scales (out,) as the layout holds them."""
+        if _layout(layout) == "kernel":
+            return scales.float().reshape(-1, 1).contiguous()
+        return scales.to(dtype).contiguous()
+
+
+def _int8_scales(layout: str, out_features: int, in_features: int, group_size: int | None,
+                 dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+    if layout == "torch":
+        return (out_features,), dtype
+    if group_size is None:
+        return (out_features, 1), torch.float32
+    return (out_features, in_features // group_size), torch.float16
+
+
+def _int8_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Float32 rows of int8 codes (..., in) times their scales: (...,) per row or (..., groups) per group."""
+    if scales.dim() == codes.dim():
+        groups = scales.shape[-1]
+        w = codes.float().unflatten(-1, (groups, codes.shape[-1] // groups)) * scales.float()[..., None]
+        return w.flatten(-2)
+    return codes.float() * scales.float()[..., None]
 
 
 class Int4Linear(QuantizedLinear):
-    """y = x W^T + b with W[n, k] = (q - 8) * scale[n, k // group] + zero[n, k // group], q in 0..15."""
+    """y = x W^T + b with 4-bit codes q in 0..15 and a scale and offset per group of `group_size` inputs.
+
+    Kernel layout: ``W[n, k] = scale[n, g] * q + offset[n, g]`` (buffers ``weight_int4`` (out, in / 2),
+    ``scales`` and ``offsets`` (out, in / group)); torch layout: ``W[n, k] = (q - 8) * scale + zero``
+    (``weight_int4pack``, ``scales_and_zeros``). g = k // group_size.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
-        super().__init__(in_features, out_features, bias, dtype, device)
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 layout: str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype, device, layout)
         if group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"int4 group_size={group_size!r} is not supported; supported: "
                              f"{list(SUPPORTED_GROUP_SIZES)}")
         self.group_size = group_size
+        groups = in_features // group_size
+        if self.layout == "kernel":
+            self.register_buffer("weight_int4",
+                                 torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+            self.register_buffer("offsets", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+            return
         self.register_buffer("weight_int4pack",
                              torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         # (in / group, out, 2): [..., 0] the scale, [..., 1] the zero; the kernel's layout
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=dtype, device=device))
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        return self.scales_and_zeros.dtype
+        return torch.float32 if self.layout == "kernel" else self.scales_and_zeros.dtype
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "kernel":
+            from decoderkit import kernels
+
+            return kernels.qmm(x, self.weight_int4, self.scales, self.offsets, 4, self.group_size)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4pack, self.group_size,
                                                           self.scales_and_zeros)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
-        # The packed layout is the kernel's own; reading columns back through it (one-hot inputs, fp32 scales: a
+        if self.layout == "kernel":
+            # the kernel's fma(q, scale, offset), one rounding: float32 does it where scale * q is exact (float16
+            # scales), float64 otherwise
+            work = torch.float32 if self.scales.dtype == torch.float16 else torch.float64
+            codes = unpack_nibbles(self.weight_int4).to(work).unflatten(-1, (self.scales.shape[1], -1))
+            w = torch.addcmul(self.offsets.to(work)[..., None], codes, self.scales.to(work)[..., None])
+            return w.flatten(-2).float()
+        # The packed layout is torch's own; reading columns back through it (one-hot inputs, fp32 scales: a
         # single product and sum each) gives exactly the weight the kernel multiplies by.
         sz = self.scales_and_zeros.float()
         out = torch.empty(self.out_features, self.in_features)
@@ -185,9 +276,13 @@ class Int4Linear(QuantizedLinear):
 
     @staticmethod
     @torch.no_grad()
-    def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Buffers from codes (out, in) in 0..15 and per-group scales and zeros (out, in / group)."""
+    def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype,
+             layout: str | None = None) -> dict[str, torch.Tensor]:
+        """Buffers from codes (out, in) in 0..15 and per-group scales and zeros (out, in / group), for
+        ``w = (q - 8) * scale + zero`` (the kernel layout holds them as float32 ``scale * q + (zero - 8 scale)``)."""
+        if _layout(layout) == "kernel":
+            scales = scales.float()
+            return Int4Linear.pack_affine(codes, scales, zeros.float() - 8.0 * scales, torch.float32, layout)
         packed = torch.cat([
             torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[start:start + _PACK_ROWS].to(torch.int32), 1)
             for start in range(0, codes.shape[0], _PACK_ROWS)
@@ -197,40 +292,71 @@ class Int4Linear(QuantizedLinear):
 
     @staticmethod
     @torch.no_grad()
-    def quantize(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Buffers for a float weight (out, in): each group's [min, max] spread over the 16 codes."""
+    def pack_affine(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype,
+                    layout: str | None = None) -> dict[str, torch.Tensor]:
+        """Buffers for ``w = scale * q + offset`` (GGUF's Q4_0 / Q4_1 form): the kernel layout keeps `scales` and
+        `offsets` in their own dtype (float16 from a GGUF file: exact); the torch layout rounds its zero
+        ``offset + 8 scale`` once in float32, then to `dtype`."""
+        if _layout(layout) == "torch":
+            return Int4Linear.pack(codes, scales.float(), offsets.float() + 8.0 * scales.float(), dtype, "torch")
+        return {"weight_int4": pack_nibbles(codes), "scales": scales.contiguous(), "offsets": offsets.contiguous()}
+
+    @staticmethod
+    @torch.no_grad()
+    def quantize(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
+                 layout: str | None = None) -> dict[str, torch.Tensor]:
+        """Buffers for a float weight (out, in): each group's [min, max] spread over the 16 codes (kernel layout:
+        float16 scale and offset, the codes rounded against the float16 values)."""
+        kernel = _layout(layout) == "kernel"
         n, k = weight.shape
         codes = torch.empty(n, k, dtype=torch.uint8)
-        scales = torch.empty(n, k // group_size)
-        zeros = torch.empty(n, k // group_size)
+        scales = torch.empty(n, k // group_size, dtype=torch.float16 if kernel else torch.float32)
+        offsets = torch.empty_like(scales)
         for start in range(0, n, _PACK_ROWS):
             rows = weight[start:start + _PACK_ROWS].float().reshape(-1, k // group_size, group_size)
             low, high = rows.amin(dim=-1), rows.amax(dim=-1)
-            scale = ((high - low) / 15.0).clamp_min(torch.finfo(torch.float32).tiny)
+            scale = ((high - low) / 15.0).clamp_min(torch.finfo(torch.float16 if kernel else torch.float32).tiny)
+            if kernel:
+                low, scale = low.half().float(), scale.half().float()
             q = torch.round((rows - low[..., None]) / scale[..., None]).clamp_(0, 15)
             codes[start:start + _PACK_ROWS] = q.reshape(-1, k).to(torch.uint8)
             scales[start:start + _PACK_ROWS] = scale
-            zeros[start:start + _PACK_ROWS] = low + 8.0 * scale
-        return Int4Linear.pack(codes, scales, zeros, dtype)
+            offsets[start:start + _PACK_ROWS] = low
+        return Int4Linear.pack_affine(codes, scales, offsets, dtype, layout)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) in 0..15 -> (out, in / 2) bytes, each run of 32 inputs as GGUF's Q4 blocks hold them."""
+    runs = codes.to(torch.uint8).unflatten(-1, (-1, 2, 16))
+    return (runs[..., 0, :] | (runs[..., 1, :] << 4)).flatten(-2).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`."""
+    runs = packed.unflatten(-1, (-1, 16))
+    return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3)
 
 
 class Int8Embedding(nn.Module):
     """Embedding rows gathered from an int8 table (the tied output head's `weight_int8` and `scales`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, group_size: int | None = None,
+                 layout: str | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.output_dtype = dtype
         self.register_buffer("weight_int8",
                              torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
+        shape, scale_dtype = _int8_scales(_layout(layout), num_embeddings, embedding_dim, group_size, dtype)
+        self.register_buffer("scales", torch.empty(shape, dtype=scale_dtype, device=device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_int8[ids].to(self.scales.dtype) * self.scales[ids][..., None]
+        return _int8_rows(self.weight_int8[ids], self.scales[ids]).to(self.output_dtype)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float()[:, None]
+        return _int8_rows(self.weight_int8, self.scales)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

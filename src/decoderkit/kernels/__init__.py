@@ -1,0 +1,118 @@
+"""decoderkit's own CPU kernels: C++ compiled at first use with the system compiler, the way inductor builds its own.
+
+`qmm` is a weight-only quantized matmul for decode-sized batches (see qmatmul.cpp for the formats). The source is
+compiled once per (source, torch version, CPU capability) into a shared library under the cache directory
+(``$DECODERKIT_CACHE/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary name and renamed,
+so concurrent first uses never see half a file and later processes load it without compiling. The AVX2 / FMA / F16C
+path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without a C++ compiler (or
+with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized layers use torch's own
+int8 / int4 kernels instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+from decoderkit.fileio import atomic_path
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("qmatmul.cpp")
+_NAMESPACE = "decoderkit_kernels"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$DECODERKIT_CACHE/kernels`` or ``~/.cache/decoderkit/kernels``."""
+    root = os.environ.get("DECODERKIT_CACHE") or Path.home() / ".cache" / "decoderkit"
+    return Path(root) / "kernels"
+
+
+def _simd_flags() -> list[str]:
+    # torch's own dispatch capability: honours ATEN_CPU_CAPABILITY, so the portable path can be forced for tests
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _command(compiler: str, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    lib = library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *_simd_flags(),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
+            f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
+def library_path(compiler: str) -> Path:
+    """The shared library this source, torch, compiler and CPU capability compile to (existing or not)."""
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(_simd_flags()).encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        proc = subprocess.run(_command(compiler, tmp), capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (compiling them first if no cached build exists); False where
+    ``DECODERKIT_KERNELS=0`` turns them off."""
+    if os.environ.get("DECODERKIT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _load()
+
+
+@functools.cache
+def _load() -> bool:
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("decoderkit: no C++ compiler found (c++, g++, clang++ or $CXX): quantized layers use torch's "
+                      "int8 / int4 kernels, which are several times slower at batch 1", RuntimeWarning, stacklevel=2)
+        return False
+    target = library_path(compiler)
+    try:
+        if not target.is_file():
+            logger.info("compiling %s into %s", _SOURCE.name, target)
+            _build(compiler, target)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"decoderkit: the quantized matmul kernel could not be built or loaded ({err}); quantized "
+                      "layers use torch's int8 / int4 kernels instead", RuntimeWarning, stacklevel=2)
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake(f"{_NAMESPACE}::qmm")
+    def _(x, codes, scales, offsets, bits, group):  # noqa: ANN001, ANN202 - the op's schema types them
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int,
+        group: int) -> torch.Tensor:
+    """y (M, N) float32 = x (M, K) float32 @ W^T, W (N, K) held as `bits`-bit codes with per-`group` scales (and
+    offsets): ``w = scale * q + offset`` (see qmatmul.cpp for the layouts). `available()` must be True."""
+    return torch.ops.decoderkit_kernels.qmm(x, codes, scales, offsets, bits, group)

@@ -1,0 +1,147 @@
+"""decoderkit's compiled quantized matmul (decoderkit.kernels) against the dequantized float reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from decoderkit import gguf_model as gm
+from decoderkit import kernels
+from decoderkit.layers.quantized import Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="decoderkit's kernel did not build here")
+
+
+def _gguf_layer(qtype: Q, n: int, k: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A layer filled from blocks that gguf's own quantizer wrote, and gguf's own dequantization of them."""
+    rng = np.random.default_rng(seed)
+    raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    tensor = type("Tensor", (), {"tensor_type": qtype, "shape": np.array([k, n]), "data": raw, "name": "w"})
+    blocks = gm.gguf_blocks(tensor, "test")
+    if qtype == Q.Q8_0:
+        layer = Int8Linear(k, n, dtype=torch.float32, group_size=32, layout="kernel")
+        layer.weight_int8, layer.scales = blocks.codes, blocks.params[..., 0].half()
+    else:
+        layer = Int4Linear(k, n, group_size=32, dtype=torch.float32, layout="kernel")
+        for name, value in Int4Linear.pack_affine(blocks.codes, blocks.params[..., 0].half(),
+                                                  blocks.params[..., 1].half(), torch.float32).items():
+            setattr(layer, name, value)
+    return layer, torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("n, k", [(1, 32), (7, 96), (40, 320), (64, 1024)])
+def test_gguf_blocks_multiply_as_their_dequantized_values(qtype, n, k):
+    layer, weight = _gguf_layer(qtype, n, k, seed=n + k)
+    assert torch.equal(layer.dequantize(), weight)  # the layer holds the file's values exactly
+    gen = torch.Generator().manual_seed(k)
+    for rows in range(1, 18):  # every remainder of the kernel's 4-row tiles, and one past KERNEL_ROWS
+        x = torch.randn(rows, k, generator=gen)
+        want = x.double() @ weight.double().t()
+        # float32 sums of k products, in another order than float64's: a few ulps of sum |w x| each
+        bound = 4 * k * torch.finfo(torch.float32).eps * (x.abs().double() @ weight.abs().double().t())
+        assert ((layer(x).double() - want).abs() <= bound + 1e-30).all(), rows
+
+
+@pytest.mark.parametrize("k", [8, 40, 100, 576])
+def test_int8_per_channel_rows_of_any_length(k):
+    gen = torch.Generator().manual_seed(k)
+    n = 24
+    layer = Int8Linear(k, n, dtype=torch.float32, layout="kernel")
+    for name, value in Int8Linear.quantize(torch.randn(n, k, generator=gen), torch.float32).items():
+        setattr(layer, name, value)
+    weight = layer.weight_int8.double() * layer.scales.double()
+    for rows in (1, 2, 5, 16):
+        x = torch.randn(rows, k, generator=gen)
+        torch.testing.assert_close(layer(x).double(), x.double() @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_bfloat16_activations_run_in_float32(qtype):
+    layer, weight = _gguf_layer(qtype, 48, 192, seed=5)
+    x = torch.randn(3, 2, 192).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 2, 48)
+    # the input converted exactly, products summed in float32, one rounding to bfloat16 at the end
+    want = (x.float() @ weight.t()).bfloat16()
+    torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-2)
+
+
+def test_bad_arguments_are_refused_with_the_reason():
+    x = torch.randn(2, 64)
+    codes = torch.zeros(8, 32, dtype=torch.uint8)
+    scales = torch.ones(8, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="group 48 does not divide K = 64"):
+        kernels.qmm(x, codes, scales, None, 4, 48)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        kernels.qmm(x, codes, scales, None, 3, 32)
+    with pytest.raises(RuntimeError, match="scales must be contiguous"):
+        kernels.qmm(x, codes, torch.ones(8, 3, dtype=torch.float16), None, 4, 32)
+
+
+def test_fake_kernel_gives_the_shape_for_compilation():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = kernels.qmm(torch.empty(3, 64), torch.empty(10, 32, dtype=torch.uint8),
+                        torch.empty(10, 2, dtype=torch.float16), None, 4, 32)
+    assert y.shape == (3, 10) and y.dtype == torch.float32
+
+
+def test_a_second_process_loads_the_cached_build(tmp_path):
+    target = kernels.library_path(kernels._compiler())
+    before = (target.stat().st_mtime_ns, sorted(os.listdir(target.parent)))
+    code = ("from decoderkit import kernels; assert kernels.available(); "
+            "print(kernels.library_path(kernels._compiler()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DECODERKIT_CACHE": str(target.parent.parent)})
+    assert out.stdout.strip() == str(target)
+    assert (target.stat().st_mtime_ns, sorted(os.listdir(target.parent))) == before
+
+
+def test_without_a_compiler_the_layers_fall_back_to_torch_with_one_warning(monkeypatch):
+    from decoderkit.layers.quantized import default_layout
+
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernels._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*torch's"):
+            assert default_layout() == "torch"
+        assert default_layout() == "torch"  # cached: no second warning, no second search
+    finally:
+        kernels._load.cache_clear()
+    monkeypatch.undo()
+    assert kernels.available()
+
+
+_PORTABLE_CHECK = """
+import torch
+from decoderkit import kernels
+assert kernels.available() and not kernels._simd_flags()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(5, 100, generator=g)
+c = torch.randint(0, 256, (9, 48), generator=g, dtype=torch.uint8)
+s, o = torch.rand(9, 3, generator=g).half(), torch.randn(9, 3, generator=g).half()
+q = torch.stack([c.view(9, 3, 16) & 15, c.view(9, 3, 16) >> 4], 2).reshape(9, 96).double()
+w = q * s.double().repeat_interleave(32, 1) + o.double().repeat_interleave(32, 1)
+y = kernels.qmm(x[:, :96].contiguous(), c, s, o, 4, 32).double()
+torch.testing.assert_close(y, x[:, :96].double() @ w.t(), rtol=1e-5, atol=1e-4)
+c8, s8 = torch.randint(-127, 128, (9, 100), generator=g, dtype=torch.int8), torch.rand(9, 1)
+y8 = kernels.qmm(x, c8, s8, None, 8, 100).double()
+torch.testing.assert_close(y8, x.double() @ (c8.double() * s8.double()).t(), rtol=1e-5, atol=1e-4)
+"""
+
+
+@pytest.mark.slow
+def test_portable_build_gives_the_same_products(tmp_path):
+    """The path without AVX2, forced through torch's ATEN_CPU_CAPABILITY, compiled into a fresh cache."""
+    env = {**os.environ, "DECODERKIT_CACHE": str(tmp_path), "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], check=True, env=env, timeout=600)
+    assert list((tmp_path / "kernels").glob("qmatmul-*.so"))
