@@ -126,11 +126,13 @@ def test_type_without_a_quantized_form_says_to_use_none(tmp_path, monkeypatch):
     assert model.dtype == torch.float32
 
 
-def test_gguf_default_activation_dtype_is_bfloat16_and_int8_requantizes(tmp_path):
+def test_gguf_default_activation_dtype_follows_the_kernel_and_int8_requantizes(tmp_path):
+    from decoderkit import kernels
+
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, Q.Q4_1, tie=False)
     model = AutoModelForCausalLM.from_pretrained(path)
-    assert model.dtype == torch.bfloat16
+    assert model.dtype == (torch.float32 if kernels.available() else torch.bfloat16)
     assert isinstance(model.model.layers[0].mlp.up_proj, Int4Linear)
     # an explicit int8 dequantizes the file tensor by tensor and quantizes each float weight again
     int8 = AutoModelForCausalLM.from_pretrained(path, quantization="int8", dtype="float32")

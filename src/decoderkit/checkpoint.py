@@ -216,7 +216,8 @@ def load_pretrained(
 
     `path` is a model directory, a `.gguf` file, or a hub repo id in the local cache; `gguf_file` names a GGUF file
     inside that directory or repo. `dtype` None or "auto" keeps the checkpoint's dtype (GGUF: float32, which holds
-    dequantized values exactly; bfloat16 activations when the file stays quantized). `quantization` (see
+    dequantized values exactly, also as the activations of a file that stays quantized, except bfloat16 where
+    decoderkit's quantized kernel cannot be built and torch's run instead). `quantization` (see
     `decoderkit.quantization.resolve_load_quantization`): None keeps a GGUF file's quantized tensors packed and an HF
     checkpoint float; "none" dequantizes a GGUF file; "int8" / "int4" / a QuantizationConfig quantize float weights
     as they are read. `progress` None shows a bar only on a terminal. Other keyword arguments override config.json

@@ -270,10 +270,14 @@ def open_gguf_source(file: Path, dtype: torch.dtype | None, native: bool) -> tup
     from decoderkit.gguf_model import FLOAT_TYPES, gguf_config, open_gguf
 
     reader = open_gguf(file)
-    # Kept quantized only where there is something quantized; then the activations default to bfloat16, the dtype
-    # torch's int8 / int4 CPU kernels are fast in (a float file keeps float32, which holds its values exactly)
+    # Kept quantized only where there is something quantized. Then the activations default to float32 where our own
+    # kernel runs (exact, and as fast as bfloat16 at batch 1 and faster at 16 on AVX2: benchmarks/quantized.py), else
+    # to bfloat16, the dtype torch's int8 / int4 CPU kernels are fast in. A float file keeps float32.
     native = native and any(t.tensor_type not in FLOAT_TYPES for t in reader.tensors)
-    dtype = dtype or (torch.bfloat16 if native else torch.float32)
+    if dtype is None:
+        from decoderkit import kernels
+
+        dtype = torch.bfloat16 if native and not kernels.available() else torch.float32
     config = gguf_config(reader, dtype)
     source = GGUFSource(reader, config, dtype, str(file))
     source.native = native
