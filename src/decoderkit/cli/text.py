@@ -27,6 +27,7 @@ from decoderkit.cli.common import (
     logger,
     resolve_compile,
     run_generate,
+    speculative_kwargs,
 )
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     start = time.perf_counter()
     model, tok, path = load_model(args)
+    kwargs.update(speculative_kwargs(args, model))
     load_s = time.perf_counter() - start
     kwargs["compile"] = resolve_compile(args)
     prompt_ids = tok.encode(prompt)
@@ -155,6 +157,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """`decoderkit chat`: a conversation over stdin/stdout with history trimmed to the context window."""
     kwargs = generation_kwargs(args)
     model, tok, path = load_model(args)
+    kwargs.update(speculative_kwargs(args, model))
     kwargs["compile"] = resolve_compile(args)
     if args.chat_template is not None:
         tok.chat_template = load_chat_template(args.chat_template)
