@@ -379,6 +379,9 @@ def speculative_kwargs(args: argparse.Namespace, model: PreTrainedDecoder) -> di
         if tokens is not None:
             raise UsageError("--num-speculative-tokens needs --speculative lookup|draft:PATH")
         return {}
+    if getattr(args, "num_return_sequences", 1) > 1:
+        raise UsageError(f"--speculative decodes one sequence: drop --num-return-sequences "
+                         f"{args.num_return_sequences}")
     if mode == "lookup":
         return {"prompt_lookup_num_tokens": tokens or 10}
     from decoderkit import AutoModelForCausalLM
