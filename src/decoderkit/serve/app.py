@@ -478,6 +478,10 @@ def render_metrics(engine: Engine) -> str:
     metric("decoderkit_kv_blocks_total", "gauge", "KV-cache blocks in the pool.", [("", s.total_blocks)])
     metric("decoderkit_requests_finished_total", "counter", "Finished requests by reason.",
            [(f'{{reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
+    metric("decoderkit_speculative_proposed_tokens_total", "counter",
+           "Tokens proposed by speculative decoding (summed over requests).", [("", s.speculative_proposed_tokens)])
+    metric("decoderkit_speculative_accepted_tokens_total", "counter",
+           "Proposed tokens the model accepted (summed over requests).", [("", s.speculative_accepted_tokens)])
     buckets = [(f'_bucket{{le="{bound:g}"}}', count) for bound, count in s.ttft_buckets]
     buckets += [('_bucket{le="+Inf"}', s.ttft_count), ("_sum", s.ttft_sum), ("_count", s.ttft_count)]
     lines.extend(["# HELP decoderkit_time_to_first_token_seconds Time from arrival to the first generated token.",
@@ -515,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens the shared KV block pool holds (default: 80%% of free CUDA memory, else 16384)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-prefill-tokens", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--speculative", choices=("lookup",), default=None,
+                   help="greedy requests speculate with prompt lookup (same text, faster where it copies the prompt)")
+    p.add_argument("--num-speculative-tokens", type=int, default=10, help="most tokens proposed per step")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -547,7 +554,8 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                     max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, speculative=args.speculative,
+                    num_speculative_tokens=args.num_speculative_tokens)
     return engine, args.served_model_name or path.resolve().name, path.resolve()
 
 

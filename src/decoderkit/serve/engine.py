@@ -10,6 +10,11 @@ gets a new block only when its sequence crosses a block boundary, so memory foll
 worst case. When the pool runs dry the most recently admitted request is preempted: its blocks are freed and it is
 prefilled again (prompt and tokens so far) once blocks are free.
 
+Speculative decoding (`speculative="lookup"`): a greedy request's decode step carries, after its last token, the
+tokens prompt lookup proposes (`decoderkit.generation.speculative`); the step's logits at every one of those positions
+are taken as plain steps would take them, proposals are kept while they equal the model's choice, and the blocks past
+what is kept are released. The text is the one plain greedy decoding gives.
+
 `PagedRunner` is the model's forward pass written against that pool, using the model's own modules (norms,
 projections, rotary, MLP); per-request outputs do not depend on which other requests share the step, up to the
 floating-point rounding of batched matrix products.
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from decoderkit.generation.logits_process import PresenceFrequencyPenaltyLogitsProcessor, TopPLogitsWarper
+from decoderkit.generation.speculative import PromptLookupProposer
 from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
 
 logger = logging.getLogger(__name__)
@@ -113,6 +119,8 @@ class _Request:
     first_token_at: float | None = None
     penalty: PresenceFrequencyPenaltyLogitsProcessor | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    proposer: PromptLookupProposer | None = None  # greedy requests of a speculating engine
+    proposed: list[int] = field(default_factory=list)  # this step's proposals, fed after the last token
 
     @property
     def num_generated(self) -> int:
@@ -131,6 +139,8 @@ class EngineStats:
     ttft_sum: float
     ttft_count: int
     requests_finished: dict[str, int]
+    speculative_proposed_tokens: int = 0
+    speculative_accepted_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------- engine
@@ -149,15 +159,23 @@ class Engine:
         max_prefill_tokens: prompt tokens processed per step; a longer prompt is prefilled in chunks of this size,
             interleaved with the decoding of running requests.
         max_queue: requests waiting for admission at most; `submit` raises QueueFullError beyond it.
+        speculative: None, or "lookup": greedy requests speculate with prompt lookup.
+        num_speculative_tokens: most tokens proposed per step and request.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_tokens: int | None = None, block_size: int = 16,
-                 max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64) -> None:
+                 max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64,
+                 speculative: str | None = None, num_speculative_tokens: int = 10) -> None:
         config = model.config
         if config.add_cross_attention:
             raise ValueError("the server runs decoder-only models; this one has cross-attention layers")
         if block_size < 1 or max_batch_size < 1 or max_prefill_tokens < 1 or max_queue < 0:
             raise ValueError("block_size, max_batch_size and max_prefill_tokens must be >= 1, max_queue >= 0")
+        if speculative not in (None, "lookup"):
+            raise ValueError(f"speculative={speculative!r}: the server supports None or 'lookup'")
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.speculative, self.num_speculative_tokens = speculative, num_speculative_tokens
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = config.max_position_embeddings
@@ -189,6 +207,8 @@ class Engine:
         self._ttft_sum = 0.0
         self._ttft_count = 0
         self._finished: dict[str, int] = {}
+        self._proposed_total = 0
+        self._accepted_total = 0
 
     # ----------------------------------------------------------------------------------------------- public API
 
@@ -239,6 +259,8 @@ class Engine:
             decoder=self.tokenizer.stream_decoder(skip_special_tokens=True, prefix_ids=prompt_ids),
         )
         req.tokens = list(prompt_ids)
+        if self.speculative and params.temperature == 0:
+            req.proposer = PromptLookupProposer(self.num_speculative_tokens)
         if params.presence_penalty or params.frequency_penalty:
             req.penalty = PresenceFrequencyPenaltyLogitsProcessor(params.presence_penalty, params.frequency_penalty,
                                                                   prompt_length=len(prompt_ids))
@@ -287,7 +309,7 @@ class Engine:
             buckets = list(zip(TTFT_BUCKETS, itertools.accumulate(self._ttft_counts)))
             return EngineStats(len(self._inbox) + len(self._waiting), len(self._running), self.pool.num_free,
                                self.pool.num_blocks, self._generated_total, rate, buckets, self._ttft_sum,
-                               self._ttft_count, dict(self._finished))
+                               self._ttft_count, dict(self._finished), self._proposed_total, self._accepted_total)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -317,10 +339,11 @@ class Engine:
         scheduled = self._schedule()
         if not scheduled:
             return
-        segments = [Segment(req.num_cached, req.tokens[req.num_cached: end], req.blocks) for req, end in scheduled]
+        segments = [Segment(req.num_cached, req.tokens[req.num_cached: end] + req.proposed, req.blocks)
+                    for req, end in scheduled]
         scoring = [req.params.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt_ids) - 1
                    for req, _ in scheduled]
-        if any(scoring):
+        if any(scoring) or any(req.proposed for req, _ in scheduled):
             every = self.runner.forward(segments, all_positions=True)  # (N, V): a row per token of the step
             ends = list(itertools.accumulate(len(s.ids) for s in segments))
             logits = every[torch.tensor(ends, device=every.device) - 1]
@@ -336,6 +359,8 @@ class Engine:
                     self._release(req, "length")
                     self._emit(req, RequestOutput(req.request_id, "", [], None, "length", len(req.prompt_ids), 0,
                                                   prompt_logprobs=req.prompt_logprobs))
+                elif req.proposed:
+                    self._verify(req, every[ends[row] - len(req.proposed) - 1: ends[row]].float())
                 else:
                     self._advance(req, logits[row].float())
 
@@ -370,6 +395,7 @@ class Engine:
             if req not in self._running:  # preempted while making room for an earlier one
                 continue
             pending = len(req.tokens) - req.num_cached
+            req.proposed = []
             if pending > 1:
                 if budget <= 0:  # a started chunk may overrun the budget: its boundaries must not move
                     continue
@@ -380,7 +406,8 @@ class Engine:
                 budget -= end - req.num_cached
             else:
                 end = len(req.tokens)
-            if not self._reserve(req, end):
+                self._propose(req)
+            if not self._reserve(req, end + len(req.proposed)):
                 continue
             scheduled.append((req, end))
         return [(req, end) for req, end in scheduled if req in self._running]
@@ -403,6 +430,37 @@ class Engine:
         req.num_cached = 0
         self._running.remove(req)
         self._waiting.appendleft(req)
+
+    def _propose(self, req: _Request) -> None:
+        """Set the tokens a speculating request feeds after its last one this step (none while its schedule waits)."""
+        if req.proposer is None:
+            return
+        # Every step emits the model's own token too: proposals fill the room left after it
+        room = min(req.params.max_tokens - req.num_generated, self.max_context - len(req.tokens)) - 1
+        wanted = req.proposer.schedule.next(room)
+        if wanted > 0:
+            req.proposed = req.proposer.propose(torch.tensor([req.tokens]), wanted)[0].tolist()
+
+    def _verify(self, req: _Request, logits: torch.Tensor) -> None:
+        """Greedy verification: `logits` (k + 1, V) follow the last token and each of the k proposals. Each row is
+        taken as a plain step takes it (penalties, stop conditions, outputs) while the proposals equal the model's
+        choices; then the blocks past the kept tokens go back to the pool."""
+        proposed, req.proposed = req.proposed, []
+        accepted = 0
+        for row, guess in zip(logits, [*proposed, None]):
+            self._advance(req, row)
+            if req not in self._running or req.tokens[-1] != guess:
+                break
+            accepted += 1
+        req.proposer.schedule.update(len(proposed), accepted)
+        with self._cond:
+            self._proposed_total += len(proposed)
+            self._accepted_total += accepted
+        if req in self._running:
+            req.num_cached = len(req.tokens) - 1  # the rejected proposals' keys and values are overwritten later
+            keep = self.pool.blocks_for(len(req.tokens))
+            self.pool.release(req.blocks[keep:])
+            del req.blocks[keep:]
 
     def _advance(self, req: _Request, logits: torch.Tensor) -> None:
         token, logprob = self._sample(req, logits)
