@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lookup-tokens", type=int, default=10)
+    parser.add_argument("--ngram", type=int, default=2, help="max_matching_ngram_size of prompt lookup")
     parser.add_argument("--draft-layers", type=int, default=8)
     parser.add_argument("--draft-tokens", type=int, default=5)
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
@@ -99,7 +100,7 @@ def main() -> None:
     }
     modes = {
         "plain": {},
-        "lookup": dict(prompt_lookup_num_tokens=args.lookup_tokens),
+        "lookup": dict(prompt_lookup_num_tokens=args.lookup_tokens, max_matching_ngram_size=args.ngram),
         "draft": dict(assistant_model=draft, num_assistant_tokens=args.draft_tokens),
     }
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

@@ -154,6 +154,12 @@ def test_schedule_backs_off_pauses_and_probes():
     assert schedule.next(100) == 3
     schedule.update(3, 0)
     assert schedule.next(100) == 1  # one miss after a hit does not pause
+    # With the step's cost known (its time over a plain step's), a step that kept too few to pay for it misses too
+    timed = ProposalSchedule(8, patience=1, pause=2)
+    timed.update(8, 3, cost=2.0)  # 4 tokens in the time of 2 plain steps: paid
+    assert timed.next(100) == 4
+    timed.update(4, 1, cost=2.5)  # 2 tokens in the time of 2.5: slower than plain decoding
+    assert [timed.next(100) for _ in range(3)] == [0, 0, 2]
     fixed = ProposalSchedule(5, adaptive=False)
     for accepted in (0, 0, 0, 2):
         fixed.update(5, accepted)

@@ -38,6 +38,7 @@ far below any gap between logits that occurs in practice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -55,12 +56,14 @@ __all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelPr
 class ProposalSchedule:
     """How many tokens to propose at the next step, from how many the model kept at the last ones.
 
-    Verifying k proposals costs one forward over k + 1 tokens: more than a plain step, and wasted when they are
-    rejected. So the number follows the acceptance: after a step that kept all k proposals, k + 2 (at most
-    ``max_tokens``); after one that kept some, one more than were kept; after one that kept none, 1, and after
-    ``patience`` such misses in a row, nothing for ``pause`` steps: plain decoding steps, which cost exactly what
-    plain decoding costs. Then one token is proposed as a probe; a probe that misses doubles the pause (up to
-    ``max_pause``), any kept token resets it. With ``adaptive=False`` it is always ``max_tokens``.
+    Verifying k proposals costs one forward over k + 1 tokens: more than a plain step (on a CPU, a GEMM over two
+    rows already costs much more than the GEMV of one), and wasted when they are rejected. So the number follows
+    the acceptance: after a step that kept all k proposals, k + 2 (at most ``max_tokens``); after one that kept
+    some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when the
+    caller passes its ``cost`` (its time over a plain step's), when it emitted fewer tokens than that cost: it was
+    slower than plain decoding. After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain
+    decoding steps, which cost exactly what plain decoding costs. Then one probe; a probe that misses doubles the
+    pause (up to ``max_pause``), a step that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
     """
 
     def __init__(self, max_tokens: int, adaptive: bool = True, patience: int = 2, pause: int = 4,
@@ -80,15 +83,16 @@ class ProposalSchedule:
             return 0
         return max(0, min(self.tokens, room))
 
-    def update(self, proposed: int, accepted: int) -> None:
-        """The model kept ``accepted`` of the ``proposed`` (>= 1) tokens."""
+    def update(self, proposed: int, accepted: int, cost: float | None = None) -> None:
+        """The model kept ``accepted`` of the ``proposed`` (>= 1) tokens, in a step that took ``cost`` plain steps'
+        time (None: unknown)."""
         if not self.adaptive:
             return
         if accepted == proposed:
             self.tokens = min(self.max_tokens, self.tokens + 2)
         else:
             self.tokens = accepted + 1
-        if accepted:
+        if accepted and (cost is None or 1 + accepted >= cost):
             self.misses, self.pause = 0, self.first_pause
             return
         self.misses += 1
@@ -343,6 +347,11 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
         plain_step = plan.stepper()
         proposed = ids.new_empty(0)
         draft_probs: torch.Tensor | None = None
+        # What a verify forward costs against a plain step, timed where the work is done when the call returns (an
+        # asynchronous device would time the launch); the schedule pauses speculation that does not pay for itself
+        synchronous = ids.device.type == "cpu"
+        plain_time: float | None = None
+        cost: float | None = None  # of the last step, in plain steps, proposing included
         while True:
             with torch.no_grad():
                 k = proposed.shape[0]
@@ -380,7 +389,7 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
             if cache.get_seq_length() > cur - 1:
                 cache.crop(cur - 1)
             if k:
-                schedule.update(k, accepted)
+                schedule.update(k, accepted, cost)
                 proposer.feedback(k, accepted)
                 n_proposed += k
                 n_accepted += accepted
@@ -388,6 +397,7 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                 break
             with torch.no_grad():
                 # The model's own token is emitted with every step, so at most (room - 1) proposals can be used
+                began, cost = time.perf_counter(), None
                 want = schedule.next(plan.max_length - cur - 1)
                 proposed, draft_probs = proposer.propose(ids[:, :cur], want) if want else (ids.new_empty(0), None)
                 if proposed.numel():
@@ -397,6 +407,12 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                     if plain_step.filled != cur - 1:
                         plain_step.seek(cur - 1)
                     logits = plain_step(ids[:, cur - 1])
+                if synchronous:
+                    took = time.perf_counter() - began
+                    if not proposed.numel():
+                        plain_time = took if plain_time is None else 0.8 * plain_time + 0.2 * took
+                    elif plain_time:
+                        cost = took / plain_time
     finally:
         if streamer is not None:
             streamer.end()
