@@ -140,7 +140,7 @@ def generate(
         # A checkpoint's use_cache=false (MPT's default) only reflects its training setup: compiling asks for a cache
         config.use_cache = True
     plan = GenerationPlan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-                       logits_processor, stopping_criteria, compile)
+                                logits_processor, stopping_criteria, compile)
     if proposer is not None:
         steps = speculative_steps(plan, proposer)
     else:
