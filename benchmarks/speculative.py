@@ -1,19 +1,23 @@
 """Speculative decoding speed: plain greedy decoding against prompt lookup and a draft model, same model, same run.
 
-Model: SmolLM2-135M-Instruct, read from the Q4_1 GGUF and dequantized to ``--dtype`` (bf16 by default). Draft: the
-same model cut to its first ``--draft-layers`` layers (its final norm and tied head kept), the only smaller model with
-this vocabulary on the machine. Two tasks, greedy, chat template applied:
+Model: SmolLM2-135M-Instruct, read from the Q4_1 GGUF and dequantized to ``--dtype`` (bf16 by default), or with
+``--quantization int4|int8`` quantized again on load (``gguf``: the file's Q4_1 blocks kept packed). Draft: the same
+model cut to its first ``--draft-layers`` layers (its final norm and tied head kept), the only smaller model with this
+vocabulary on the machine. Two tasks, greedy, chat template applied:
 
 - ``grounded``: repeat a ~300-token Shakespeare passage given in the prompt (input-grounded: prompt lookup's case);
 - ``open``: a story from a one-line request (nothing to copy).
 
 For each (task, mode) it prints decode tokens/s, measured as (time for N new tokens - time for 1) / (N - 1) so the
-prefill is left out, best of ``--repeats``; the ratio to plain decoding; the acceptance rate (accepted / proposed);
+prefill is left out, best of ``--repeats``, in wall time or with ``--clock cpu`` in this process's CPU time (on a
+machine shared with other jobs, CPU time at ``--threads 1`` is not inflated by waiting for a core); the ratio to
+plain decoding; the acceptance rate (accepted / proposed);
 and whether the ids equal plain decoding's, else the first new token where they differ (bf16 rounding of a k-row
 matmul against a 1-row one can flip a near-tie).
 
     python benchmarks/speculative.py                 # bf16, 128 new tokens
-    python benchmarks/speculative.py --dtype float32 --new-tokens 64
+    python benchmarks/speculative.py --dtype float32 --new-tokens 64 --threads 1 --clock cpu
+    python benchmarks/speculative.py --quantization int4 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -55,13 +59,14 @@ def truncated(model, layers: int):
     return draft.eval()
 
 
-def timed(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, repeats: int) -> tuple[float, object]:
+def timed(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, repeats: int,
+          clock=time.perf_counter) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=new_tokens, **kwargs)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best, out
 
 
@@ -72,14 +77,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lookup-tokens", type=int, default=10)
+    parser.add_argument("--ngram", type=int, default=2, help="max_matching_ngram_size of prompt lookup")
     parser.add_argument("--draft-layers", type=int, default=8)
     parser.add_argument("--draft-tokens", type=int, default=5)
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
+    parser.add_argument("--quantization", default="none", choices=["none", "gguf", "int4", "int8"])
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    parser.add_argument("--tasks", default="grounded,open")
+    parser.add_argument("--modes", default="plain,lookup,draft")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = decoderkit.AutoModelForCausalLM.from_pretrained(GGUF, dtype=dtype).eval()
+    quantization = None if args.quantization == "gguf" else args.quantization
+    model = decoderkit.AutoModelForCausalLM.from_pretrained(GGUF, dtype=dtype, quantization=quantization).eval()
     tokenizer = decoderkit.AutoTokenizer.from_pretrained(GGUF)
     draft = truncated(model, args.draft_layers)
     tasks = {
@@ -88,13 +100,16 @@ def main() -> None:
     }
     modes = {
         "plain": {},
-        "lookup": dict(prompt_lookup_num_tokens=args.lookup_tokens),
+        "lookup": dict(prompt_lookup_num_tokens=args.lookup_tokens, max_matching_ngram_size=args.ngram),
         "draft": dict(assistant_model=draft, num_assistant_tokens=args.draft_tokens),
     }
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"SmolLM2-135M-Instruct {args.dtype}, {args.cache} cache, {torch.get_num_threads()} threads, {cpu}, "
-          f"load average {os.getloadavg()[0]:.1f}; draft: first {args.draft_layers} of "
-          f"{model.config.num_hidden_layers} layers")
+    tasks = {name: tasks[name] for name in args.tasks.split(",")}
+    # Plain decoding first: the others are compared with it
+    modes = {name: modes[name] for name in dict.fromkeys(["plain", *args.modes.split(",")]) if name in modes}
+    print(f"SmolLM2-135M-Instruct {args.dtype}, weights {args.quantization}, {args.clock} clock, {args.cache} cache, "
+          f"{torch.get_num_threads()} threads, {cpu}, load average {os.getloadavg()[0]:.1f}; draft: first "
+          f"{args.draft_layers} of {model.config.num_hidden_layers} layers")
     print(f"{'task':9} {'mode':7} {'prompt':>6} {'new':>4} {'tok/s':>7} {'ratio':>6} {'accept':>7}  ids")
     for task, text in tasks.items():
         messages = [{"role": "user", "content": text}]
@@ -104,8 +119,8 @@ def main() -> None:
         plain_rate = None
         for mode, extra in modes.items():
             kwargs = dict(do_sample=False, cache_implementation=args.cache, return_dict_in_generate=True, **extra)
-            t1, _ = timed(model, prompt, 1, kwargs, args.repeats)
-            tn, out = timed(model, prompt, args.new_tokens, kwargs, args.repeats)
+            t1, _ = timed(model, prompt, 1, kwargs, args.repeats, clock)
+            tn, out = timed(model, prompt, args.new_tokens, kwargs, args.repeats, clock)
             new = out.sequences.shape[1] - L
             rate = (new - 1) / max(tn - t1, 1e-9)
             if mode == "plain":

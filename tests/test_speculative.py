@@ -14,7 +14,14 @@ import torch
 
 import decoderkit
 from decoderkit.cache import DynamicCache, StaticCache
-from decoderkit.generation.speculative import PromptLookupProposer, greedy_accept, sampled_accept
+from decoderkit.generation import speculative
+from decoderkit.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from decoderkit.generation.speculative import (
+    PromptLookupProposer,
+    ProposalSchedule,
+    greedy_accept,
+    sampled_accept,
+)
 from decoderkit.generation.stopping import StoppingCriteria, StoppingCriteriaList
 
 oracle = pytest.importorskip("oracle")
@@ -40,7 +47,7 @@ def trio(request, tmp_path_factory):
     """(transformers model, decoderkit model, a draft: the decoderkit model with perturbed weights)."""
     hf = oracle.build(request.param)
     dk = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path_factory.mktemp(request.param)))
-    return hf, dk.eval(), noisy_copy(dk, 0.05, seed=7).eval()
+    return hf, dk.eval(), noisy_copy(dk, 0.02, seed=7).eval()
 
 
 def repetitive_prompt(vocab: int, seed: int = 0) -> torch.Tensor:
@@ -114,7 +121,7 @@ def test_greedy_speculation_scores_and_processors(trio):
 
 def test_prompt_lookup_proposes_the_continuation_of_the_first_match():
     ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 4, 5, 6]])
-    tokens, probs = PromptLookupProposer(num_tokens=3, max_matching_ngram_size=2).propose(ids, limit=10)
+    tokens, probs = PromptLookupProposer(num_tokens=3, max_matching_ngram_size=2).propose(ids, limit=3)
     assert tokens.tolist() == [7, 8, 9] and probs is None
     assert PromptLookupProposer(3, 2).propose(ids, limit=2)[0].tolist() == [7, 8]
     assert PromptLookupProposer(3, 2).propose(torch.tensor([[1, 2, 3, 4]]), limit=5)[0].numel() == 0
@@ -125,6 +132,74 @@ def test_greedy_accept_keeps_the_agreeing_prefix():
     assert greedy_accept(scores, torch.tensor([1, 2, 0])).tolist() == [1, 2, 3]
     assert greedy_accept(scores, torch.tensor([1, 2, 3])).tolist() == [1, 2, 3, 4]
     assert greedy_accept(scores, torch.tensor([0, 2, 3])).tolist() == [1]
+
+
+# ---------------------------------------------------------------------------------------------- cost
+
+
+def test_schedule_backs_off_pauses_and_probes():
+    schedule = ProposalSchedule(8, patience=2, pause=2, max_pause=4)
+    assert schedule.next(room=100) == 8 and schedule.next(room=3) == 3
+    schedule.update(8, 3)
+    assert schedule.next(100) == 4  # one more than were kept
+    schedule.update(4, 4)
+    assert schedule.next(100) == 6  # all kept: grows by 2
+    schedule.update(6, 0)
+    assert schedule.next(100) == 1  # a miss: one token
+    schedule.update(1, 0)  # a second miss in a row: pause for 2 plain steps, then probe with one token
+    assert [schedule.next(100) for _ in range(3)] == [0, 0, 1]
+    schedule.update(1, 0)  # the probe missed: the pause doubles, up to max_pause
+    assert [schedule.next(100) for _ in range(5)] == [0, 0, 0, 0, 1]
+    schedule.update(1, 1)  # a kept token ends the pausing and resets the pause
+    assert schedule.next(100) == 3
+    schedule.update(3, 0)
+    assert schedule.next(100) == 1  # one miss after a hit does not pause
+    # With the step's cost known (its time over a plain step's), a step that kept too few to pay for it misses too
+    timed = ProposalSchedule(8, patience=1, pause=2)
+    timed.update(8, 3, cost=2.0)  # 4 tokens in the time of 2 plain steps: paid
+    assert timed.next(100) == 4
+    timed.update(4, 1, cost=2.5)  # 2 tokens in the time of 2.5: slower than plain decoding
+    assert [timed.next(100) for _ in range(3)] == [0, 0, 2]
+    fixed = ProposalSchedule(5, adaptive=False)
+    for accepted in (0, 0, 0, 2):
+        fixed.update(5, accepted)
+        assert fixed.next(100) == 5
+
+
+class Forbid(LogitsProcessor):
+    """Never lets the model choose `token`, so a proposal of it is always rejected."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(-1, torch.tensor([self.token]), float("-inf"))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_rejected_proposals_stop_costing_verify_forwards(trio, cache, monkeypatch):
+    """Open-ended text: when nothing proposed is kept, speculation must fall back to plain steps (no verify forward)
+    after a couple of misses, probing only now and then; with nothing to propose it never verifies at all."""
+    _, dk, _ = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    verifies = []
+    real_verify = speculative._verify_forward
+    monkeypatch.setattr(speculative, "_verify_forward",
+                        lambda model, c, tokens, start: verifies.append(tokens.shape[1]) or real_verify(
+                            model, c, tokens, start))
+    kwargs = dict(max_new_tokens=40, eos_token_id=None, cache_implementation=cache,
+                  logits_processor=LogitsProcessorList([Forbid(5)]))
+    plain = dk.generate(prompt, **kwargs)
+    monkeypatch.setattr(PromptLookupProposer, "propose", lambda self, ids, limit: (torch.full((limit,), 5), None))
+    got = dk.generate(prompt, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(got.sequences, plain)
+    # 4 then 1 proposed and missed, then probes after pauses of 4, 8, 16 steps
+    assert verifies == [5, 2, 2, 2, 2], verifies
+    assert got.num_accepted_tokens == 0 and got.num_proposed_tokens == 8
+    verifies.clear()
+    monkeypatch.setattr(PromptLookupProposer, "propose", lambda self, ids, limit: (ids[0, :0], None))
+    assert torch.equal(dk.generate(prompt, prompt_lookup_num_tokens=4, **kwargs), plain)
+    assert verifies == []
 
 
 # ---------------------------------------------------------------------------------------------- cache rollback
@@ -295,9 +370,15 @@ def test_bad_speculative_input(trio, tmp_path):
         dk.generate(prompt, assistant_model=draft, prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match="assistant_model is on meta, the model on cpu"):
         dk.generate(prompt, assistant_model=copy.deepcopy(draft).to("meta"))
-    with pytest.raises(ValueError, match="one sequence at a time; got 2 rows"):
+    with pytest.raises(ValueError, match="supports batch size 1: got 2 rows"):
         dk.generate(torch.cat([prompt, prompt]), prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match="use_cache=False"):
         dk.generate(prompt, prompt_lookup_num_tokens=3, use_cache=False)
     with pytest.raises(ValueError, match="must be a decoderkit causal LM"):
         dk.generate(prompt, assistant_model="path/to/draft")
+    with pytest.raises(ValueError, match="num_assistant_tokens` must be an integer >= 1"):
+        dk.generate(prompt, assistant_model=draft, num_assistant_tokens=0)
+    with pytest.raises(ValueError, match="supports batch size 1: got 2 rows"):
+        dk.generate(prompt, prompt_lookup_num_tokens=3, do_sample=True, num_return_sequences=2)
+    with pytest.raises(ValueError, match="compile=True does not support speculative decoding"):
+        dk.generate(prompt, prompt_lookup_num_tokens=3, compile=True)

@@ -33,6 +33,7 @@ from decoderkit.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    speculative_mode,
     temperature_value,
     top_p_value,
 )
@@ -154,6 +155,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="compile the decode step with a static cache (CUDA graphs on GPU); off by default "
                        "(DECODERKIT_COMPILE=1 changes that default); compiled code is cached in "
                        "~/.cache/decoderkit/inductor (DECODERKIT_CACHE_DIR) so a second start skips most of it")
+    spec = parser.add_argument_group("speculative decoding", "Same output as plain decoding, faster where the text "
+                                     "repeats the prompt (lookup) or a small model predicts it well (draft); batch 1.")
+    spec.add_argument("--speculative", type=speculative_mode, metavar="lookup|draft:PATH",
+                      help="propose tokens by prompt lookup, or with a draft model (same tokenizer) at PATH")
+    spec.add_argument("--num-speculative-tokens", type=positive_int, metavar="K",
+                      help="most tokens proposed per step (default: 10 for lookup, the generation config's "
+                      "num_assistant_tokens for a draft); fewer after rejections")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

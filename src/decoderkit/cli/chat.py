@@ -34,6 +34,7 @@ from decoderkit.cli.common import (
     positive_int,
     resolve_compile,
     run_generate,
+    speculative_kwargs,
     temperature_value,
     top_p_value,
 )
@@ -265,6 +266,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """`decoderkit chat`: a conversation over stdin/stdout with history trimmed to the context window."""
     kwargs = generation_kwargs(args)
     model, tok, path = load_model(args)
+    kwargs.update(speculative_kwargs(args, model))
     kwargs["compile"] = resolve_compile(args)
     if args.chat_template is not None:
         tok.chat_template = load_chat_template(args.chat_template)

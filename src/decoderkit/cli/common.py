@@ -79,6 +79,14 @@ def device_name(text: str) -> str:
     return text
 
 
+def speculative_mode(text: str) -> str:
+    """`--speculative`: `lookup` (prompt lookup) or `draft:PATH` (a draft model)."""
+    if text == "lookup" or (text.startswith("draft:") and len(text) > len("draft:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 'lookup' or 'draft:PATH' (a draft model with the model's tokenizer), "
+                                     f"got {text!r}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error, pointing at `--help` instead of repeating the usage block.
 
@@ -427,6 +435,34 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     return kwargs
+
+
+def speculative_kwargs(args: argparse.Namespace, model: PreTrainedDecoder) -> dict[str, Any]:
+    """`generate` keyword arguments for `--speculative` and `--num-speculative-tokens` (none without them). A
+    `draft:PATH` model is loaded like the model (dtype, device, quantization) and checked against it now, so a
+    mismatch fails before any generation."""
+    mode, tokens = getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None)
+    if mode is None:
+        if tokens is not None:
+            raise UsageError("--num-speculative-tokens needs --speculative lookup|draft:PATH")
+        return {}
+    if getattr(args, "num_return_sequences", 1) > 1:
+        raise UsageError(f"--speculative decodes one sequence: drop --num-return-sequences "
+                         f"{args.num_return_sequences}")
+    if mode == "lookup":
+        return {"prompt_lookup_num_tokens": tokens or 10}
+    from decoderkit import AutoModelForCausalLM
+    from decoderkit.generation.speculative import check_draft
+
+    path = locate_model(mode.removeprefix("draft:"))
+    draft = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=str(model.device),
+                                                 quantization=getattr(args, "quantize", None),
+                                                 progress=False if getattr(args, "quiet", False) else None)
+    try:
+        check_draft(model, draft)
+    except ValueError as err:
+        raise CLIError(f"--speculative {mode}: {err}") from None
+    return {"assistant_model": draft, **({"num_assistant_tokens": tokens} if tokens else {})}
 
 
 def eos_token_ids(model: PreTrainedDecoder) -> list[int]:

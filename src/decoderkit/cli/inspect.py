@@ -20,6 +20,7 @@ from decoderkit.cli.common import (
     load_model,
     locate_model,
     resolve_compile,
+    speculative_kwargs,
 )
 
 if TYPE_CHECKING:
@@ -46,9 +47,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompt = prompt.to(device)
     # Every sequence runs to exactly `--new-tokens`: the end-of-sequence token is never allowed to stop it early.
     kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    speculative = speculative_kwargs(args, model)
+    if speculative and args.batch_size > 1:
+        raise UsageError(f"--speculative supports --batch-size 1, got {args.batch_size}")
+    # The output then counts the proposed and accepted tokens
+    kwargs.update(speculative, return_dict_in_generate=bool(speculative))
     compiled = resolve_compile(args)
     if compiled:
         kwargs["compile"] = True
+    acceptance: list[float | None] = [None]
 
     def timed_run(ids: torch.Tensor, new_tokens: int) -> tuple[float, float | None, int]:
         streamer = TokenStreamer(None, ids[0].tolist(), [])
@@ -60,6 +67,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             torch.cuda.synchronize(device)
         total = time.perf_counter() - begin
         first = streamer.first_token_at - begin if streamer.first_token_at is not None else None
+        if speculative:
+            acceptance[0] = out.num_accepted_tokens / out.num_proposed_tokens if out.num_proposed_tokens else None
+            out = out.sequences
         return total, first, out.shape[-1] - ids.shape[-1] if isinstance(out, torch.Tensor) else new_tokens
 
     # A warm-up run takes one-off costs (allocator growth, kernel selection) out of the measurement. Compiled code is
@@ -87,6 +97,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "decode_weight_read_gb_per_s": _round(weights_bytes * decode_tps / b / 1e9, 3) if decode_tps else None,
         "weights_bytes": weights_bytes, "peak_rss_bytes": rss_bytes,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "speculative": args.speculative, "acceptance_rate": _round(acceptance[0]),
         "compiled": compiled, "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_version": torch.__version__,
     }
@@ -102,6 +113,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "prefill": _fmt(record["prefill_tokens_per_s"], "{:,.1f} tokens/s"),
             "decode": _fmt(decode_tps, "{:,.1f} tokens/s"),
             "decode weight reads": _fmt(record["decode_weight_read_gb_per_s"], "{:.2f} GB/s"),
+            **({"speculative": f"{args.speculative}, {_fmt(record['acceptance_rate'], '{:.0%}')} of proposals "
+                "accepted"} if speculative else {}),
             "peak RSS": _size(rss_bytes),
             "CUDA max allocated": _size(record["cuda_max_allocated_bytes"]),
         })

@@ -25,6 +25,7 @@ from decoderkit.cli.common import (
     load_model,
     resolve_compile,
     run_generate,
+    speculative_kwargs,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     start = time.perf_counter()
     model, tok, path = load_model(args)
+    kwargs.update(speculative_kwargs(args, model))
     load_s = time.perf_counter() - start
     kwargs["compile"] = resolve_compile(args)
     prompt_ids = tok.encode(prompt)

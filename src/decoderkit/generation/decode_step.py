@@ -201,6 +201,20 @@ class DecodeStep:
                           self.allowed):
                     torch._dynamo.mark_static_address(t)
 
+    def seek(self, filled: int) -> None:
+        """Continue from `filled` tokens in the cache, which something else has advanced or rolled back (speculative
+        decoding stores several tokens in one verify forward, then drops the rejected ones): the next call feeds
+        the token for slot `filled`. Generated tokens have no padding, so every slot past the prompt is visible."""
+        if not self.prompt_len <= filled < self.visible.shape[1]:
+            raise ValueError(f"DecodeStep.seek: {filled} is outside the generated range [{self.prompt_len}, "
+                             f"{self.visible.shape[1]})")
+        self.position_ids.add_(filled - self.filled)
+        self.cache_position.fill_(filled - 1)
+        if self.static:
+            self.allowed[:, 0, 0, self.prompt_len:filled] = True
+            self.allowed[:, 0, 0, filled:] = False
+        self.filled = filled
+
     def _rope(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.rope_table is None:
             return None  # length-dependent rope (or none): evaluated by the model on the position ids

@@ -155,8 +155,8 @@ def generate(
             raise ValueError("compile=True compiles the cached decode step: it cannot run with use_cache=False")
         # A checkpoint's use_cache=false (MPT's default) only reflects its training setup: compiling asks for a cache
         config.use_cache = True
-    plan = _Plan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-                       logits_processor, stopping_criteria, compile, inputs_embeds, past_key_values)
+    plan = GenerationPlan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
+                                logits_processor, stopping_criteria, compile, inputs_embeds, past_key_values)
     if proposer is not None:
         steps = speculative_steps(plan, proposer)
     else:
@@ -192,8 +192,11 @@ def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwar
 
 
 @dataclasses.dataclass
-class _Plan:
-    """Everything decided and checked before the first forward pass."""
+class GenerationPlan:
+    """Everything decided and checked before the first forward pass, and the pieces every decoding loop shares.
+
+    Internal (not exported): the loops here and :mod:`decoderkit.generation.speculative` drive it through
+    :meth:`prefill`, :meth:`stepper` and :meth:`output`."""
 
     model: Any
     config: GenerationConfig
@@ -219,7 +222,8 @@ class _Plan:
 
     @classmethod
     def build(cls, model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
-              logits_processor, stopping_criteria, compile, inputs_embeds=None, past_key_values=None) -> _Plan:
+              logits_processor, stopping_criteria, compile, inputs_embeds=None,
+              past_key_values=None) -> GenerationPlan:
         mc = model.decoder_config
         device = model.device
         embeds_only = inputs_embeds is not None and input_ids is None
@@ -332,7 +336,8 @@ class _Plan:
                                past_key_values=cache, use_cache=cache is not None, validate=False)
         return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
-    def _prefill(self) -> torch.Tensor:
+    def prefill(self) -> torch.Tensor:
+        """Feed the prompt to the cache (when there is one); the fp32 logits (rows, V) for the first new token."""
         L = self.prompt.shape[1]
         cache = self.cache
         if cache is None or not cache.is_static or self.past:
@@ -347,7 +352,7 @@ class _Plan:
         cache.mark_filled(L)
         return logits
 
-    def _stepper(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def stepper(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function: the tokens just chosen (rows,) -> logits (rows, V) for the next position."""
         L = self.prompt.shape[1]
         if self.cache is not None:
@@ -369,7 +374,9 @@ class _Plan:
 
         return rerun
 
-    def _output(self, sequences: torch.Tensor, scores: tuple, logits: tuple, **beam: Any) -> Any:
+    def output(self, sequences: torch.Tensor, scores: tuple, logits: tuple, **beam: Any) -> Any:
+        """What ``generate`` returns for the final ``sequences``: the tensor, or a :class:`GenerateOutput` with the
+        per-step ``scores`` / ``logits`` asked for and any beam fields."""
         config = self.config
         if not config.return_dict_in_generate:
             return sequences
@@ -390,8 +397,8 @@ class _Plan:
                 unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
                 can_stop = self.eos is not None or len(self.criteria) > 0
                 with torch.no_grad():
-                    logits = self._prefill()
-                step = self._stepper()
+                    logits = self.prefill()
+                step = self.stepper()
                 while True:
                     with torch.no_grad():
                         next_scores = self.processors(ids[:, first:cur], logits) if self.processors else logits
@@ -423,21 +430,21 @@ class _Plan:
         finally:
             if streamer is not None:
                 streamer.end()
-        return self._output(ids[:, first:cur], scores, raw)
+        return self.output(ids[:, first:cur], scores, raw)
 
     def beam_search(self) -> Generator[torch.Tensor, None, Any]:
         """Beam search (or beam sampling) driven by :class:`BeamSearchState`; returns the output."""
         config = self.config
         L = self.prompt.shape[1]
         if self.max_length == L:
-            return self._output(self.ids, (), (), sequences_scores=None, beam_indices=None)
+            return self.output(self.ids, (), (), sequences_scores=None, beam_indices=None)
         state = BeamSearchState.from_config(self.prompt, config, self.max_length,
                                             stopping_criteria=self.criteria or None, generator=self.generator)
         scores: tuple = ()
         raw: tuple = ()
         with torch.no_grad():
-            logits = self._prefill()
-        step = self._stepper()
+            logits = self.prefill()
+        step = self.stepper()
         while True:
             with torch.no_grad():
                 log_probs = self.processors(state.sequences, logits.log_softmax(dim=-1))
@@ -456,7 +463,7 @@ class _Plan:
                     self.ids[:, : state.cur_len] = state.sequences
                 logits = step(tokens)
         out = state.finalize()
-        return self._output(out.sequences, scores, raw, beam_indices=out.beam_indices,
+        return self.output(out.sequences, scores, raw, beam_indices=out.beam_indices,
                             sequences_scores=out.sequences_scores if config.output_scores else None)
 
 

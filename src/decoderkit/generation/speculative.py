@@ -21,12 +21,24 @@ The output does not change:
   emitted; ``output_scores`` / ``output_logits`` hold one entry per emitted token. With
   ``return_dict_in_generate=True`` the output also counts ``num_proposed_tokens`` and ``num_accepted_tokens``.
 
-Limits: one sequence (batch 1, ``num_return_sequences=1``, no padding), greedy or sampling (beam search with
-speculation is not defined), no ``compile=True``.
+Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSchedule` pausing after repeated
+misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
+are rarely kept, decodes at about the plain rate.
+
+Limits: one sequence (batch size 1, ``num_return_sequences=1``, no padding): rows of a batch keep different numbers
+of tokens per step, so the cache, the position ids, the logits processors, the stopping criteria and the streamer
+would all need per-row lengths; refused with a clear error instead. Greedy or sampling (beam search with
+speculation is not defined), no ``compile=True`` (see :func:`build_proposer`).
+
+bf16: greedy speculation verifies k + 1 tokens in one forward, whose matmuls round differently from the one-token
+forwards of plain decoding, so a near-tie between the two best tokens can flip and the ids then diverge from plain
+greedy decoding (each is still the model's argmax for the numbers it computed); in fp32 the rounding difference is
+far below any gap between logits that occurs in practice.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -37,13 +49,64 @@ from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList
 
-__all__ = ["Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer", "greedy_accept",
-           "sampled_accept", "speculative_steps"]
+__all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer",
+           "check_draft", "greedy_accept", "sampled_accept", "speculative_steps"]
+
+
+class ProposalSchedule:
+    """How many tokens to propose at the next step, from how many the model kept at the last ones.
+
+    Verifying k proposals costs one forward over k + 1 tokens: more than a plain step (on a CPU, a GEMM over two
+    rows already costs much more than the GEMV of one), and wasted when they are rejected. So the number follows
+    the acceptance: after a step that kept all k proposals, k + 2 (at most ``max_tokens``); after one that kept
+    some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when the
+    caller passes its ``cost`` (its time over a plain step's), when it emitted fewer tokens than that cost: it was
+    slower than plain decoding. After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain
+    decoding steps, which cost exactly what plain decoding costs. Then one probe; a probe that misses doubles the
+    pause (up to ``max_pause``), a step that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
+    """
+
+    def __init__(self, max_tokens: int, adaptive: bool = True, patience: int = 2, pause: int = 4,
+                 max_pause: int = 64) -> None:
+        self.max_tokens, self.adaptive = max_tokens, adaptive
+        self.patience, self.first_pause, self.max_pause = patience, pause, max_pause
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh (a new ``generate`` call): ``max_tokens`` at the first step."""
+        self.tokens, self.misses, self.pause, self.waiting = self.max_tokens, 0, self.first_pause, 0
+
+    def next(self, room: int) -> int:
+        """Tokens to propose now (0: take a plain step), at most ``room``; called once per step."""
+        if self.waiting:
+            self.waiting -= 1
+            return 0
+        return max(0, min(self.tokens, room))
+
+    def update(self, proposed: int, accepted: int, cost: float | None = None) -> None:
+        """The model kept ``accepted`` of the ``proposed`` (>= 1) tokens, in a step that took ``cost`` plain steps'
+        time (None: unknown)."""
+        if not self.adaptive:
+            return
+        if accepted == proposed:
+            self.tokens = min(self.max_tokens, self.tokens + 2)
+        else:
+            self.tokens = accepted + 1
+        if accepted and (cost is None or 1 + accepted >= cost):
+            self.misses, self.pause = 0, self.first_pause
+            return
+        self.misses += 1
+        if self.misses >= self.patience:
+            self.waiting = self.pause
+            self.pause = min(2 * self.pause, self.max_pause)
 
 
 class Proposer:
     """Guesses the next tokens of one sequence. Subclasses implement :meth:`propose`; :meth:`start` and
-    :meth:`feedback` let a stateful proposer (a draft model and its cache) follow the generation."""
+    :meth:`feedback` let a stateful proposer (a draft model and its cache) follow the generation. ``schedule``
+    decides how many tokens are asked for at each step."""
+
+    schedule: ProposalSchedule
 
     def start(self, prompt: torch.Tensor, processors: LogitsProcessorList, do_sample: bool,
               generator: torch.Generator | None) -> None:
@@ -60,12 +123,11 @@ class Proposer:
 
 class PromptLookupProposer(Proposer):
     """Prompt lookup decoding: find the latest ``n`` tokens (``n = max_matching_ngram_size`` down to 1) earlier in the
-    sequence and propose the ``num_tokens`` that followed the first such occurrence, as transformers'
-    ``PromptLookupCandidateGenerator`` does. Costs one scan of the ids per step and nothing when nothing matches.
-
-    Unlike transformers, the number proposed backs off: after a rejection at most one more than were accepted is
-    proposed next, growing by 2 (up to ``num_tokens``) after each step that kept everything, because where the text
-    stops copying its source, verifying ``num_tokens`` doomed proposals costs more than it saves."""
+    sequence and propose up to ``num_tokens`` that followed the first such occurrence, as transformers'
+    ``PromptLookupCandidateGenerator`` does. Costs one scan of the ids per step; where nothing matches the step is a
+    plain decoding step. Unlike transformers, the number proposed follows the acceptance
+    (:class:`ProposalSchedule`): where the text stops copying its source, verifying doomed proposals costs more
+    than it saves."""
 
     def __init__(self, num_tokens: int = 10, max_matching_ngram_size: int = 2) -> None:
         for name, value in (("prompt_lookup_num_tokens", num_tokens),
@@ -74,36 +136,33 @@ class PromptLookupProposer(Proposer):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.num_tokens = num_tokens
         self.max_matching_ngram_size = max_matching_ngram_size
-        self.cap = num_tokens
+        self.schedule = ProposalSchedule(num_tokens)
 
     def start(self, prompt, processors, do_sample, generator) -> None:
-        self.cap = self.num_tokens
-
-    def feedback(self, proposed: int, accepted: int) -> None:
-        self.cap = min(self.num_tokens, self.cap + 2) if accepted == proposed else accepted + 1
+        self.schedule.reset()
 
     def propose(self, ids: torch.Tensor, limit: int) -> tuple[torch.Tensor, None]:
         seq = ids[0]
         n_ids = seq.shape[0]
-        want = min(self.cap, limit)
         for n in range(min(self.max_matching_ngram_size, n_ids - 1), 0, -1):
             # Windows that start before the final n-gram itself; the first match that has a continuation wins
             windows = seq[: n_ids - 1].unfold(0, n, 1)  # (n_ids - n, n)
             starts = (windows == seq[n_ids - n:]).all(dim=1).nonzero().flatten()
             if starts.numel():
                 begin = int(starts[0]) + n
-                return seq[begin: min(begin + want, n_ids)], None
+                return seq[begin: min(begin + limit, n_ids)], None
         return seq[:0], None
 
 
 class DraftModelProposer(Proposer):
     """A smaller model with the target's vocabulary drafts the next tokens, one forward each, through its own cache.
 
-    ``num_tokens`` proposals per step; with ``schedule="heuristic"`` (transformers'
-    ``num_assistant_tokens_schedule``) the number grows by 2 after a step where all were accepted and shrinks by 1
-    (to at least 1) otherwise, so a draft that keeps missing costs little; ``"heuristic_transient"`` starts each
-    ``generate`` call from ``num_tokens`` again, ``"constant"`` never changes it. Greedy decoding drafts the draft's
-    argmax; sampling draws from the draft's distribution after the same processors and warpers as the target.
+    At most ``num_tokens`` proposals per step. With ``schedule="heuristic"`` or ``"heuristic_transient"`` the
+    number follows the acceptance (:class:`ProposalSchedule`, which also stops drafting for a while after repeated
+    misses), starting from ``num_tokens`` at each ``generate`` call (transformers' ``"heuristic"`` carries the
+    number across calls); ``"constant"`` always drafts ``num_tokens``. Greedy decoding drafts the draft's argmax;
+    sampling draws from the draft's distribution after the same processors and warpers as the target. Steps
+    without proposals leave the draft's cache behind: the next proposal feeds it the missed tokens in one forward.
     """
 
     def __init__(self, assistant_model: Any, num_tokens: int = 20, schedule: str = "heuristic") -> None:
@@ -115,9 +174,7 @@ class DraftModelProposer(Proposer):
             raise ValueError(f"num_assistant_tokens_schedule must be 'heuristic', 'heuristic_transient' or "
                              f"'constant', got {schedule!r}")
         self.model = assistant_model
-        self.initial_tokens = num_tokens
-        self.num_tokens = num_tokens
-        self.schedule = schedule
+        self.schedule = ProposalSchedule(num_tokens, adaptive=schedule != "constant")
         self.cache = DynamicCache()
         self.processors = LogitsProcessorList()
         self.do_sample = False
@@ -127,12 +184,11 @@ class DraftModelProposer(Proposer):
     def start(self, prompt, processors, do_sample, generator) -> None:
         self.cache = DynamicCache()
         self.processors, self.do_sample, self.generator = processors, do_sample, generator
-        if self.schedule == "heuristic_transient":
-            self.num_tokens = self.initial_tokens
+        self.schedule.reset()
 
     @torch.no_grad()
     def propose(self, ids: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        k = min(self.num_tokens, limit)
+        k = limit
         n = ids.shape[1]
         seq = torch.empty(1, n + k, dtype=torch.long, device=ids.device)
         seq[:, :n] = ids
@@ -156,8 +212,6 @@ class DraftModelProposer(Proposer):
     def feedback(self, proposed: int, accepted: int) -> None:
         # The draft cache holds the sequence and all proposals but the last: keep what the target accepted
         self.cache.crop(min(self.cache.get_seq_length(), self._proposed_at + accepted))
-        if self.schedule != "constant" and proposed > 0:
-            self.num_tokens = self.num_tokens + 2 if accepted == proposed else max(1, self.num_tokens - 1)
 
 
 def build_proposer(model: Any, config: GenerationConfig, assistant_model: Any, compile: bool) -> Proposer | None:
@@ -181,6 +235,13 @@ def build_proposer(model: Any, config: GenerationConfig, assistant_model: Any, c
     if lookup is not None:
         return PromptLookupProposer(lookup, config.max_matching_ngram_size or 2)
     proposer = DraftModelProposer(assistant_model, config.num_assistant_tokens, config.num_assistant_tokens_schedule)
+    check_draft(model, assistant_model)
+    return proposer
+
+
+def check_draft(model: Any, assistant_model: Any) -> None:
+    """Raise ValueError unless ``assistant_model`` can draft for ``model``: the same vocabulary size, the same
+    device."""
     ours, theirs = model.config.vocab_size, assistant_model.config.vocab_size
     if ours != theirs:
         raise ValueError(f"assistant_model has a vocabulary of {theirs} tokens, the model {ours}: a draft model must "
@@ -188,7 +249,6 @@ def build_proposer(model: Any, config: GenerationConfig, assistant_model: Any, c
     if assistant_model.device != model.device:
         raise ValueError(f"assistant_model is on {assistant_model.device}, the model on {model.device}: move the "
                          "draft model to the model's device")
-    return proposer
 
 
 def greedy_accept(scores: torch.Tensor, proposed: torch.Tensor) -> torch.Tensor:
@@ -250,8 +310,9 @@ def speculative_steps(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, 
     """
     rows = plan.ids.shape[0]
     if rows != 1:
-        raise ValueError(f"speculative decoding runs one sequence at a time; got {rows} rows (batch x "
-                         "num_return_sequences): pass a single prompt and num_return_sequences=1")
+        raise ValueError(f"speculative decoding (assistant_model / prompt_lookup_num_tokens) supports batch size 1: "
+                         f"got {rows} rows (batch x num_return_sequences); pass a single prompt and "
+                         "num_return_sequences=1, or decode without speculation")
     if plan.padding is not None:
         raise ValueError("speculative decoding needs an unpadded prompt: the attention_mask has padding")
     if plan.cache is None and plan.max_length > plan.prompt.shape[1]:
@@ -267,7 +328,7 @@ def speculative_steps(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, 
 
 def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
     config, ids, streamer, cache = plan.config, plan.ids, plan.streamer, plan.cache
-    processors, generator = plan.processors, plan.generator
+    processors, generator, schedule = plan.processors, plan.generator, proposer.schedule
     L = plan.prompt.shape[1]
     keep_scores = config.return_dict_in_generate and config.output_scores
     keep_logits = config.return_dict_in_generate and config.output_logits
@@ -282,9 +343,16 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
             return _output(plan, ids[:, :cur], scores_out, raw_out, 0, 0)
         proposer.start(ids[:, :L], processors, config.do_sample, generator)
         with torch.no_grad():
-            logits = plan._prefill()  # (1, V): the first token is chosen with nothing proposed
+            logits = plan.prefill()  # (1, V): the first token is chosen with nothing proposed
+        # Steps with nothing proposed go through the plain decode step, so they cost what plain decoding costs
+        plain_step = plan.stepper()
         proposed = ids.new_empty(0)
         draft_probs: torch.Tensor | None = None
+        # What a verify forward costs against a plain step, timed where the work is done when the call returns (an
+        # asynchronous device would time the launch); the schedule pauses speculation that does not pay for itself
+        synchronous = ids.device.type == "cpu"
+        plain_time: float | None = None
+        cost: float | None = None  # of the last step, in plain steps, proposing included
         while True:
             with torch.no_grad():
                 k = proposed.shape[0]
@@ -319,8 +387,10 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                     break
             # The cache holds every token but the last emitted: drop the rejected proposals (or, once stopped,
             # whatever followed the last emitted token)
-            cache.crop(min(cache.get_seq_length(), cur - 1))
+            if cache.get_seq_length() > cur - 1:
+                cache.crop(cur - 1)
             if k:
+                schedule.update(k, accepted, cost)
                 proposer.feedback(k, accepted)
                 n_proposed += k
                 n_accepted += accepted
@@ -328,11 +398,22 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                 break
             with torch.no_grad():
                 # The model's own token is emitted with every step, so at most (room - 1) proposals can be used
-                room = plan.max_length - cur
-                proposed, draft_probs = proposer.propose(ids[:, :cur], room - 1) if room > 1 else (
-                    ids.new_empty(0), None)
-                tokens = torch.cat([ids[0, cur - 1: cur], proposed])[None]
-                logits = _verify_forward(plan.model, cache, tokens, cur - 1)
+                began, cost = time.perf_counter(), None
+                want = schedule.next(plan.max_length - cur - 1)
+                proposed, draft_probs = proposer.propose(ids[:, :cur], want) if want else (ids.new_empty(0), None)
+                if proposed.numel():
+                    tokens = torch.cat([ids[0, cur - 1: cur], proposed])[None]
+                    logits = _verify_forward(plan.model, cache, tokens, cur - 1)
+                else:
+                    if plain_step.filled != cur - 1:
+                        plain_step.seek(cur - 1)
+                    logits = plain_step(ids[:, cur - 1])
+                if synchronous:
+                    took = time.perf_counter() - began
+                    if not proposed.numel():
+                        plain_time = took if plain_time is None else 0.8 * plain_time + 0.2 * took
+                    elif plain_time:
+                        cost = took / plain_time
     finally:
         if streamer is not None:
             streamer.end()
@@ -340,7 +421,7 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
 
 
 def _output(plan: Any, sequences: torch.Tensor, scores: tuple, raw: tuple, proposed: int, accepted: int) -> Any:
-    out = plan._output(sequences, scores, raw)
+    out = plan.output(sequences, scores, raw)
     if plan.config.return_dict_in_generate:
         out.num_proposed_tokens, out.num_accepted_tokens = proposed, accepted
     return out
