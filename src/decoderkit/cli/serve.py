@@ -53,10 +53,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def quantization_summary(model: Any) -> str:
     """The weight formats of the model's linear layers: 'none' for float, else e.g. 'int4 (group 32)'."""
-    from decoderkit.layers.quantized import QuantizedLinear
+    from decoderkit.layers.quantized import Int4Linear, QuantizedLinear
 
-    kinds = Counter(f"int4 (group {m.group_size})" if hasattr(m, "group_size") else "int8"
-                    for m in model.modules() if isinstance(m, QuantizedLinear))
+    def kind(m: QuantizedLinear) -> str:
+        if isinstance(m, Int4Linear):
+            return f"int4 (group {m.group_size})"
+        # int8 is per output channel, or (kept from a GGUF Q8_0 file) per block of inputs
+        group = getattr(m, "group_size", None)
+        return "int8" if group is None or group == m.in_features else f"int8 (group {group})"
+
+    kinds = Counter(kind(m) for m in model.modules() if isinstance(m, QuantizedLinear))
     return ", ".join(kind for kind, _ in kinds.most_common()) or "none"
 
 
