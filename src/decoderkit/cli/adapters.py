@@ -73,29 +73,20 @@ def apply_adapter(model: Any, directory: str | Path, flag: str = "--adapter") ->
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """`decoderkit merge BASE ADAPTER OUT`: a model directory with the adapter folded into the weights."""
-    from decoderkit import AutoModelForCausalLM
-    from decoderkit.checkpoint import parse_size
+    from decoderkit.cli.manage import check_output_dir, check_shard_size, load_float_model
 
     source = locate_model(args.base)
     adapter = adapter_dir(args.adapter, "ADAPTER")
     output = Path(args.output)
     if output.exists() and output.resolve() in (source.resolve(), adapter.resolve()):
         raise UsageError("OUT must differ from BASE and ADAPTER")
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"{output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
-        raise CLIError(f"{output}: directory is not empty; pass --overwrite to replace it")
+    check_output_dir(output, args.overwrite, "--overwrite to replace it")
     if not output.parent.resolve().is_dir():
         raise CLIError(f"{output.parent}: no such directory")
-    try:
-        parse_size(args.max_shard_size)
-    except ValueError as err:
-        raise UsageError(f"--max-shard-size: {err}") from None
+    check_shard_size(args.max_shard_size)
 
     start = time.perf_counter()
-    dtype = args.dtype or ("float32" if source.is_file() else "auto")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu", quantization="none",
-                                                 progress=False if getattr(args, "quiet", False) else None)
+    model = load_float_model(args, source)
     model = apply_adapter(model, adapter, "ADAPTER")
     # Written beside OUT and renamed into place: a failure or Ctrl-C leaves no half-written model under OUT.
     staging = output.parent / f".{output.name}.merge-tmp"

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from decoderkit.cli.common import EXIT_ERROR, EXIT_OK, PROG, CLIError, UsageError, _note, copy_tokenizer, locate_model
 
@@ -43,11 +44,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _exit_status(lambda: serve_main(args.trainer_args))
 
 
+def check_output_dir(output: Path, allowed: bool, how: str) -> None:
+    """OUTPUT of a command that writes a model directory: absent, an empty directory, or `allowed` (the flag)."""
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not allowed:
+        raise CLIError(f"{output}: directory is not empty; pass {how}")
+
+
+def check_shard_size(value: str) -> None:
+    from decoderkit.checkpoint import parse_size
+
+    try:
+        parse_size(value)
+    except ValueError as err:
+        raise UsageError(f"--max-shard-size: {err}") from None
+
+
+def load_float_model(args: argparse.Namespace, source: Path) -> Any:
+    """The float model a writing command starts from, on CPU, in `--dtype`. A quantized GGUF tensor has no dtype of
+    its own: it is dequantized to float32 unless told otherwise."""
+    from decoderkit import AutoModelForCausalLM
+
+    dtype = args.dtype or ("float32" if source.is_file() else "auto")
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu", quantization="none",
+                                                progress=False if getattr(args, "quiet", False) else None)
+
+
 # ---------------------------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     """`decoderkit convert`: a .gguf file or model directory to a (re-typed) Hugging Face directory."""
-    from decoderkit import AutoModelForCausalLM
-
     source = locate_model(args.source)
     output = Path(args.output)
     if output.suffix == ".gguf":
@@ -56,24 +82,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--type applies to a .gguf OUTPUT; a directory takes --dtype")
     if output.exists() and output.resolve() == source.resolve():
         raise UsageError("OUTPUT must differ from SOURCE (the weights are read while the output is written)")
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"{output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not args.force:
-        raise CLIError(f"{output}: directory is not empty; pass --force to write into it")
+    check_output_dir(output, args.force, "--force to write into it")
     if source.is_dir() and args.dtype is None:
         raise UsageError("converting a model directory needs --dtype (a .gguf source needs no options)")
-    from decoderkit.checkpoint import parse_size
-
-    try:
-        parse_size(args.max_shard_size)
-    except ValueError as err:
-        raise UsageError(f"--max-shard-size: {err}") from None
+    check_shard_size(args.max_shard_size)
 
     start = time.perf_counter()
-    # A quantized GGUF tensor has no dtype of its own: it is dequantized to float32 unless told otherwise.
-    dtype = args.dtype or ("float32" if source.is_file() else "auto")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device="cpu", quantization="none",
-                                                 progress=False if getattr(args, "quiet", False) else None)
+    model = load_float_model(args, source)
     model.save_pretrained(output, max_shard_size=args.max_shard_size)
     copy_tokenizer(source, output)
     _note(args, f"wrote {output} ({str(model.dtype).removeprefix('torch.')}, {model.num_parameters():,} parameters) "
