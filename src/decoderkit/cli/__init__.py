@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from collections.abc import Sequence
 
 from decoderkit.cli.adapters import add_merge_parser
@@ -20,10 +19,8 @@ from decoderkit.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     PROG,
-    CLIError,
     UsageError,
     _cli_logging,
-    _describe,
     _Parser,
     _silence_stdout,
     default_model_path,
@@ -33,6 +30,7 @@ from decoderkit.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    report_error,
     speculative_mode,
     temperature_value,
     top_p_value,
@@ -223,9 +221,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_ERROR
     except Exception as err:  # noqa: BLE001 - the boundary where any failure becomes one line
-        if verbose:
-            traceback.print_exc()
-        expected = isinstance(err, (CLIError, OSError, ValueError))
-        hint = "" if verbose or expected else " (run with --verbose for details)"
-        print(f"{prog}: error: {_describe(err)}{hint}", file=sys.stderr)
+        report_error(prog, err, verbose)
         return EXIT_ERROR

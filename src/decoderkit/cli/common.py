@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -138,6 +139,16 @@ def _describe(err: BaseException) -> str:
     else:
         text = f"{type(err).__name__}: {err}"
     return " ".join(text.split()) or type(err).__name__
+
+
+def report_error(prog: str, err: BaseException, verbose: bool) -> None:
+    """The one stderr line every command prints for a failure (after the traceback with `--verbose`); a hint to rerun
+    with `--verbose` when the error is not one of the expected kinds."""
+    if verbose:
+        traceback.print_exc()
+    expected = isinstance(err, (CLIError, OSError, ValueError))
+    hint = "" if verbose or expected else " (run with --verbose for details)"
+    print(f"{prog}: error: {_describe(err)}{hint}", file=sys.stderr)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -12,7 +12,6 @@ import errno
 import json
 import socket
 import sys
-import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -81,7 +80,7 @@ def start_line(names: list[str], path: Any, model: Any, threads: int, context: i
 def serve_errors(verbose: bool) -> Iterator[None]:
     """The CLI's error contract around the server: one line on stderr and status 1 for an error (the traceback with
     `--verbose`), 130 on Ctrl-C before the server runs (uvicorn handles it after)."""
-    from decoderkit.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, _describe
+    from decoderkit.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, report_error
 
     try:
         yield
@@ -89,11 +88,7 @@ def serve_errors(verbose: bool) -> Iterator[None]:
         print("\ndecoderkit serve: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as err:  # noqa: BLE001 - the boundary where any failure becomes one line
-        if verbose:
-            traceback.print_exc()
-        expected = isinstance(err, (CLIError, OSError, ValueError))
-        hint = "" if verbose or expected else " (run with --verbose for details)"
-        print(f"decoderkit serve: error: {_describe(err)}{hint}", file=sys.stderr)
+        report_error("decoderkit serve", err, verbose)
         raise SystemExit(EXIT_ERROR) from None
 
 
