@@ -7,14 +7,13 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from test_cli import TEXT, run_cli, run_main, save_tiny_model
-from test_cli_contract import first_line
+from test_cli_contract import first_line, wait_until_healthy
 
 import decoderkit
 from decoderkit.training.lora import LoraConfig, apply_lora, save_adapter
@@ -142,15 +141,7 @@ def test_serve_serves_each_adapter_as_a_model(capsys, tiny, adapter):
         line = first_line(proc)
         assert "serving tiny (+ adapters: poet)" in line, line
         base = "http://127.0.0.1:" + re.search(r"127\.0\.0\.1:(\d+)/v1", line).group(1)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_healthy(base, proc)
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["tiny", "poet"]
 
         def served(model: str) -> httpx.Response:

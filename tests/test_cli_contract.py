@@ -23,6 +23,19 @@ from decoderkit.cli import threads as cli_threads
 COMMANDS_WITH_THREADS = ["generate", "chat", "bench", "convert", "merge", "train", "serve"]
 
 
+def wait_until_healthy(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Poll a started server's /health until it answers 200; fail if the process exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def first_line(proc: subprocess.Popen, timeout: float = 120) -> str:
     """The first line the process writes on stderr, waiting at most `timeout` seconds ('' if none comes)."""
     data, deadline = b"", time.monotonic() + timeout
@@ -174,15 +187,7 @@ def test_serve_prints_what_it_serves_and_where(tiny):
         assert f"serving tiny from {tiny.resolve()} on cpu, dtype bfloat16, quantization none, 1 thread, " \
                "context 128 tokens" in line
         base = f"http://127.0.0.1:{match.group(1)}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_healthy(base, proc)
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["tiny"]
     finally:
         proc.terminate()
