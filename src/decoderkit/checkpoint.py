@@ -421,17 +421,17 @@ def _materialise(plan: _Plan, source: Source, dtype: torch.dtype, device: torch.
                 # reshaped by the family, or quantized: whole, into the reused buffer unless a quantizer may keep it
                 tensor = tensor.read(keep=bool(converters))
             blocks = tensor if isinstance(tensor, GGUFBlocks) else None
-            if blocks is not None:
-                tensor = blocks.codes
             if source.entries is None:
-                plan.add(hf_name, tensor)
+                plan.add(hf_name, tensor if blocks is None else torch.empty(blocks.shape, device="meta"))
                 if hf_name not in plan.needed:
                     continue
-            pairs = plan.translate(hf_name, tensor)
-            if blocks is not None:
-                # codes and per-group parameters go through the same row moves (un-permute, fused splits)
-                params = [p for _, p in plan.translate(hf_name, blocks.params)]
-                pairs = [(n, GGUFBlocks(c, p, blocks.qtype)) for (n, c), p in zip(pairs, params, strict=True)]
+            if blocks is None:
+                pairs = plan.translate(hf_name, tensor)
+            else:
+                # codes, scales and offsets go through the same row moves (fused splits)
+                moved = [plan.translate(hf_name, part) for part in blocks.parts()]
+                pairs = [(pieces[0][0], blocks.with_parts([t for _, t in pieces]))
+                         for pieces in zip(*moved, strict=True)]
             for name, value in pairs:
                 if name not in plan.expected or name in state:
                     continue

@@ -72,12 +72,11 @@ def _int8_entries(prefix: str, value: Any, dtype: torch.dtype, layout: str) -> d
     from decoderkit.gguf_model import GGUFBlocks
 
     if isinstance(value, GGUFBlocks):
-        if value.params.shape[1] == 1:  # already int8 per row
-            return {f"{prefix}weight_int8": value.codes.to(torch.int8),
-                    f"{prefix}scales": Int8Linear.row_scales(value.params[:, 0, 0], dtype, layout)}
-        if layout == "kernel" and value.codes.dtype == torch.int8:  # Q8_0: its own codes and float16 scales
-            return {f"{prefix}weight_int8": value.codes,
-                    f"{prefix}scales": value.params[..., 0].half().contiguous()}
+        if value.scales.shape[1] == 1 and not value.packed:  # already int8 per row
+            return {f"{prefix}weight_int8": value.data.contiguous(),
+                    f"{prefix}scales": Int8Linear.row_scales(value.scales[:, 0], dtype, layout)}
+        if layout == "kernel" and not value.packed:  # Q8_0: its own codes and float16 scales
+            return {f"{prefix}weight_int8": value.data.contiguous(), f"{prefix}scales": value.scales.contiguous()}
         value = _RowDequantized(value)
     return {f"{prefix}{k}": v for k, v in Int8Linear.quantize(value, dtype, layout).items()}
 
@@ -86,23 +85,23 @@ class _RowDequantized:
     """A GGUFBlocks read as float rows on demand, so requantizing it never holds the whole float tensor."""
 
     def __init__(self, blocks: Any) -> None:
-        self.blocks, self.shape = blocks, blocks.codes.shape
+        self.blocks, self.shape = blocks, blocks.shape
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        from decoderkit.gguf_model import GGUFBlocks
-
-        return GGUFBlocks(self.blocks.codes[rows], self.blocks.params[rows], self.blocks.qtype).dequantize()
+        return self.blocks.rows(rows).dequantize()
 
 
 def _int4_entries(prefix: str, value: Any, group: int, dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
     from decoderkit.gguf_model import INT4_TYPES, GGUFBlocks
 
     if isinstance(value, GGUFBlocks):
-        if value.qtype not in INT4_TYPES or value.codes.shape[1] // value.params.shape[1] != group:
+        if value.qtype not in INT4_TYPES or value.shape[1] // value.scales.shape[1] != group:
             raise ValueError(f"{prefix}weight: a {value.qtype.name} tensor cannot fill an int4 group-{group} layer")
-        # float16 in the file, so exactly float16 again; torch's layout rounds its zero once (exact for Q4_0)
-        scale, offset = value.params[..., 0].half(), value.params[..., 1].half()
-        entries = Int4Linear.pack_affine(value.codes, scale, offset, dtype, layout)
+        if layout == "kernel":  # the file's nibbles and float16 scales are the kernel's layout: taken as they are
+            entries = {"weight_int4": value.data.contiguous(), "scales": value.scales.contiguous(),
+                       "offsets": value.offsets.contiguous()}
+        else:  # torch's layout rounds its zero once (exact for Q4_0)
+            entries = Int4Linear.pack_affine(value.codes, value.scales, value.offsets, dtype, layout)
     else:
         entries = Int4Linear.quantize(value, group, dtype, layout)
     return {f"{prefix}{k}": v for k, v in entries.items()}
