@@ -487,7 +487,7 @@ def progress_bar_options(progress: bool | None) -> dict[str, Any]:
 
 def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], missing: list[str], device: torch.device,
             dtype: torch.dtype, label: str) -> None:
-    model.load_state_dict(state, strict=False, assign=True)
+    _assign_tensors(model, state)
     if missing:
         logger.warning("%s: these head weights are not in the checkpoint and were newly initialised "
                        "(train them before use): %s", label, ", ".join(missing))
@@ -504,6 +504,27 @@ def _assign(model: PreTrainedDecoder, state: dict[str, torch.Tensor], missing: l
                 setattr(module, param_name, torch.nn.Parameter(fresh))
     model.tie_weights()
     model.model.rebuild_buffers(device)
+
+
+def _assign_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state, strict=False, assign=True)`` for tensors the plan has already named and shaped.
+
+    torch's version visits every module with a filtered copy of the whole state dict (a quarter of a second for a
+    30-layer model); this sets each tensor on its module, with the same rule: a parameter stays a parameter with its
+    ``requires_grad``.
+    """
+    modules = dict(model.named_modules())
+    for name, value in state.items():
+        owner, _, attr = name.rpartition(".")
+        module = modules[owner]
+        current = module._parameters.get(attr, module._buffers.get(attr))
+        if current is None or current.shape != value.shape:
+            raise RuntimeError(f"{name}: {tuple(value.shape)} read for a model tensor of shape "
+                               f"{None if current is None else tuple(current.shape)}")
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
+        else:
+            module._buffers[attr] = value
 
 
 def _attach_generation_config(model: PreTrainedDecoder, directory: Path | None, hf_config: dict[str, Any]) -> None:

@@ -8,8 +8,9 @@ there), so the model never holds a float copy of a quantized layer. Families nev
 Which layers:
 * every linear layer of the decoder stack, and the output head (at batch 1 the head of a small model is a fifth of
   the bytes read per token, so it pays to read it as int8 / int4);
-* a head tied to the input embedding becomes int8 for both, sharing one table (an int4 table has no cheap gather),
-  except a GGUF file's Q4_0 / Q4_1 tied table, which stays int4 for the head beside a float embedding;
+* a head tied to the input embedding becomes int8 for both, sharing one table, except a GGUF file's Q4_0 / Q4_1 tied
+  table, which stays int4 for both where decoderkit's kernel runs (`Int4Embedding` gathers and dequantizes only the
+  rows looked up) and int4 for the head beside a float embedding on torch's kernels (whose int4 layout is opaque);
 * other heads (classification, question answering) and an untied embedding stay float.
 
 Layout (layers/quantized.py): where decoderkit's kernel builds, GGUF's Q4_0 / Q4_1 / Q8_0 blocks keep their exact
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from decoderkit.layers.quantized import (
+    Int4Embedding,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -196,7 +198,16 @@ def _tie_head(model: nn.Module, load: QuantizedLoad, embed_name: str, bits: int,
             head = _int8_entries("lm_head.", value, dtype, layout)
             return {**head, f"{embed_name}.weight_int8": head["lm_head.weight_int8"],
                     f"{embed_name}.scales": head["lm_head.scales"]}
+    elif layout == "kernel":
+        with torch.device("meta"):
+            _swap(model, embed_name, Int4Embedding(vocab, dim, group_size=group, dtype=dtype))
+        load.replaced |= {f"{embed_name}.{b}" for b in ("weight_int4", "scales", "offsets", "weight")}
+
+        def convert(value: Any) -> dict[str, torch.Tensor]:
+            head = _int4_entries("lm_head.", value, group, dtype, layout)
+            return {**head, **{f"{embed_name}.{b}": head[f"lm_head.{b}"] for b in ("weight_int4", "scales", "offsets")}}
     else:
+        # torch's int4 layout is opaque to a gather: the embedding keeps the table's float values
         def convert(value: Any) -> dict[str, torch.Tensor]:
             return {**_int4_entries("lm_head.", value, group, dtype, layout),
                     f"{embed_name}.weight": value.dequantize().to(dtype)}

@@ -13,7 +13,8 @@
   ``w = scale * q + offset``, two codes a byte, each run of 32 inputs 16 bytes with input j in the low nibble of byte
   j and input j + 16 in the high one (GGUF's order). Torch layout: ``w = (q - 8) * scale + zero`` (the formula of
   ``aten._weight_int4pack_mm_for_cpu``).
-* `Int8Embedding`: the gather for an embedding tied to an `Int8Linear` output head, reading the head's own buffers.
+* `Int8Embedding` / `Int4Embedding`: the gather for an embedding tied to an `Int8Linear` / kernel-layout
+  `Int4Linear` output head, reading the head's own buffers and dequantizing only the rows looked up.
 
 The packed data are buffers, not parameters: nothing trains them (`check_trainable` says what to do instead), and
 inductor's freezing folds them into a compiled graph as constants without repacking them. Torch's kernels have fast
@@ -257,12 +258,7 @@ class Int4Linear(QuantizedLinear):
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         if self.layout == "kernel":
-            # the kernel's fma(q, scale, offset), one rounding: float32 does it where scale * q is exact (float16
-            # scales), float64 otherwise
-            work = torch.float32 if self.scales.dtype == torch.float16 else torch.float64
-            codes = unpack_nibbles(self.weight_int4).to(work).unflatten(-1, (self.scales.shape[1], -1))
-            w = torch.addcmul(self.offsets.to(work)[..., None], codes, self.scales.to(work)[..., None])
-            return w.flatten(-2).float()
+            return _int4_rows(self.weight_int4, self.scales, self.offsets)
         # The packed layout is torch's own; reading columns back through it (one-hot inputs, fp32 scales: a
         # single product and sum each) gives exactly the weight the kernel multiplies by.
         sz = self.scales_and_zeros.float()
@@ -337,6 +333,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3)
 
 
+def _int4_rows(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Float32 rows (..., in) of kernel-layout int4 codes (..., in / 2) with their scales and offsets (..., groups)."""
+    # the kernel's fma(q, scale, offset), one rounding: float32 does it where scale * q is exact (float16 scales),
+    # float64 otherwise
+    work = torch.float32 if scales.dtype == torch.float16 else torch.float64
+    codes = unpack_nibbles(packed).to(work).unflatten(-1, (scales.shape[-1], -1))
+    w = torch.addcmul(offsets.to(work)[..., None], codes, scales.to(work)[..., None])
+    return w.flatten(-2).float()
+
+
 class Int8Embedding(nn.Module):
     """Embedding rows gathered from an int8 table (the tied output head's `weight_int8` and `scales`)."""
 
@@ -362,7 +368,36 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-QUANTIZED_MODULES = (QuantizedLinear, Int8Embedding)
+class Int4Embedding(nn.Module):
+    """Embedding rows gathered from a kernel-layout int4 table (the tied output head's `weight_int4`, `scales` and
+    `offsets`): only the looked-up rows are unpacked, to the values the head multiplies by."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if group_size not in SUPPORTED_GROUP_SIZES or embedding_dim % group_size:
+            raise ValueError(f"int4 embedding group_size={group_size!r}: needs one of {list(SUPPORTED_GROUP_SIZES)} "
+                             f"dividing the embedding size {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.output_dtype = dtype
+        groups = embedding_dim // group_size
+        self.register_buffer("weight_int4",
+                             torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=torch.float16, device=device))
+        self.register_buffer("offsets", torch.empty(num_embeddings, groups, dtype=torch.float16, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _int4_rows(self.weight_int4[ids], self.scales[ids], self.offsets[ids]).to(self.output_dtype)
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        return _int4_rows(self.weight_int4, self.scales, self.offsets)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+
+QUANTIZED_MODULES = (QuantizedLinear, Int8Embedding, Int4Embedding)
 
 
 def check_trainable(model: nn.Module) -> None:
