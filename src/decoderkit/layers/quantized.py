@@ -16,7 +16,8 @@
 * `Int8Embedding` / `Int4Embedding`: the gather for an embedding tied to an `Int8Linear` / kernel-layout
   `Int4Linear` output head, reading the head's own buffers and dequantizing only the rows looked up.
 
-The packed data are buffers, not parameters: nothing trains them (`check_trainable` says what to do instead), and
+The packed data are buffers, not parameters: nothing trains them (`check_trainable` says what to do instead; LoRA
+adapters over them train, the layers passing input gradients through their dequantized weight), and
 inductor's freezing folds them into a compiled graph as constants without repacking them. Torch's kernels have fast
 paths for bfloat16 activations only on CPUs without AVX-512 (float32 is exact but about 10x slower there).
 """
@@ -24,6 +25,7 @@ paths for bfloat16 activations only on CPUs without AVX-512 (float32 is exact bu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,6 +125,8 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenWeight.apply(x, self)
         flat = _flat(x, self.activation_dtype)
         if self.layout == "kernel" and flat.shape[0] > KERNEL_ROWS:
             y = flat @ self.dequantize().t()
@@ -140,6 +144,24 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"layout={self.layout}")
+
+
+class _FrozenWeight(torch.autograd.Function):
+    """A packed layer's output, differentiable in its input (LoRA adapters below it train): the packed weight is
+    frozen, and the backward pass multiplies by this one layer's dequantized weight, made there and dropped after,
+    so that no float copy of the model's weights exists at any time."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return QuantizedLinear.forward(layer, x)  # grad mode is off here: the packed kernels run, adapters not
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layer = ctx.layer
+        weight = layer.dequantize()  # (out, in) float32
+        grad_x = grad.reshape(-1, layer.out_features).float() @ weight
+        return grad_x.reshape(*grad.shape[:-1], layer.in_features).to(grad.dtype), None
 
 
 class Int8Linear(QuantizedLinear):
@@ -400,12 +422,14 @@ class Int4Embedding(nn.Module):
 QUANTIZED_MODULES = (QuantizedLinear, Int8Embedding, Int4Embedding)
 
 
-def check_trainable(model: nn.Module) -> None:
-    """Raise when `model` holds quantized weights: they are packed integers that no optimizer can update."""
+def check_trainable(model: nn.Module, adapters: bool = False) -> None:
+    """Raise when `model` holds quantized weights and is to be trained in full: they are packed integers that no
+    optimizer can update. `adapters` (the model has LoRA adapters, its base frozen) allows them."""
     names = [name for name, module in model.named_modules() if isinstance(module, QUANTIZED_MODULES)]
-    if names:
+    if names and not adapters:
         raise ValueError(
-            f"this model holds quantized weights ({len(names)} modules, e.g. {names[0]}), which cannot be trained: "
-            "load it with quantization='none' (or a float dtype of an HF checkpoint) to fine-tune, or train LoRA "
-            "adapters on the float model and merge them before quantizing"
+            f"this model holds quantized weights ({len(names)} modules, e.g. {names[0]}), which cannot be fully "
+            "fine-tuned: train LoRA adapters over the frozen quantized base (apply_lora, or --lora on the command "
+            "line), or load it with quantization='none' (or a float dtype of an HF checkpoint) to fine-tune every "
+            "weight"
         )
