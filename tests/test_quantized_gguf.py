@@ -44,15 +44,19 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no kernel build")
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
-def test_tied_q4_embedding_gathers_from_the_heads_packed_table(tmp_path, qtype):
+@pytest.mark.parametrize("qtype, kinds, tables", [
+    (Q.Q4_0, (Int4Embedding, Int4Linear), ("weight_int4", "scales", "offsets")),
+    (Q.Q4_1, (Int4Embedding, Int4Linear), ("weight_int4", "scales", "offsets")),
+    (Q.Q8_0, (Int8Embedding, Int8Linear), ("weight_int8", "scales")),
+], ids=lambda v: v.name if isinstance(v, Q) else "")
+def test_tied_quantized_embedding_gathers_from_the_heads_packed_table(tmp_path, qtype, kinds, tables):
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, qtype, tie=True)
     packed = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     floats = AutoModelForCausalLM.from_pretrained(path, dtype="float32", quantization="none")
     embed, head = packed.model.embed_tokens, packed.lm_head
-    assert isinstance(embed, Int4Embedding) and isinstance(head, Int4Linear)
-    for name in ("weight_int4", "scales", "offsets"):
+    assert isinstance(embed, kinds[0]) and isinstance(head, kinds[1])
+    for name in tables:
         assert getattr(embed, name).data_ptr() == getattr(head, name).data_ptr(), name
     # no float copy of the (vocab, hidden) table anywhere: the model is its packed layers plus the float norms
     vocab, hidden = TINY["vocab"], TINY["hidden"]
@@ -85,9 +89,10 @@ def test_quantized_path_matches_the_dequantized_float_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_runs_packed_weights(tmp_path):
+@pytest.mark.parametrize("tie", [False, True])  # tied: the embedding gathers from the packed int4 table
+def test_compiled_decode_step_runs_packed_weights(tmp_path, tie):
     path = tmp_path / "tiny.gguf"
-    write_tiny_llama(path, Q.Q4_0, tie=False)
+    write_tiny_llama(path, Q.Q4_0, tie=tie)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16")
     ids = torch.tensor([[1, 5, 7, 9]])
     eager = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
