@@ -63,6 +63,7 @@ def child(loader: str, path: str, dtype: str) -> None:
         import tqdm.auto  # noqa: F401
 
         import decoderkit.checkpoint  # noqa: F401
+        import decoderkit.generation.config  # noqa: F401 - every load attaches a generation config
         import decoderkit.gguf_model  # noqa: F401
         import decoderkit.quantization  # noqa: F401
         from decoderkit import AutoModelForCausalLM

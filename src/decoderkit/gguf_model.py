@@ -264,15 +264,18 @@ def _architecture(meta: GGUFMetadata) -> Family:
 @functools.cache
 def _gguf_to_hf_names(arch_name: str, n_layers: int) -> dict[str, str]:
     family = _families_by_architecture()[arch_name]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name.upper()], n_layers)
+    # gguf's map of one block gives each template's tensor kind; its GGUF name for any block follows from the kind
+    # (a map of every block formats every name of every architecture's mappings once per block: 0.1 s for 30 blocks)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name.upper()], 1)
     names = {}
     for template in family.gguf_parameters():
+        found = name_map.get_type_and_name(template.format(bid=0), try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise RuntimeError(f"gguf {importlib.metadata.version('gguf')} has no {arch_name} tensor for {template}")
+        kind, first = found
+        suffix = first[len(gguf.TENSOR_NAMES[kind].format(bid=0)):]
         for bid in range(n_layers) if "{bid}" in template else (None,):
-            hf_name = template.format(bid=bid)
-            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise RuntimeError(f"gguf {importlib.metadata.version('gguf')} has no {arch_name} tensor for {hf_name}")
-            names[gguf_name] = hf_name
+            names[gguf.TENSOR_NAMES[kind].format(bid=bid) + suffix] = template.format(bid=bid)
     return names
 
 
@@ -334,55 +337,85 @@ _ROWS_AT_ONCE = 2048  # rows decoded at a time: bounds the float scratch of a re
 
 @dataclass
 class GGUFBlocks:
-    """One quantized GGUF tensor (out, in) as codes and per-group affine parameters: ``w = scale * code + offset``.
+    """One quantized GGUF tensor (out, in) in the form decoderkit's layers hold it: ``w = scale * code + offset``.
 
-    ``codes`` is uint8 (0..15, Q4_0 / Q4_1) or int8 (Q8_0's own codes, or the rest requantized per row); ``params``
-    is float32 (out, groups, 2) holding [scale, offset] for each group of ``in / groups`` inputs. Both keep the rows
-    of the tensor, so row permutations and splits (llama's q/k un-permute, fused-qkv splits) apply to each alike.
+    ``data`` is, for Q4_0 / Q4_1, the file's own nibbles, uint8 (out, in / 2): each run of 32 inputs is 16 bytes,
+    byte j holding input j in its low nibble and input j + 16 in its high one, which is also the packed layout of
+    decoderkit's kernel (layers/quantized.py), so it is copied out of the file unchanged. For the rest it is int8
+    (out, in): Q8_0's own codes, or the other types requantized per row. ``scales`` is (out, groups): the file's
+    float16 scales (Q4, Q8_0), or float32 per row (requantized); ``offsets`` is float16 (out, groups) for Q4 (Q4_1's
+    mins, Q4_0's ``-8 scale``) and None for the symmetric int8 forms. Every part keeps the rows of the tensor, so row
+    permutations and splits (llama's q/k un-permute, fused-qkv splits) apply to each part alike (see `parts`).
     """
 
-    codes: torch.Tensor
-    params: torch.Tensor
+    data: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
     qtype: GGMLQuantizationType
 
     @property
+    def packed(self) -> bool:
+        """Two 4-bit codes a byte (Q4_0 / Q4_1)."""
+        return self.qtype in INT4_TYPES
+
+    @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        rows, cols = self.data.shape
+        return torch.Size((rows, cols * 2 if self.packed else cols))
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """One code a weight (out, in): uint8 0..15 (Q4) or int8."""
+        if not self.packed:
+            return self.data
+        runs = self.data.unflatten(-1, (-1, 16))
+        return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3)
+
+    @property
+    def params(self) -> torch.Tensor:
+        """float32 (out, groups, 2): [scale, offset] of each group of ``in / groups`` inputs."""
+        scales = self.scales.float()
+        offsets = torch.zeros_like(scales) if self.offsets is None else self.offsets.float()
+        return torch.stack([scales, offsets], dim=-1)
+
+    def parts(self) -> list[torch.Tensor]:
+        """The row-aligned tensors (data, scales, offsets if any); `with_parts` builds blocks from moved ones."""
+        return [self.data, self.scales] + ([] if self.offsets is None else [self.offsets])
+
+    def with_parts(self, parts: list[torch.Tensor]) -> GGUFBlocks:
+        return GGUFBlocks(parts[0], parts[1], parts[2] if len(parts) > 2 else None, self.qtype)
+
+    def rows(self, rows: slice) -> GGUFBlocks:
+        return self.with_parts([p[rows] for p in self.parts()])
 
     def dequantize(self) -> torch.Tensor:
-        groups = self.params.shape[1]
-        codes = self.codes.float().reshape(self.codes.shape[0], groups, -1)
-        w = codes * self.params[..., :1] + self.params[..., 1:]
-        return w.reshape(self.codes.shape)
+        params = self.params
+        codes = self.codes.float().reshape(self.data.shape[0], params.shape[1], -1)
+        w = codes * params[..., :1] + params[..., 1:]
+        return w.reshape(self.shape)
 
 
-def _q4_rows(raw: np.ndarray, has_min: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (n, K) uint8 and params (n, K/32, 2) of Q4_0 / Q4_1 rows (n, blocks, bytes per block)."""
-    d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
-    if has_min:
-        offset, qs = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0].astype(np.float32), raw[..., 4:]
-    else:
-        offset, qs = -8.0 * d, raw[..., 2:]
-    # a block's byte j holds element j in its low nibble and element j + 16 in its high one
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], -1)
-    return codes, np.stack([d, offset], axis=-1)
-
-
-def _q8_0_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (n, K) int8 and params (n, K/32, 2) of Q8_0 rows (n, blocks, 34 bytes): a float16 scale, 32 codes."""
-    d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
-    codes = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
-    return codes, np.stack([d, np.zeros_like(d)], axis=-1)
+# One block of each type as numpy sees it: its float16 scale (and min), then its codes as one opaque field, so that
+# picking the codes out of a tensor's blocks is one strided copy of 16 / 32 bytes at a time.
+_BLOCK_DTYPES = {
+    GGMLQuantizationType.Q4_0: np.dtype([("d", "<f2"), ("qs", "V16")]),
+    GGMLQuantizationType.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "V16")]),
+    GGMLQuantizationType.Q8_0: np.dtype([("d", "<f2"), ("qs", "V32")]),
+}
 
 
 def _int8_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.maximum(np.abs(values).max(axis=1), np.finfo(np.float32).tiny) / 127.0
     codes = np.clip(np.rint(values / scale[:, None]), -127, 127).astype(np.int8)
-    return codes, np.stack([scale, np.zeros_like(scale)], axis=-1)[:, None, :]
+    return codes, scale[:, None].astype(np.float32)
 
 
-def gguf_blocks(tensor: gguf.ReaderTensor, path: str) -> GGUFBlocks:
-    """A 2-D quantized tensor as `GGUFBlocks`, decoded from the file's bytes a few rows at a time."""
+def gguf_blocks(tensor: gguf.ReaderTensor, path: str, row_order: torch.Tensor | None = None) -> GGUFBlocks:
+    """A 2-D quantized tensor as `GGUFBlocks`, copied out of the file's bytes (Q4_0 / Q4_1 / Q8_0: one strided copy
+    per part; the other types decoded and requantized a few rows at a time).
+
+    `row_order` (out,) reorders the rows on the way (row i of the result is row ``row_order[i]`` of the file).
+    """
     qtype = tensor.tensor_type
     if qtype not in INT4_TYPES and qtype not in INT8_TYPES:
         raise ValueError(
@@ -391,21 +424,49 @@ def gguf_blocks(tensor: gguf.ReaderTensor, path: str) -> GGUFBlocks:
             "dequantize it to floats instead"
         )
     rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
-    data = tensor.data  # (rows, bytes per row): a view of the memory map
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    codes = np.empty((rows, cols), dtype=np.uint8 if qtype in INT4_TYPES else np.int8)
-    groups = cols // block if qtype in INT4_TYPES or qtype == GGMLQuantizationType.Q8_0 else 1
-    params = np.empty((rows, groups, 2), dtype=np.float32)
+    order = None if row_order is None else row_order.numpy()
+    data = np.asarray(tensor.data)  # (rows, bytes per row): a view of the memory map
+    if qtype in _BLOCK_DTYPES:
+        blocks = data.view(_BLOCK_DTYPES[qtype])  # (rows, blocks)
+        if order is not None:
+            blocks = blocks[order]
+        scales = np.ascontiguousarray(blocks["d"])
+        codes = np.ascontiguousarray(blocks["qs"]).view(np.uint8 if qtype in INT4_TYPES else np.int8)
+        codes = codes.reshape(rows, -1)
+        if qtype == GGMLQuantizationType.Q8_0:
+            offsets = None
+        elif qtype == GGMLQuantizationType.Q4_1:
+            offsets = np.ascontiguousarray(blocks["m"])
+        else:
+            offsets = scales * np.float16(-8.0)  # w = d (q - 8); a power of two: exact in float16
+        return GGUFBlocks(torch.from_numpy(codes), torch.from_numpy(scales),
+                          None if offsets is None else torch.from_numpy(offsets), qtype)
+    codes = np.empty((rows, cols), dtype=np.int8)
+    scales = np.empty((rows, 1), dtype=np.float32)
     for start in range(0, rows, _ROWS_AT_ONCE):
         chunk = data[start:start + _ROWS_AT_ONCE]
-        if qtype in INT4_TYPES:
-            out = _q4_rows(chunk.reshape(chunk.shape[0], -1, size), qtype == GGMLQuantizationType.Q4_1)
-        elif qtype == GGMLQuantizationType.Q8_0:
-            out = _q8_0_rows(chunk.reshape(chunk.shape[0], -1, size))
-        else:
-            out = _int8_rows(gguf.quants.dequantize(chunk, qtype).reshape(chunk.shape[0], cols))
-        codes[start:start + _ROWS_AT_ONCE], params[start:start + _ROWS_AT_ONCE] = out
-    return GGUFBlocks(torch.from_numpy(codes), torch.from_numpy(params), qtype)
+        out = _int8_rows(gguf.quants.dequantize(chunk, qtype).reshape(chunk.shape[0], cols))
+        codes[start:start + _ROWS_AT_ONCE], scales[start:start + _ROWS_AT_ONCE] = out
+    if order is not None:
+        codes, scales = codes[order], scales[order]
+    return GGUFBlocks(torch.from_numpy(codes), torch.from_numpy(scales), None, qtype)
+
+
+def _row_order(arch: Family, name: str, rows: int, config: dict[str, Any]) -> torch.Tensor | None:
+    """The family's fix-up of a quantized tensor as a reordering of its rows (None: unchanged).
+
+    A packed tensor can only have its rows moved; a fix-up that changes values (Gemma's norm offset: only on float
+    norms) cannot apply to one.
+    """
+    index = torch.arange(rows)[:, None]
+    moved = arch.fix_gguf_tensor(name, index, config)
+    if moved is index:
+        return None
+    order = moved.numpy().ravel() if moved.shape == (rows, 1) and moved.dtype == index.dtype else None
+    if order is None or not np.array_equal(np.bincount(order, minlength=rows), np.ones(rows, np.int64)):
+        raise ValueError(f"tensor {name!r}: the {arch.model_type} fix-up of a quantized tensor is not a reordering "
+                         "of its rows; load with quantization='none'")
+    return moved.flatten()
 
 
 def gguf_tensor_types(reader: gguf.GGUFReader,
@@ -503,13 +564,12 @@ def iter_gguf_tensors(
         if tensor.name == _ROPE_FREQS:
             continue
         if native and tensor.tensor_type not in FLOAT_TYPES and len(tensor.shape) == 2:
-            blocks = gguf_blocks(tensor, meta.path)
+            rows = int(tensor.shape[1])
             try:
-                blocks.codes = arch.fix_gguf_tensor(tensor.name, blocks.codes, config)
-                blocks.params = arch.fix_gguf_tensor(tensor.name, blocks.params, config)
+                order = _row_order(arch, tensor.name, rows, config)
             except ValueError as e:
-                raise ValueError(f"{meta.path}: tensor {tensor.name!r} of shape {tuple(blocks.shape)}: {e}") from e
-            yield names[tensor.name], blocks
+                raise ValueError(f"{meta.path}: tensor {tensor.name!r} of {rows} rows: {e}") from e
+            yield names[tensor.name], gguf_blocks(tensor, meta.path, order)
             _release(reader, tensor)
             continue
         weight = _dequantize(tensor)

@@ -8,8 +8,9 @@ there), so the model never holds a float copy of a quantized layer. Families nev
 Which layers:
 * every linear layer of the decoder stack, and the output head (at batch 1 the head of a small model is a fifth of
   the bytes read per token, so it pays to read it as int8 / int4);
-* a head tied to the input embedding becomes int8 for both, sharing one table (an int4 table has no cheap gather),
-  except a GGUF file's Q4_0 / Q4_1 tied table, which stays int4 for the head beside a float embedding;
+* a head tied to the input embedding becomes int8 for both, sharing one table, except a GGUF file's Q4_0 / Q4_1 tied
+  table, which stays int4 for both where decoderkit's kernel runs (`Int4Embedding` gathers and dequantizes only the
+  rows looked up) and int4 for the head beside a float embedding on torch's kernels (whose int4 layout is opaque);
 * other heads (classification, question answering) and an untied embedding stay float.
 
 Layout (layers/quantized.py): where decoderkit's kernel builds, GGUF's Q4_0 / Q4_1 / Q8_0 blocks keep their exact
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from decoderkit.layers.quantized import (
+    Int4Embedding,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -72,12 +74,11 @@ def _int8_entries(prefix: str, value: Any, dtype: torch.dtype, layout: str) -> d
     from decoderkit.gguf_model import GGUFBlocks
 
     if isinstance(value, GGUFBlocks):
-        if value.params.shape[1] == 1:  # already int8 per row
-            return {f"{prefix}weight_int8": value.codes.to(torch.int8),
-                    f"{prefix}scales": Int8Linear.row_scales(value.params[:, 0, 0], dtype, layout)}
-        if layout == "kernel" and value.codes.dtype == torch.int8:  # Q8_0: its own codes and float16 scales
-            return {f"{prefix}weight_int8": value.codes,
-                    f"{prefix}scales": value.params[..., 0].half().contiguous()}
+        if value.scales.shape[1] == 1 and not value.packed:  # already int8 per row
+            return {f"{prefix}weight_int8": value.data.contiguous(),
+                    f"{prefix}scales": Int8Linear.row_scales(value.scales[:, 0], dtype, layout)}
+        if layout == "kernel" and not value.packed:  # Q8_0: its own codes and float16 scales
+            return {f"{prefix}weight_int8": value.data.contiguous(), f"{prefix}scales": value.scales.contiguous()}
         value = _RowDequantized(value)
     return {f"{prefix}{k}": v for k, v in Int8Linear.quantize(value, dtype, layout).items()}
 
@@ -86,23 +87,23 @@ class _RowDequantized:
     """A GGUFBlocks read as float rows on demand, so requantizing it never holds the whole float tensor."""
 
     def __init__(self, blocks: Any) -> None:
-        self.blocks, self.shape = blocks, blocks.codes.shape
+        self.blocks, self.shape = blocks, blocks.shape
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        from decoderkit.gguf_model import GGUFBlocks
-
-        return GGUFBlocks(self.blocks.codes[rows], self.blocks.params[rows], self.blocks.qtype).dequantize()
+        return self.blocks.rows(rows).dequantize()
 
 
 def _int4_entries(prefix: str, value: Any, group: int, dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
     from decoderkit.gguf_model import INT4_TYPES, GGUFBlocks
 
     if isinstance(value, GGUFBlocks):
-        if value.qtype not in INT4_TYPES or value.codes.shape[1] // value.params.shape[1] != group:
+        if value.qtype not in INT4_TYPES or value.shape[1] // value.scales.shape[1] != group:
             raise ValueError(f"{prefix}weight: a {value.qtype.name} tensor cannot fill an int4 group-{group} layer")
-        # float16 in the file, so exactly float16 again; torch's layout rounds its zero once (exact for Q4_0)
-        scale, offset = value.params[..., 0].half(), value.params[..., 1].half()
-        entries = Int4Linear.pack_affine(value.codes, scale, offset, dtype, layout)
+        if layout == "kernel":  # the file's nibbles and float16 scales are the kernel's layout: taken as they are
+            entries = {"weight_int4": value.data.contiguous(), "scales": value.scales.contiguous(),
+                       "offsets": value.offsets.contiguous()}
+        else:  # torch's layout rounds its zero once (exact for Q4_0)
+            entries = Int4Linear.pack_affine(value.codes, value.scales, value.offsets, dtype, layout)
     else:
         entries = Int4Linear.quantize(value, group, dtype, layout)
     return {f"{prefix}{k}": v for k, v in entries.items()}
@@ -197,7 +198,16 @@ def _tie_head(model: nn.Module, load: QuantizedLoad, embed_name: str, bits: int,
             head = _int8_entries("lm_head.", value, dtype, layout)
             return {**head, f"{embed_name}.weight_int8": head["lm_head.weight_int8"],
                     f"{embed_name}.scales": head["lm_head.scales"]}
+    elif layout == "kernel":
+        with torch.device("meta"):
+            _swap(model, embed_name, Int4Embedding(vocab, dim, group_size=group, dtype=dtype))
+        load.replaced |= {f"{embed_name}.{b}" for b in ("weight_int4", "scales", "offsets", "weight")}
+
+        def convert(value: Any) -> dict[str, torch.Tensor]:
+            head = _int4_entries("lm_head.", value, group, dtype, layout)
+            return {**head, **{f"{embed_name}.{b}": head[f"lm_head.{b}"] for b in ("weight_int4", "scales", "offsets")}}
     else:
+        # torch's int4 layout is opaque to a gather: the embedding keeps the table's float values
         def convert(value: Any) -> dict[str, torch.Tensor]:
             return {**_int4_entries("lm_head.", value, group, dtype, layout),
                     f"{embed_name}.weight": value.dequantize().to(dtype)}

@@ -13,9 +13,11 @@
   ``w = scale * q + offset``, two codes a byte, each run of 32 inputs 16 bytes with input j in the low nibble of byte
   j and input j + 16 in the high one (GGUF's order). Torch layout: ``w = (q - 8) * scale + zero`` (the formula of
   ``aten._weight_int4pack_mm_for_cpu``).
-* `Int8Embedding`: the gather for an embedding tied to an `Int8Linear` output head, reading the head's own buffers.
+* `Int8Embedding` / `Int4Embedding`: the gather for an embedding tied to an `Int8Linear` / kernel-layout
+  `Int4Linear` output head, reading the head's own buffers and dequantizing only the rows looked up.
 
-The packed data are buffers, not parameters: nothing trains them (`check_trainable` says what to do instead), and
+The packed data are buffers, not parameters: nothing trains them (`check_trainable` says what to do instead; LoRA
+adapters over them train, the layers passing input gradients through their dequantized weight), and
 inductor's freezing folds them into a compiled graph as constants without repacking them. Torch's kernels have fast
 paths for bfloat16 activations only on CPUs without AVX-512 (float32 is exact but about 10x slower there).
 """
@@ -23,6 +25,7 @@ paths for bfloat16 activations only on CPUs without AVX-512 (float32 is exact bu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,6 +125,8 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenWeight.apply(x, self)
         flat = _flat(x, self.activation_dtype)
         if self.layout == "kernel" and flat.shape[0] > KERNEL_ROWS:
             y = flat @ self.dequantize().t()
@@ -139,6 +144,24 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"layout={self.layout}")
+
+
+class _FrozenWeight(torch.autograd.Function):
+    """A packed layer's output, differentiable in its input (LoRA adapters below it train): the packed weight is
+    frozen, and the backward pass multiplies by this one layer's dequantized weight, made there and dropped after,
+    so that no float copy of the model's weights exists at any time."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return QuantizedLinear.forward(layer, x)  # grad mode is off here: the packed kernels run, adapters not
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layer = ctx.layer
+        weight = layer.dequantize()  # (out, in) float32
+        grad_x = grad.reshape(-1, layer.out_features).float() @ weight
+        return grad_x.reshape(*grad.shape[:-1], layer.in_features).to(grad.dtype), None
 
 
 class Int8Linear(QuantizedLinear):
@@ -257,12 +280,7 @@ class Int4Linear(QuantizedLinear):
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         if self.layout == "kernel":
-            # the kernel's fma(q, scale, offset), one rounding: float32 does it where scale * q is exact (float16
-            # scales), float64 otherwise
-            work = torch.float32 if self.scales.dtype == torch.float16 else torch.float64
-            codes = unpack_nibbles(self.weight_int4).to(work).unflatten(-1, (self.scales.shape[1], -1))
-            w = torch.addcmul(self.offsets.to(work)[..., None], codes, self.scales.to(work)[..., None])
-            return w.flatten(-2).float()
+            return _int4_rows(self.weight_int4, self.scales, self.offsets)
         # The packed layout is torch's own; reading columns back through it (one-hot inputs, fp32 scales: a
         # single product and sum each) gives exactly the weight the kernel multiplies by.
         sz = self.scales_and_zeros.float()
@@ -337,6 +355,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3)
 
 
+def _int4_rows(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Float32 rows (..., in) of kernel-layout int4 codes (..., in / 2) with their scales and offsets (..., groups)."""
+    # the kernel's fma(q, scale, offset), one rounding: float32 does it where scale * q is exact (float16 scales),
+    # float64 otherwise
+    work = torch.float32 if scales.dtype == torch.float16 else torch.float64
+    codes = unpack_nibbles(packed).to(work).unflatten(-1, (scales.shape[-1], -1))
+    w = torch.addcmul(offsets.to(work)[..., None], codes, scales.to(work)[..., None])
+    return w.flatten(-2).float()
+
+
 class Int8Embedding(nn.Module):
     """Embedding rows gathered from an int8 table (the tied output head's `weight_int8` and `scales`)."""
 
@@ -362,15 +390,46 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-QUANTIZED_MODULES = (QuantizedLinear, Int8Embedding)
+class Int4Embedding(nn.Module):
+    """Embedding rows gathered from a kernel-layout int4 table (the tied output head's `weight_int4`, `scales` and
+    `offsets`): only the looked-up rows are unpacked, to the values the head multiplies by."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if group_size not in SUPPORTED_GROUP_SIZES or embedding_dim % group_size:
+            raise ValueError(f"int4 embedding group_size={group_size!r}: needs one of {list(SUPPORTED_GROUP_SIZES)} "
+                             f"dividing the embedding size {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.output_dtype = dtype
+        groups = embedding_dim // group_size
+        self.register_buffer("weight_int4",
+                             torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=torch.float16, device=device))
+        self.register_buffer("offsets", torch.empty(num_embeddings, groups, dtype=torch.float16, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _int4_rows(self.weight_int4[ids], self.scales[ids], self.offsets[ids]).to(self.output_dtype)
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        return _int4_rows(self.weight_int4, self.scales, self.offsets)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
 
 
-def check_trainable(model: nn.Module) -> None:
-    """Raise when `model` holds quantized weights: they are packed integers that no optimizer can update."""
+QUANTIZED_MODULES = (QuantizedLinear, Int8Embedding, Int4Embedding)
+
+
+def check_trainable(model: nn.Module, adapters: bool = False) -> None:
+    """Raise when `model` holds quantized weights and is to be trained in full: they are packed integers that no
+    optimizer can update. `adapters` (the model has LoRA adapters, its base frozen) allows them."""
     names = [name for name, module in model.named_modules() if isinstance(module, QUANTIZED_MODULES)]
-    if names:
+    if names and not adapters:
         raise ValueError(
-            f"this model holds quantized weights ({len(names)} modules, e.g. {names[0]}), which cannot be trained: "
-            "load it with quantization='none' (or a float dtype of an HF checkpoint) to fine-tune, or train LoRA "
-            "adapters on the float model and merge them before quantizing"
+            f"this model holds quantized weights ({len(names)} modules, e.g. {names[0]}), which cannot be fully "
+            "fine-tuned: train LoRA adapters over the frozen quantized base (apply_lora, or --lora on the command "
+            "line), or load it with quantization='none' (or a float dtype of an HF checkpoint) to fine-tune every "
+            "weight"
         )

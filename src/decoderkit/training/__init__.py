@@ -24,6 +24,7 @@ from decoderkit.training.data import (
 from decoderkit.training.lora import (
     LoraConfig,
     LoraLinear,
+    QuantizedLora,
     apply_lora,
     has_lora,
     load_adapter,
@@ -42,6 +43,7 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "PackedDataset",
+    "QuantizedLora",
     "TrainOutput",
     "Trainer",
     "TrainingArguments",

@@ -1,13 +1,13 @@
 """Command line: `python -m decoderkit.training --model PATH_OR_CONFIG --data FILE... --out DIR [options]`.
 
 `--model` is a Hugging Face model directory or a `.gguf` file (fine-tuning) or a `config.json` file (training from
-scratch, with `--tokenizer`). With `--lora` the frozen base stays in the checkpoint's dtype (`--base-dtype`) while
-the adapters train in float32, and activations are recomputed in the backward pass unless
-`--no-gradient-checkpointing`. The task follows the data unless `--task` names it: `.txt` files are packed for
-language modelling, JSONL with `messages` is chat (loss on assistant turns). Run it under
-`torchrun --nproc_per_node N` for N processes (`--strategy ddp` or `fsdp`). The trained model (or, with `--lora`,
-the PEFT adapter) lands in `OUT/final`, next to `log.jsonl`, `loss_curve.png` and the `checkpoint-<step>`
-directories (`--resume latest` continues from the newest).
+scratch, with `--tokenizer`). With `--lora` the frozen base stays in the checkpoint's dtype (`--base-dtype`), or
+packed with `--quantize int8|int4|gguf` (QLoRA-style), while the adapters train in float32, and activations are
+recomputed in the backward pass unless `--no-gradient-checkpointing`. The task follows the data unless `--task`
+names it: `.txt` files are packed for language modelling, JSONL with `messages` is chat (loss on assistant turns).
+Run it under `torchrun --nproc_per_node N` for N processes (`--strategy ddp` or `fsdp`). The trained model (or,
+with `--lora`, the PEFT adapter) lands in `OUT/final`, next to `log.jsonl`, `loss_curve.png` and the
+`checkpoint-<step>` directories (`--resume latest` continues from the newest).
 A non-empty `--out` is refused unless `--resume` continues the run in it or `--overwrite` deletes that run's files.
 """
 
@@ -36,6 +36,7 @@ HEAD_MODULES = {"sequence_classification": ["score"], "token_classification": ["
                 "question_answering": ["qa_outputs"]}
 
 
+QUANTIZE_CHOICES = ("none", "int8", "int4", "gguf")
 # The API names TrainingArguments and the trainer use in their messages, and the flags a user of this command typed.
 FLAG_FOR_FIELD = {
     "max_steps": "--steps", "num_epochs": "--epochs", "per_device_batch_size": "--batch-size",
@@ -135,6 +136,10 @@ def build_parser(prog: str = "python -m decoderkit.training") -> argparse.Argume
     lora.add_argument("--base-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                       help="dtype of the frozen base weights (auto: the checkpoint's; a GGUF's quantized weights "
                            "become bfloat16); the adapters train in float32 whatever it is")
+    lora.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                      help="keep the frozen base packed under the adapters (QLoRA-style, CPU): int8 / int4 "
+                           "quantize it on load, gguf keeps a GGUF file's own quantized blocks; none (the default): "
+                           "a float base")
     return p
 
 
@@ -153,18 +158,27 @@ def in_flag_terms(message: str) -> str:
     return re.sub(r"\b(" + "|".join(FLAG_FOR_FIELD) + r")\b", lambda m: FLAG_FOR_FIELD[m.group(1)], message)
 
 
-def load_model(source: str, head: str, num_labels: int | None, dtype: Any = torch.float32) -> Any:
+def load_model(source: str, head: str, num_labels: int | None, dtype: Any = torch.float32,
+               quantize: str = "none") -> Any:
     """The model to train: from a directory or `.gguf` file in `dtype` ("auto": the checkpoint's), or randomly
-    initialised in float32 from a config.json."""
+    initialised in float32 from a config.json. `quantize` (`QUANTIZE_CHOICES`) packs the base (LoRA runs)."""
     from decoderkit.model import HEAD_CLASSES
 
     cls = HEAD_CLASSES[head]
     overrides = {"num_labels": num_labels} if num_labels is not None else {}
     path = Path(source)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        # Training updates float weights (or float adapters over a frozen float base): the packed form is for inference
-        return cls.from_pretrained(path, dtype=dtype, quantization="none", **overrides)
+    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    if quantize == "gguf" and not is_gguf:
+        raise ValueError(f"--quantize gguf keeps a GGUF file's quantized blocks; {path} is not a .gguf file (use "
+                         "--quantize int8 or int4)")
+    if is_gguf:
+        # A float base unless asked otherwise; None keeps the file's own blocks packed
+        return cls.from_pretrained(path, dtype=dtype, quantization=None if quantize == "gguf" else quantize,
+                                   **overrides)
     if path.is_file():
+        if quantize != "none":
+            raise ValueError(f"--quantize {quantize} packs a pretrained base; {path} is a config.json (a model "
+                             "trained from scratch trains every weight)")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -172,7 +186,7 @@ def load_model(source: str, head: str, num_labels: int | None, dtype: Any = torc
         return cls.from_config({**config, **overrides}, dtype=torch.float32)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory or config file")
-    return cls.from_pretrained(path, dtype=dtype, **overrides)
+    return cls.from_pretrained(path, dtype=dtype, quantization=None if quantize == "none" else quantize, **overrides)
 
 
 def base_dtype(args: argparse.Namespace, is_gguf: bool) -> Any:
@@ -181,9 +195,17 @@ def base_dtype(args: argparse.Namespace, is_gguf: bool) -> Any:
     if not args.lora:
         if args.base_dtype != "auto":
             raise ValueError("--base-dtype applies to --lora runs; full fine-tuning trains float32 weights")
+        if args.quantize != "none":
+            raise ValueError(f"--quantize {args.quantize} applies to --lora runs (adapters over a frozen packed "
+                             "base); full fine-tuning trains float weights: drop --quantize, or add --lora")
         return torch.float32
+    if args.quantize != "none" and args.merge:
+        raise ValueError(f"--merge folds the adapters into float weights; with --quantize {args.quantize} the base "
+                         "is packed: drop --merge and merge the saved adapter into the float model with "
+                         "`decoderkit merge`")
     if args.base_dtype == "auto":
-        return torch.bfloat16 if is_gguf else "auto"
+        # a packed GGUF base: the loader's activation dtype (float32 where decoderkit's kernel runs)
+        return "auto" if not is_gguf or args.quantize == "gguf" else torch.bfloat16
     return getattr(torch, args.base_dtype)
 
 
@@ -232,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     torch.manual_seed(args.seed)
-    model = load_model(args.model, head, args.num_labels, base_dtype(args, is_gguf))
+    model = load_model(args.model, head, args.num_labels, base_dtype(args, is_gguf), args.quantize)
     fields = {k: v for k, v in (("text_field", args.text_field), ("label_field", args.label_field)) if v}
     data_kwargs = dict(block_size=args.block_size, max_length=args.max_length, num_labels=model.config.num_labels,
                        **fields)

@@ -2,6 +2,8 @@
 
 `apply_lora` turns the matched linears into `LoraLinear` in place: the frozen weight keeps its name (so checkpoints and
 `save_pretrained` see the same model), and `lora_A` / `lora_B` are added beside it, exactly where PEFT puts them.
+A packed int8 / int4 linear (a quantized load) becomes a `QuantizedLora` the same way: float32 adapters over the
+frozen packed base, which passes input gradients through its dequantized weight.
 The adapter directory (`adapter_config.json` + `adapter_model.safetensors`, keys
 `base_model.model.<transformers module name>.lora_A.weight`) loads with `PeftModel.from_pretrained` on the
 transformers model of the same checkpoint.
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from decoderkit.layers.quantized import Int4Linear, Int8Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,7 +96,51 @@ def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-class LoraLinear(nn.Linear):
+class _Adapters:
+    """The low-rank side path both adapted kinds share: ``scaling * B(A(dropout(x)))`` added to the base output."""
+
+    r: int
+    lora_alpha: float
+    scaling: float
+    merged: bool
+    in_features: int
+    out_features: int
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    lora_dropout: nn.Module
+
+    def _add_adapters(self, r: int, alpha: float, dropout: float, use_rslora: bool, device: torch.device,
+                      dtype: torch.dtype) -> None:
+        """Fresh adapters: A Kaiming-uniform, B zero (so the output is unchanged until training moves B), as PEFT
+        initialises them."""
+        factory = {"device": device, "dtype": dtype}
+        self.r = r
+        self.lora_alpha = alpha
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def _with_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        # Summed in the adapters' (wider) dtype, then rounded once, exactly as PEFT does.
+        return (out + update * self.scaling).to(out.dtype)
+
+    def _drop_adapters(self) -> None:
+        for name in ("lora_A", "lora_B", "lora_dropout"):
+            delattr(self, name)
+        for name in ("r", "lora_alpha", "scaling", "merged"):
+            self.__dict__.pop(name, None)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, computed in fp32 (a bf16 product would lose the small update against W)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+class LoraLinear(_Adapters, nn.Linear):
     """`nn.Linear` plus a low-rank update: y = x W^T + b + scaling * B(A(dropout(x))).
 
     Made from an existing linear by `LoraLinear.wrap` (in place: `weight` and `bias` stay the same parameters), and
@@ -100,46 +148,25 @@ class LoraLinear(nn.Linear):
     is skipped.
     """
 
-    r: int
-    lora_alpha: float
-    scaling: float
-    merged: bool
-
     @classmethod
     def wrap(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
              use_rslora: bool = False) -> LoraLinear:
-        """Turn `linear` into a LoraLinear with fresh adapters: A Kaiming-uniform, B zero (so the output is
-        unchanged until training moves B), as PEFT initialises them."""
-        if isinstance(linear, LoraLinear):
+        """Turn `linear` into a LoraLinear with fresh adapters."""
+        if isinstance(linear, LORA_MODULES):
             raise ValueError("this linear already has a LoRA adapter")
         linear.__class__ = cls
         self: LoraLinear = linear  # type: ignore[assignment]
         # Adapters of a half-precision base train in float32, as PEFT's (autocast_adapter_dtype): bf16 weights
         # cannot hold the optimizer's small updates.
         dtype = torch.float32 if linear.weight.dtype in (torch.bfloat16, torch.float16) else linear.weight.dtype
-        factory = {"device": linear.weight.device, "dtype": dtype}
-        self.r = r
-        self.lora_alpha = alpha
-        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
-        self.merged = False
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(linear.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, linear.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self._add_adapters(r, alpha, dropout, use_rslora, linear.weight.device, dtype)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        # Summed in the adapters' (wider) dtype, then rounded once, exactly as PEFT does.
-        return (out + update * self.scaling).to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A, computed in fp32 (a bf16 product would lose the small update against W)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return self._with_update(x, out)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -155,10 +182,7 @@ class LoraLinear(nn.Linear):
 
     def unwrap(self) -> nn.Linear:
         """Back to a plain nn.Linear holding the current `weight` (merge first to keep the update)."""
-        for name in ("lora_A", "lora_B", "lora_dropout"):
-            delattr(self, name)
-        for name in ("r", "lora_alpha", "scaling", "merged"):
-            self.__dict__.pop(name, None)
+        self._drop_adapters()
         self.__class__ = nn.Linear
         return self
 
@@ -166,11 +190,72 @@ class LoraLinear(nn.Linear):
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
 
+class QuantizedLora(_Adapters):
+    """Float32 adapters over a frozen packed int8 / int4 base (QLoRA-style): y = base(x) + scaling * B(A(x)).
+
+    The base's packed weight never changes: its layer passes the input gradient through its dequantized weight, one
+    layer at a time, in the backward pass (`decoderkit.layers.quantized`). The adapters cannot be merged into packed
+    weights: save them (`save_adapter`), or load the base with ``quantization='none'``, `load_adapter` and merge
+    there.
+    """
+
+    base_class: type
+
+    @classmethod
+    def wrap(cls, layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+             use_rslora: bool = False) -> QuantizedLora:
+        """Turn the packed `layer` (an Int8Linear or Int4Linear) into its adapted kind, in place."""
+        if isinstance(layer, LORA_MODULES):
+            raise ValueError("this linear already has a LoRA adapter")
+        adapted = _ADAPTED_KINDS[type(layer)]
+        layer.__class__ = adapted
+        self: QuantizedLora = layer  # type: ignore[assignment]
+        device = next(t.device for t in layer.buffers())
+        self._add_adapters(r, alpha, dropout, use_rslora, device, torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._with_update(x, super().forward(x))  # type: ignore[misc]
+
+    def merge(self) -> None:
+        raise ValueError(f"LoRA adapters over packed {self.base_class.__name__} weights cannot be merged into them: "
+                         "save the adapter (save_adapter), then load the base with quantization='none', "
+                         "load_adapter() and merge_and_unload() there")
+
+    def unmerge(self) -> None:
+        """Nothing to do: adapters over packed weights are never merged."""
+
+    def unwrap(self) -> nn.Module:
+        """Back to the plain packed layer (the adapters are dropped)."""
+        self._drop_adapters()
+        self.__class__ = self.base_class
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"  # type: ignore[misc]
+
+
+class LoraInt8Linear(QuantizedLora, Int8Linear):
+    """LoRA adapters over a frozen `Int8Linear`."""
+
+    base_class = Int8Linear
+
+
+class LoraInt4Linear(QuantizedLora, Int4Linear):
+    """LoRA adapters over a frozen `Int4Linear`."""
+
+    base_class = Int4Linear
+
+
+_ADAPTED_KINDS: dict[type, type] = {Int8Linear: LoraInt8Linear, Int4Linear: LoraInt4Linear}
+LORA_MODULES = (LoraLinear, QuantizedLora)
+
+
 # ---------------------------------------------------------------------------------------------------- apply / merge
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    """(name, module) for every LoRA-adapted linear."""
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear | QuantizedLora]]:
+    """(name, module) for every LoRA-adapted linear (float or packed)."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LORA_MODULES):
             yield name, module
 
 
@@ -189,22 +274,25 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge_and_unload() it first to add new ones")
-    from decoderkit.layers.quantized import QuantizedLinear
+    from decoderkit.layers.quantized import QUANTIZED_MODULES, QuantizedLinear
+    from decoderkit.training.lora_fused import is_linear
 
-    packed = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and config.matches(n)]
-    if packed:
-        raise ValueError(f"LoRA over quantized (int8 / int4) layers is not supported ({_listing_names(packed)}); load "
-                         "the model with quantization='none' (or an HF checkpoint without quantization) to train "
-                         "adapters, then merge them and quantize the merged model on load")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     targets = [(n, m) for n, m in linears if config.matches(n)]
     if not targets:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
         raise ValueError(f"target_modules {config.target_modules!r} matched no nn.Linear; this model's linears are "
                          f"named {leaves}")
-    for name, linear in targets:
-        LoraLinear.wrap(linear, *config.rank_and_alpha(name), config.lora_dropout, config.use_rslora)
     saved = _modules_to_save(model, config.modules_to_save)
+    packed_saved = [f"{s}.{n}".removesuffix(".") for s in saved
+                    for n, m in model.get_submodule(s).named_modules() if isinstance(m, QUANTIZED_MODULES)]
+    if packed_saved:
+        raise ValueError(f"modules_to_save: {_listing_names(packed_saved)} holds packed (int8 / int4) weights, which "
+                         "cannot be trained in full; adapt it with LoRA instead (target_modules), or load the model "
+                         "with quantization='none'")
+    for name, linear in targets:
+        kind = QuantizedLora if isinstance(linear, QuantizedLinear) else LoraLinear
+        kind.wrap(linear, *config.rank_and_alpha(name), config.lora_dropout, config.use_rslora)
     for name, param in model.named_parameters():
         param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(
             name.startswith(m + ".") for m in saved)
@@ -261,7 +349,7 @@ def check_exportable(model: nn.Module) -> None:
     fused_groups(model, [n for n, _ in lora_modules(model)])
 
 
-def _export_adapters(model: nn.Module, modules: Mapping[str, LoraLinear],
+def _export_adapters(model: nn.Module, modules: Mapping[str, LoraLinear | QuantizedLora],
                      state_dict: Mapping[str, torch.Tensor] | None, use_rslora: bool) -> dict[str, Any]:
     """{transformers module name: LoraFactors} of every adapter; adapters on fused members become one."""
     from decoderkit.training.lora_fused import LoraFactors, export_fused, fused_groups
@@ -295,8 +383,10 @@ def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
     return out
 
 
-def _hf_module_name(model: nn.Module, name: str, module: nn.Linear) -> str:
-    hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
+def _hf_module_name(model: nn.Module, name: str, module: nn.Module) -> str:
+    from decoderkit.training.lora_fused import weight_shape
+
+    hf = _hf_param_name(model, f"{name}.weight", weight_shape(module))
     if hf is None:
         raise ValueError(f"{name}: this {model.config.model_type} linear has no transformers name of its own")
     return hf.removesuffix(".weight")
@@ -391,12 +481,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{config_file}: {option}={raw[option]!r} is not supported by decoderkit's LoRA")
     tensors = load_file(weights_file)
 
-    from decoderkit.training.lora_fused import LoraFactors, fused_groups, import_fused
+    from decoderkit.training.lora_fused import LoraFactors, fused_groups, import_fused, is_linear, weight_shape
 
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if is_linear(m)}
     reverse: dict[str, str] = {}
     for name, module in linears.items():
-        hf = _hf_param_name(model, f"{name}.weight", module.weight.shape)
+        hf = _hf_param_name(model, f"{name}.weight", weight_shape(module))
         if hf is not None:
             reverse[hf.removesuffix(".weight")] = name
     groups = fused_groups(model, [n for n in linears if n not in reverse.values()])

@@ -65,6 +65,18 @@ def _translate(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
     return renamed
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A float `nn.Linear` or a packed int8 / int4 one: the modules LoRA adapts."""
+    from decoderkit.layers.quantized import QuantizedLinear
+
+    return isinstance(module, (nn.Linear, QuantizedLinear))
+
+
+def weight_shape(module: nn.Module) -> torch.Size:
+    """(out, in) of a linear of either kind (a packed one has no float `weight`)."""
+    return torch.Size((module.out_features, module.in_features))
+
+
 def hf_name(model: nn.Module, name: str, shape: torch.Size) -> str | None:
     """The transformers name of our parameter `name`, or None when the family stores it fused with others."""
     out = _translate(model, {name: torch.empty(shape, device="meta")})
@@ -73,8 +85,8 @@ def hf_name(model: nn.Module, name: str, shape: torch.Size) -> str | None:
 
 def hf_linear_names(model: nn.Module) -> list[str]:
     """transformers' module names of every linear of the model (fused projections once)."""
-    probe = {f"{n}.weight": torch.empty(m.weight.shape, device="meta")
-             for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    probe = {f"{n}.weight": torch.empty(weight_shape(m), device="meta")
+             for n, m in model.named_modules() if is_linear(m)}
     return [n.removesuffix(".weight") for n in _translate(model, probe)]
 
 
@@ -85,12 +97,12 @@ def fused_groups(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     seen: set[str] = set()
     for name in names:
         module = model.get_submodule(name)
-        if name in seen or hf_name(model, f"{name}.weight", module.weight.shape) is not None:
+        if name in seen or hf_name(model, f"{name}.weight", weight_shape(module)) is not None:
             continue
         parent = name.rsplit(".", 1)[0]
         members = [f"{parent}.{leaf}" for leaf, m in model.get_submodule(parent).named_children()
-                   if isinstance(m, nn.Linear) and hf_name(model, f"{parent}.{leaf}.weight", m.weight.shape) is None]
-        probe = {f"{m}.weight": torch.empty(model.get_submodule(m).weight.shape, device="meta") for m in members}
+                   if is_linear(m) and hf_name(model, f"{parent}.{leaf}.weight", weight_shape(m)) is None]
+        probe = {f"{m}.weight": torch.empty(weight_shape(model.get_submodule(m)), device="meta") for m in members}
         out = _translate(model, probe)
         if len(out) != 1:
             raise ValueError(f"{name}: {model.config.model_type} stores it fused with other projections in a way a "

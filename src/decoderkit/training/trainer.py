@@ -238,8 +238,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         from decoderkit.layers.quantized import check_trainable
+        from decoderkit.training.lora import has_lora
 
-        check_trainable(self.model)
+        check_trainable(self.model, adapters=has_lora(self.model))
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
