@@ -53,9 +53,18 @@ def _ray_processes() -> dict[int, str]:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if any(name in cmdline for name in ("raylet", "gcs_server", "ray::", "dashboard/agent.py")):
+            if any(name in cmdline for name in ("raylet", "gcs_server", "ray::", "dashboard/agent.py")) or (
+                    "spawn_main" in cmdline and _parent_cmdline(entry).startswith("ray::")):
                 found[int(entry.name)] = cmdline[:120]
     return found
+
+
+def _parent_cmdline(entry: Path) -> str:
+    try:
+        ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        return Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError):
+        return ""
 
 
 class Deadline:
@@ -75,12 +84,12 @@ class Deadline:
 class RayServer:
     """`decoderkit serve --ray` in a subprocess, stopped with SIGINT (Ctrl-C); whatever Ray left is killed after."""
 
-    def __init__(self, model_dir: Path, replicas: int) -> None:
+    def __init__(self, model_dir: Path, replicas: int, *extra: str) -> None:
         self.port, self.metrics_port = test_serve.free_port(), test_serve.free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", **RAY_ENV}
         cmd = [sys.executable, "-m", "decoderkit.serve", str(model_dir), "--ray", "--replicas", str(replicas),
                "--port", str(self.port), "--ray-metrics-port", str(self.metrics_port), "--served-model-name", "m",
-               "--log-level", "warning"]
+               "--log-level", "warning", *extra]
         self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block Ray's log output
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
@@ -130,6 +139,16 @@ class RayServer:
         return problems
 
 
+def _single_process_answers(model_dir: Path, max_tokens: int) -> dict[str, str]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer).start()
+    try:
+        return {p: engine.generate(tokenizer.encode(p), SamplingParams(max_tokens=max_tokens, temperature=0)).text
+                for p in PROMPTS}
+    finally:
+        engine.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ray_installed, reason="needs the `ray` extra (ray[serve])")
 def test_two_ray_replicas_serve_concurrent_openai_requests(tmp_path):
@@ -139,14 +158,7 @@ def test_two_ray_replicas_serve_concurrent_openai_requests(tmp_path):
     server = RayServer(model_dir, replicas=2)
     problems: list[str] = []
     try:
-        # The single-process answers, computed while Ray starts
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer).start()
-        try:
-            expected = {p: engine.generate(tokenizer.encode(p), SamplingParams(max_tokens=4, temperature=0)).text
-                        for p in PROMPTS}
-        finally:
-            engine.stop()
+        expected = _single_process_answers(model_dir, max_tokens=4)  # while Ray starts
 
         server.wait_ready(replicas=2, deadline=deadline)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
@@ -175,4 +187,29 @@ def test_two_ray_replicas_serve_concurrent_openai_requests(tmp_path):
     finally:
         problems = server.stop()
     assert not problems, problems
+    assert server.proc.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ray_installed, reason="needs the `ray` extra (ray[serve])")
+def test_a_tensor_parallel_ray_replica_answers_as_one_process(tmp_path):
+    assert not _ray_processes(), "a Ray instance is already running on this machine"
+    deadline = Deadline(BUDGET_S)
+    model_dir = test_serve.build_tiny_model(tmp_path / "model")
+    server = RayServer(model_dir, 1, "--tensor-parallel", "2")
+    problems: list[str] = []
+    try:
+        expected = _single_process_answers(model_dir, max_tokens=4)
+        server.wait_ready(replicas=1, deadline=deadline)
+        followers = [cmd for pid, cmd in _ray_processes().items() if "spawn_main" in cmd]
+        assert len(followers) == 1, f"the replica should have started one follower rank: {followers}"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
+                               timeout=max(1.0, min(30.0, deadline.left())))
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda p: client.completions.create(
+                model="m", prompt=p, max_tokens=4, temperature=0).choices[0].text, PROMPTS))
+        assert answers == [expected[p] for p in PROMPTS]
+    finally:
+        problems = server.stop()
+    assert not problems, problems  # the follower rank is gone with Ray too
     assert server.proc.returncode == 0

@@ -107,7 +107,9 @@ def test_quantized_two_ranks_match_one_quantized_process(case, cases, two_ranks)
     assert expected_kinds <= set(result["kinds"]), result["kinds"]
     assert "RowParallelLinear" not in result["kinds"]
     assert result["logits"].shape == logits.shape
-    assert float((result["logits"] - logits).abs().max()) < 1e-5
+    # 1e-5 of the logits' scale: the GGUF models' logits reach ~12, where float32 sums in another order (the
+    # all-reduce of o / down) differ by ~1e-5
+    assert float((result["logits"] - logits).abs().max()) < 1e-5 * max(1.0, float(logits.abs().max()))
     assert torch.equal(result["generated"], generated)
 
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
