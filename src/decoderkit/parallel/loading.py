@@ -5,7 +5,10 @@ shape checked, nothing read), then sharded (`shard_model`), then filled: for eac
 own name translation is run on the tensor's *row indices* instead of its data, which says which checkpoint rows each
 of our tensors is made of (a fused q/k/v splits its rows, GPTBigCode's interleaved layout picks every third block
 of head rows); the rank's slice of those rows (and, for row-parallel weights, of the columns) is then read with
-safetensors' `get_slice`, one contiguous run at a time. No rank reads or holds another rank's share.
+safetensors' `get_slice`, one contiguous run at a time, or from a GGUF file's memory map (those rows, and for
+row-parallel weights those blocks of each row; llama's q/k un-permute is a row reordering, run on the indices too).
+No rank reads or holds another rank's share. Quantized layers (`decoderkit.parallel.quantized`) get their slice
+through the one-process converters: quantized from floats, or a GGUF file's blocks repacked.
 """
 
 from __future__ import annotations
