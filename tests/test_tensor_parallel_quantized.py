@@ -31,7 +31,6 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     from oracle import left_padded_batch
     from decoderkit import AutoModelForCausalLM
-from decoderkit.layers.quantized import Int4Linear
     from decoderkit.layers.quantized import QuantizationConfig
     torch.set_num_threads(1)
     out, cases = sys.argv[1], json.loads(sys.argv[2])
