@@ -200,13 +200,16 @@ class Int8Linear(QuantizedLinear):
 
     @staticmethod
     @torch.no_grad()
-    def quantize(weight: torch.Tensor, dtype: torch.dtype, layout: str | None = None) -> dict[str, torch.Tensor]:
-        """Buffers for a float weight (out, in): round-to-nearest with the row's max |w| mapped to 127."""
+    def quantize(weight: torch.Tensor, dtype: torch.dtype, layout: str | None = None,
+                 amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Buffers for a float weight (out, in): round-to-nearest with the row's max |w| mapped to 127. `amax` (out,)
+        gives each row's max |w| when `weight` holds only some of the row's inputs (a tensor-parallel shard)."""
         out = torch.empty(weight.shape, dtype=torch.int8)
         scales = torch.empty(weight.shape[0], dtype=torch.float32)
         for start in range(0, weight.shape[0], _PACK_ROWS):
             rows = weight[start:start + _PACK_ROWS].float()
-            scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+            peak = rows.abs().amax(dim=1) if amax is None else amax[start:start + _PACK_ROWS].float()
+            scale = peak.clamp_min(torch.finfo(torch.float32).tiny) / 127.0
             out[start:start + _PACK_ROWS] = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             scales[start:start + _PACK_ROWS] = scale
         return {"weight_int8": out, "scales": Int8Linear.row_scales(scales, dtype, layout)}

@@ -157,14 +157,20 @@ class VocabParallelHead(nn.Linear):
         self.world_size = dist.get_world_size(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight, self.bias)  # (..., rows)
-        if local.shape[-1] < self.per_rank:
-            local = F.pad(local, (0, self.per_rank - local.shape[-1]))
-        lead = local.shape[:-1]
-        flat = local.reshape(-1, self.per_rank)  # (M, per_rank)
-        gathered = funcol.all_gather_single(flat, 0, self.group)  # (N * M, per_rank), rank-major
-        full = gathered.view(self.world_size, -1, self.per_rank).transpose(0, 1).reshape(*lead, -1)
-        return full[..., : self.vocab_size]
+        return gather_vocab(F.linear(x, self.weight, self.bias), self.per_rank, self.vocab_size, self.world_size,
+                            self.group)
+
+
+def gather_vocab(local: torch.Tensor, per_rank: int, vocab_size: int, world_size: int,
+                 group: dist.ProcessGroup) -> torch.Tensor:
+    """The full (..., V) logits from every rank's (..., rows) slice of the vocabulary."""
+    if local.shape[-1] < per_rank:
+        local = F.pad(local, (0, per_rank - local.shape[-1]))
+    lead = local.shape[:-1]
+    flat = local.reshape(-1, per_rank)  # (M, per_rank)
+    gathered = funcol.all_gather_single(flat, 0, group)  # (N * M, per_rank), rank-major
+    full = gathered.view(world_size, -1, per_rank).transpose(0, 1).reshape(*lead, -1)
+    return full[..., :vocab_size]
 
 
 # --------------------------------------------------------------------------------------------------- applying the plan

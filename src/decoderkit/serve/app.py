@@ -522,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "separate copy of the weights with its own KV cache; the base then loads as float, a GGUF file "
                    "dequantized)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA)")
+                   help="split the model over N ranks (processes started here; gloo on CPU, NCCL on CUDA); with --ray, "
+                   "each replica's")
     p.add_argument("--ray", action="store_true",
                    help="serve replicas on Ray Serve behind Ray's HTTP proxy (needs the `ray` extra)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas of the model")
@@ -588,8 +589,6 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         require_ray()
     except ImportError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
-    if args.tensor_parallel > 1:
-        raise SystemExit("decoderkit serve: error: --ray replicas are single-process; drop --tensor-parallel")
     name = args.model_option or args.model
     path = resolve_model_path(name) if name else default_model_path()
     load = {k: v for k, v in (("dtype", args.dtype), ("device", args.device), ("quantization", args.quantize))
@@ -597,7 +596,8 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     engine = dict(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, max_batch_size=args.max_batch_size,
                   max_prefill_tokens=args.max_prefill_tokens, max_queue=args.max_queue)
     run(path, host=args.host, port=args.port, metrics_port=args.ray_metrics_port, num_replicas=args.replicas,
-        served_model_name=args.served_model_name, engine_options=engine, load_options=load, api_key=args.api_key)
+        served_model_name=args.served_model_name, engine_options=engine, load_options=load, api_key=args.api_key,
+        tensor_parallel=args.tensor_parallel)
     return 0
 
 

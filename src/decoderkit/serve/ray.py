@@ -81,15 +81,25 @@ def _deployment_class() -> type:
         """One replica: the model, its engine and the OpenAI app."""
 
         def __init__(self, model_path: str, served_model_name: str, engine_options: dict[str, Any],
-                     load_options: dict[str, Any], api_key: str | None) -> None:
+                     load_options: dict[str, Any], api_key: str | None, tensor_parallel: int = 1) -> None:
             from decoderkit.auto import AutoModelForCausalLM
             from decoderkit.serve.app import ServerSettings
             from decoderkit.serve.engine import Engine
             from decoderkit.tokenizer import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, **load_options)
+            group = None
+            if tensor_parallel > 1:
+                from decoderkit.parallel.launch import start_tensor_parallel
+
+                # The replica is rank 0; its followers are processes of its own (they exit when it does)
+                group = start_tensor_parallel(model_path, tensor_parallel, **load_options)
+                model = group.model
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model_path, **load_options)
             self.engine = Engine(model, tokenizer, **engine_options)
+            if group is not None:
+                group.attach_engine(self.engine)
             self.settings = ServerSettings(model_name=served_model_name, api_key=api_key, model_path=model_path)
             self.replica = serve.get_replica_context().replica_id.unique_id
             self.metrics = _ReplicaMetrics(self.engine, self.replica)
@@ -119,10 +129,12 @@ def _deployment_class() -> type:
 def build_app(model_path: str | Path, *, num_replicas: int | None = 1, autoscaling_config: dict[str, Any] | None = None,
               served_model_name: str | None = None, ray_actor_options: dict[str, Any] | None = None,
               engine_options: dict[str, Any] | None = None, load_options: dict[str, Any] | None = None,
-              api_key: str | None = None) -> Any:
+              api_key: str | None = None, tensor_parallel: int = 1) -> Any:
     """A Ray Serve application (for `serve.run`) of `num_replicas` replicas of the model at `model_path`, or as many
-    as `autoscaling_config` says. `ray_actor_options` reserve resources per replica (default one CPU);
-    `engine_options` go to `Engine` (max_batch_size, kv_cache_tokens, ...), `load_options` to `from_pretrained`."""
+    as `autoscaling_config` says. `ray_actor_options` reserve resources per replica (default one CPU per rank, or
+    one GPU per rank on CUDA); `engine_options` go to `Engine` (max_batch_size, kv_cache_tokens, ...), `load_options`
+    to `from_pretrained`. `tensor_parallel` > 1 splits each replica's model over that many ranks, started by the
+    replica (`decoderkit.parallel.launch`) on its own node."""
     serve = require_ray()
     path = Path(model_path).expanduser().resolve()
     if not (path / "config.json").exists() and path.suffix != ".gguf":
@@ -131,14 +143,24 @@ def build_app(model_path: str | Path, *, num_replicas: int | None = 1, autoscali
         num_replicas = None
     elif num_replicas is None or num_replicas < 1:
         raise ValueError(f"num_replicas must be a positive integer (or pass autoscaling_config), got {num_replicas!r}")
-    options: dict[str, Any] = {"name": DEPLOYMENT_NAME, "ray_actor_options": ray_actor_options or {"num_cpus": 1}}
+    if tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
+    if tensor_parallel > 1:
+        from decoderkit.config import DecoderConfig
+        from decoderkit.parallel.tensor_parallel import partition
+
+        if path.is_dir():  # a size that does not split the model fails here, before Ray starts a replica
+            partition(DecoderConfig.from_pretrained(path), 0, tensor_parallel)
+    cuda = str((load_options or {}).get("device") or "cpu").startswith("cuda")
+    per_replica = {"num_gpus": tensor_parallel} if cuda else {"num_cpus": tensor_parallel}
+    options: dict[str, Any] = {"name": DEPLOYMENT_NAME, "ray_actor_options": ray_actor_options or per_replica}
     if autoscaling_config is not None:
         options["autoscaling_config"] = autoscaling_config
     else:
         options["num_replicas"] = num_replicas
     deployment = serve.deployment(_deployment_class()).options(**options)
     return deployment.bind(str(path), served_model_name or path.name, dict(engine_options or {}),
-                           dict(load_options or {}), api_key)
+                           dict(load_options or {}), api_key, tensor_parallel)
 
 
 def run(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, metrics_port: int | None = None,
