@@ -15,6 +15,7 @@ import torch
 from decoderkit.cache import Cache
 from decoderkit.layers.alibi import alibi_bias
 from decoderkit.layers.attention import AttentionInputs
+from decoderkit.layers.linear import use_decode_linear
 
 if TYPE_CHECKING:
     pass
@@ -169,6 +170,7 @@ class DecodeStep:
         device = next_position.device
         rows, steps = next_position.shape[0], max_length - prompt_len
         self.model, self.cache = model, cache
+        use_decode_linear(model)
         self.static = cache.is_static
         self.prompt_len = prompt_len
         self.filled = prompt_len  # tokens in the cache; the next one goes to slot `filled`
