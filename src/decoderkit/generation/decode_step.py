@@ -165,11 +165,12 @@ class DecodeStep:
     """
 
     def __init__(self, model: Any, cache: Cache, padding: torch.Tensor | None, next_position: torch.Tensor,
-                 prompt_len: int, max_length: int, compile: bool) -> None:
+                 prompt_len: int, max_length: int, compile: bool | str) -> None:
         stack = model.model
         device = next_position.device
         rows, steps = next_position.shape[0], max_length - prompt_len
         self.model, self.cache = model, cache
+        self.aot = compile == "aot"
         use_decode_linear(model)
         self.static = cache.is_static
         self.prompt_len = prompt_len
@@ -195,7 +196,13 @@ class DecodeStep:
         self.alibi = alibi_bias(stack.alibi_slopes, cache.max_cache_len) if self.static and hasattr(
             stack, "alibi_slopes") else None
         self.compiled = None
-        if compile:
+        if compile == "aot":
+            from decoderkit.generation.aot_step import aot_step
+
+            example = (self.tokens, self.position_ids, self.cache_position, self.allowed, self.alibi, cache.keys,
+                       cache.values)
+            self.compiled = aot_step(model, weights_fingerprint(model), _forward_one_static, example)
+        elif compile:
             self.compiled = _compiled_step(model)
             if device.type == "cuda":
                 # CUDA graphs replay fixed addresses: the buffers mutated in place must be marked as such
@@ -239,8 +246,12 @@ class DecodeStep:
                     rope = stack.rotary(self.position_ids, self.model.dtype)
                 if self.tokens.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask, rope,
-                                       self.alibi, self.cache.keys, self.cache.values)
+                if self.aot:
+                    logits = self.compiled(self.tokens, self.position_ids, self.cache_position, mask, self.alibi,
+                                           self.cache.keys, self.cache.values)
+                else:
+                    logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask,
+                                           rope, self.alibi, self.cache.keys, self.cache.values)
                 # Every later step feeds the same buffers, so it runs the graph this call compiled or matched
                 self.compiled = getattr(self.compiled, "warm", self.compiled)
                 if logits.device.type == "cuda":

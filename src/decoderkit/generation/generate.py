@@ -85,7 +85,7 @@ def generate(
     tokenizer: Any = None,
     logits_processor: LogitsProcessorList | None = None,
     stopping_criteria: StoppingCriteriaList | None = None,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput | GenerationStream:
     """Continue each prompt of ``input_ids``; returns prompt + new tokens as a ``(rows, length)`` LongTensor.
@@ -103,7 +103,10 @@ def generate(
         stream: return a :class:`~decoderkit.generation.streamer.GenerationStream` yielding each step's tokens.
         tokenizer: needed for ``stop_strings``.
         logits_processor, stopping_criteria: extra processors / criteria, applied after the built-in ones.
-        compile: compile the decode step (implies ``cache_implementation="static"``).
+        compile: compile the decode step (implies ``cache_implementation="static"``): True with ``torch.compile``,
+            ``"aot"`` (small float CPU models) as an AOTInductor package kept on disk
+            (:mod:`decoderkit.generation.aot_step`), built now unless a package for the same weights and shapes
+            is there already; ``"auto"`` the package if it is there, else eager.
         kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...), and
             ``assistant_model`` (a draft model): with it or ``prompt_lookup_num_tokens``, decoding is speculative
             (:mod:`decoderkit.generation.speculative`), with the same output.
@@ -131,6 +134,16 @@ def generate(
     config = _resolve_config(model, generation_config, kwargs)
     if compile is None:
         compile = bool(getattr(config, "compile", False))
+    if compile not in (True, False, "aot", "auto"):
+        raise ValueError(f"compile={compile!r}: expected True, False, 'aot' or 'auto'")
+    if compile == "auto":
+        compile = _auto_compile(model, config, input_ids, assistant_model, inputs_embeds, past_key_values, kwargs)
+    if compile == "aot":
+        from decoderkit.generation.aot_step import aot_unsupported
+
+        reason = aot_unsupported(model)
+        if reason:
+            raise ValueError(f"compile='aot': {reason}; use compile=True or False")
     proposer = build_proposer(model, config, assistant_model, compile)
     resumed = [name for name, value in (("inputs_embeds", inputs_embeds), ("past_key_values", past_key_values))
                if value is not None]
@@ -168,6 +181,28 @@ def generate(
             next(steps)
     except StopIteration as stop:
         return stop.value
+
+
+def _auto_compile(model: Any, config: GenerationConfig, input_ids: Any, *others: Any) -> bool | str:
+    """compile="auto": the packaged step where one for these weights and shapes is on disk, else eager."""
+    from decoderkit.generation.aot_step import cached_step
+
+    *extras, kwargs = others
+    plain = (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0
+             and all(e is None for e in extras) and config.prompt_lookup_num_tokens is None
+             and kwargs.get("use_cache") is not False and config.cache_implementation in _STATIC_CACHES | {None}
+             and model.decoder_config.attn_implementation != "flash_attention_2")
+    if not plain:
+        return False
+    rows = input_ids.shape[0] * max(config.num_beams, config.num_return_sequences)
+    max_length = config.max_length_for(input_ids.shape[1], model.decoder_config.max_position_embeddings)
+    return "aot" if cached_step(model, rows, compile_slots(max_length)) else False
+
+
+def compile_slots(max_length: int) -> int:
+    """The static cache length a compiled step is built for: `max_length` rounded up to a bucket, so that other
+    lengths reuse the graph."""
+    return -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET
 
 
 def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
@@ -315,7 +350,7 @@ class GenerationPlan:
             if cache_kind in _STATIC_CACHES:
                 # Prompt + new tokens (the last token is never fed back, but one spare slot costs nothing). A compiled
                 # step is specialised on the cache length: rounding it up lets other lengths reuse the graph
-                slots = -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET if compile else max_length
+                slots = compile_slots(max_length) if compile else max_length
                 cache = StaticCache(mc, rows, slots, device=device, dtype=model.dtype)
             else:
                 cache = DynamicCache()

@@ -123,10 +123,16 @@ _DECODE_SOURCE = Path(__file__).with_name("gemv.cpp")
 
 def decode_linear_available() -> bool:
     """Whether `decode_linear` can run: the kernels are on (``DECODERKIT_KERNELS``) and gemv.cpp is built and
-    loaded (compiled at first use, like qmatmul.cpp). False, with no warning, where it cannot: callers then use
-    ``torch.nn.functional.linear``, which gives the same values at a lower speed."""
-    if os.environ.get("DECODERKIT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    loaded (compiled at first use, like qmatmul.cpp; with ``DECODERKIT_KERNELS=cached`` only if a build is there
+    already). False, with no warning, where it cannot: callers then use ``torch.nn.functional.linear``, which gives
+    the same values up to float rounding, at a lower speed."""
+    setting = os.environ.get("DECODERKIT_KERNELS", "1").strip().lower()
+    if setting in ("0", "false", "no", "off"):
         return False
+    if setting == "cached":
+        compiler = _compiler()
+        if compiler is None or not library_path(compiler, _DECODE_SOURCE).is_file():
+            return False
     return _load_decode()
 
 
