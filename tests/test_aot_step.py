@@ -75,10 +75,11 @@ def test_background_build_is_started_once(tmp_path, monkeypatch):
     assert command[1:4] == ["-m", "decoderkit.generation.aot_step", directory]
     assert command[command.index("--slots") + 1] == "256" and options["start_new_session"]
     # While a build is under way (its marker is fresh) no second one starts; once the package exists neither
-    package = aot_step.package_path(model, decode_step.weights_fingerprint(model), 1, 256)
-    aot_step._marker(package).touch()
+    fingerprint = decode_step.weights_fingerprint(model)
+    package = aot_step.package_path(model, fingerprint, 1, 256)
+    assert aot_step._marker(fingerprint, 1, 256).is_file()
     assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
-    aot_step._marker(package).unlink()
+    aot_step._marker(fingerprint, 1, 256).unlink()
     package.touch()
     assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
     assert len(started) == 1

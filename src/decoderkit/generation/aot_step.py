@@ -147,8 +147,9 @@ def _weights_id(fingerprint: tuple) -> str:
     return hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:24]
 
 
-def _marker(package: Path) -> Path:
-    return package.with_name(package.name + ".building")
+def _marker(fingerprint: tuple, rows: int, slots: int) -> Path:
+    """The file that says a build for these weights and shapes is under way (whichever kernels it will use)."""
+    return package_dir() / f"{_weights_id(fingerprint)}-{rows}x{slots}.building"
 
 
 def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slots: int) -> bool:
@@ -163,13 +164,16 @@ def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slot
 
     if aot_unsupported(model) is not None:
         return False
-    package = package_path(model, weights_fingerprint(model), rows, slots)
-    marker = _marker(package)
+    fingerprint = weights_fingerprint(model)
+    package = package_path(model, fingerprint, rows, slots)
+    marker = _marker(fingerprint, rows, slots)
     if package.is_file() or (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
         return False
     package.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()  # now, so that a start right after this one does not start a second build
     command = [sys.executable, "-m", "decoderkit.generation.aot_step", model_path, "--dtype", dtype, "--rows",
-               str(rows), "--slots", str(slots), "--expect", _weights_id(weights_fingerprint(model))]
+               str(rows), "--slots", str(slots), "--expect", _weights_id(fingerprint), "--marker",
+               str(marker)]
     env = {**os.environ, "DECODERKIT_KERNELS": os.environ.get("DECODERKIT_KERNELS", "1").replace("cached", "1")}
     with open(package.with_suffix(".log"), "w") as log:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--expect", default=None, help="build only if the loaded weights have this id")
+    parser.add_argument("--marker", default=None, help="a file the caller made, removed when this process ends")
     args = parser.parse_args(argv)
     os.nice(19)
     torch.set_num_threads(1)
@@ -196,23 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device="cpu", progress=False).eval()
     use_decode_linear(model)
     fingerprint = weights_fingerprint(model)
-    if args.expect is not None and _weights_id(fingerprint) != args.expect:
-        print(f"not built: {args.model} loads to other weights than the caller's")
-        return 0
     package = package_path(model, fingerprint, args.rows, args.slots)
-    if package.is_file():
-        return 0
-    marker = _marker(package)
     try:
-        marker.touch(exist_ok=False)
-    except FileExistsError:
-        return 0
-    try:
-        print(f"built {build_package(model, args.rows, args.slots)}")
+        if args.expect is not None and _weights_id(fingerprint) != args.expect:
+            print(f"not built: {args.model} loads to other weights than the caller's")
+            return 0
+        if not package.is_file():
+            print(f"built {build_package(model, args.rows, args.slots)}")
     finally:
-        marker.unlink(missing_ok=True)
+        if args.marker is not None:
+            Path(args.marker).unlink(missing_ok=True)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
