@@ -405,7 +405,7 @@ def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder,
     if getattr(args, "quantize", None) not in (None, "none") or getattr(args, "tensor_parallel", 1) > 1:
         return
     from decoderkit.generation.aot_step import build_in_background
-    from decoderkit.generation.generate import compile_slots
+    from decoderkit.generation.decode_step import compile_slots
 
     if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length)):
         _note(args, f"{PROG}: compiling the decode step in the background for the next start")

@@ -59,7 +59,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     step = "torch.compile" if compiled is True else "eager"
     if compiled == "auto" and not speculative:
         from decoderkit.generation.aot_step import cached_step
-        from decoderkit.generation.generate import compile_slots
+        from decoderkit.generation.decode_step import compile_slots
 
         if cached_step(model, args.batch_size, compile_slots(args.prompt_tokens + args.new_tokens)):
             step = "aot"

@@ -111,6 +111,19 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
     return runner
 
 
+def auto_compile(model: Any, config: Any, input_ids: Any) -> bool | str:
+    """``generate(compile="auto")``: "aot" where a package for these weights and shapes is on disk, else False."""
+    from decoderkit.generation.decode_step import compile_slots
+
+    if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0):
+        return False
+    if config.prompt_lookup_num_tokens is not None or model.decoder_config.attn_implementation == "flash_attention_2":
+        return False
+    rows = input_ids.shape[0] * max(config.num_beams, config.num_return_sequences)
+    max_length = config.max_length_for(input_ids.shape[1], model.decoder_config.max_position_embeddings)
+    return "aot" if cached_step(model, rows, compile_slots(max_length)) else False
+
+
 def cached_step(model: Any, rows: int, slots: int) -> bool:
     """Whether a package for `model`'s current weights, `rows` rows and `slots` cache slots is on disk (what
     ``generate(compile="auto")`` asks before choosing the packaged step)."""

@@ -33,6 +33,15 @@ def forward_full(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, posit
     return model.lm_head(out.last_hidden_state[:, -1]).float()
 
 
+_COMPILE_BUCKET = 256
+
+
+def compile_slots(max_length: int) -> int:
+    """The static cache length a compiled step is built for: `max_length` rounded up to a multiple of 256, so that
+    other lengths reuse the graph."""
+    return -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET
+
+
 class _SlotCache(Cache):
     """A static cache's buffers written at `cache_position`, with no Python-side state a compiled graph would
     specialise on (StaticCache counts stored tokens in a Python int)."""

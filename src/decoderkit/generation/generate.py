@@ -45,7 +45,7 @@ import torch
 from decoderkit.cache import Cache, DynamicCache, StaticCache
 from decoderkit.generation.beam_search import BeamSearchState
 from decoderkit.generation.config import GenerationConfig
-from decoderkit.generation.decode_step import DecodeStep, forward_full
+from decoderkit.generation.decode_step import DecodeStep, compile_slots, forward_full
 from decoderkit.generation.inputs import check_embeds, check_past
 from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
 from decoderkit.generation.speculative import build_proposer, speculative_steps
@@ -61,7 +61,6 @@ __all__ = ["GenerateOutput", "generate"]
 # transformers' static-cache variants; none of these families has sliding-window layers, so all are a plain static cache
 _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunked"})
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
-_COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
 _UNSUPPORTED = ("position_ids", "prefix_allowed_tokens_fn",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
@@ -137,7 +136,11 @@ def generate(
     if compile not in (True, False, "aot", "auto"):
         raise ValueError(f"compile={compile!r}: expected True, False, 'aot' or 'auto'")
     if compile == "auto":
-        compile = _auto_compile(model, config, input_ids, assistant_model, inputs_embeds, past_key_values, kwargs)
+        from decoderkit.generation.aot_step import auto_compile
+
+        plain = (all(x is None for x in (assistant_model, inputs_embeds, past_key_values))
+                 and kwargs.get("use_cache") is not False and config.cache_implementation in _STATIC_CACHES | {None})
+        compile = auto_compile(model, config, input_ids) if plain else False
     if compile == "aot":
         from decoderkit.generation.aot_step import aot_unsupported
 
@@ -181,28 +184,6 @@ def generate(
             next(steps)
     except StopIteration as stop:
         return stop.value
-
-
-def _auto_compile(model: Any, config: GenerationConfig, input_ids: Any, *others: Any) -> bool | str:
-    """compile="auto": the packaged step where one for these weights and shapes is on disk, else eager."""
-    from decoderkit.generation.aot_step import cached_step
-
-    *extras, kwargs = others
-    plain = (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0
-             and all(e is None for e in extras) and config.prompt_lookup_num_tokens is None
-             and kwargs.get("use_cache") is not False and config.cache_implementation in _STATIC_CACHES | {None}
-             and model.decoder_config.attn_implementation != "flash_attention_2")
-    if not plain:
-        return False
-    rows = input_ids.shape[0] * max(config.num_beams, config.num_return_sequences)
-    max_length = config.max_length_for(input_ids.shape[1], model.decoder_config.max_position_embeddings)
-    return "aot" if cached_step(model, rows, compile_slots(max_length)) else False
-
-
-def compile_slots(max_length: int) -> int:
-    """The static cache length a compiled step is built for: `max_length` rounded up to a bucket, so that other
-    lengths reuse the graph."""
-    return -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET
 
 
 def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
