@@ -95,7 +95,6 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
     loaded = _LOADED.setdefault(model, {})
     if key in loaded:
         return loaded[key]
-    path = package_dir() / f"step-{key}.pt2"
     if not path.is_file():
         logger.info("compiling the decode step with AOTInductor into %s", path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +104,7 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
             with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
                 built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
                 os.replace(built, path)
-    runner = torch._inductor.aoti_load_package(str(path))
+    runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
     loaded.clear()  # a package of older weights is never run again
     loaded[key] = runner
     return runner

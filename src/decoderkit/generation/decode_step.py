@@ -210,7 +210,11 @@ class DecodeStep:
 
             example = (self.tokens, self.position_ids, self.cache_position, self.allowed, self.alibi, cache.keys,
                        cache.values)
-            self.compiled = aot_step(model, weights_fingerprint(model), _forward_one_static, example)
+            package = aot_step(model, weights_fingerprint(model), _forward_one_static, example)
+            # The same tensors at every step, in the package's flat order: its loader runs them without the
+            # per-call pytree flattening of the Python wrapper (which parses the call spec anew each time)
+            flat = [t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
+            self.compiled = lambda *_: package.loader.boxed_run(list(flat))[0]
         elif compile:
             self.compiled = _compiled_step(model)
             if device.type == "cuda":
@@ -256,8 +260,7 @@ class DecodeStep:
                 if self.tokens.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
                 if self.aot:
-                    logits = self.compiled(self.tokens, self.position_ids, self.cache_position, mask, self.alibi,
-                                           self.cache.keys, self.cache.values)
+                    logits = self.compiled()
                 else:
                     logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask,
                                            rope, self.alibi, self.cache.keys, self.cache.values)
