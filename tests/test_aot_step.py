@@ -30,13 +30,20 @@ def test_packaged_step_matches_eager_and_is_reused_from_disk(tmp_path, monkeypat
     stamp = packages[0].stat().st_mtime_ns
     # A fresh model of the same weights (a second start) loads the package instead of compiling one
     again = decoderkit.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    with torch.no_grad():
+    with torch.no_grad(), pytest.MonkeyPatch.context() as no_compiling:
+        no_compiling.setattr(torch._inductor, "aoti_compile_and_package", None)
+        # compile="auto" (the command line's default) finds the package and runs it
+        assert aot_step.cached_step(again, 1, 256)
+        assert torch.equal(again.generate(ids, compile="auto", **kwargs), eager)
+        assert again in aot_step._LOADED
         assert torch.equal(again.generate(ids, compile="aot", **kwargs), eager)
-        assert sorted(aot_step.package_dir().glob("*.pt2")) == packages
-        assert packages[0].stat().st_mtime_ns == stamp
-        # Other weights are another package: never the first model's frozen weights
+    assert sorted(aot_step.package_dir().glob("*.pt2")) == packages
+    assert packages[0].stat().st_mtime_ns == stamp
+    # Other weights are another package: never the first model's frozen weights
+    with torch.no_grad():
         for p in again.parameters():
             p.mul_(1.5)
+        assert not aot_step.cached_step(again, 1, 256)
         changed = again.generate(ids, compile="aot", **kwargs)
         assert torch.equal(changed, again.generate(ids, cache_implementation="static", **kwargs))
     assert len(list(aot_step.package_dir().glob("*.pt2"))) == 2

@@ -24,7 +24,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Callable[..., torch.Tensor]]] = weakref.WeakKeyDictionary()
+_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def package_dir() -> Path:
@@ -85,11 +85,11 @@ def package_path(model: Any, fingerprint: tuple, rows: int, slots: int) -> Path:
     return package_dir() / f"step-{key.hexdigest()[:24]}.pt2"
 
 
-def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor],
-             example: tuple) -> Callable[..., torch.Tensor]:
+def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor], example: tuple) -> Any:
     """The packaged step for `model` on inputs shaped like `example` (tokens, position ids, cache slot, mask, alibi,
     keys, values): loaded from disk when a package for the same model and shapes exists, else compiled (minutes on a
-    small CPU) and stored first."""
+    small CPU) and stored first. Its ``boxed_run(tensors)`` takes the example's tensors in order (None left out)
+    and returns ``[logits]``."""
     path = package_path(model, fingerprint, example[0].shape[0], example[3].shape[-1])
     key = path.name
     loaded = _LOADED.setdefault(model, {})
@@ -104,7 +104,9 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
             with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
                 built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
                 os.replace(built, path)
-    runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+    # The C++ loader itself: torch._inductor.aoti_load_package would first import inductor's Python side, seconds
+    # of a warm start's time to the first token. (path, model name, single-threaded, runners, device index)
+    runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
     loaded.clear()  # a package of older weights is never run again
     loaded[key] = runner
     return runner

@@ -214,7 +214,7 @@ class DecodeStep:
             # The same tensors at every step, in the package's flat order: its loader runs them without the
             # per-call pytree flattening of the Python wrapper (which parses the call spec anew each time)
             flat = [t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
-            self.compiled = lambda *_: package.loader.boxed_run(list(flat))[0]
+            self.compiled = lambda: package.boxed_run(list(flat))[0]
         elif compile:
             self.compiled = _compiled_step(model)
             if device.type == "cuda":
