@@ -109,34 +109,57 @@ void gemv(const float* x, const W* w, const float* bias, int64_t M, int64_t K, i
   });
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode linear: CPU tensors only");
+// float32 copy of a bfloat16 or float32 tensor's values (contiguous), or the tensor's own memory when float32
+const float* as_float(const at::Tensor& t, std::vector<float>& buffer) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  const auto* bits = reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>());
+  buffer.resize(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(&buffer[i], &wide, sizeof(float));
+  }
+  return buffer.data();
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), "decode linear: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "decode linear: weight must be a contiguous (N, K) matrix");
   const auto wt = weight.scalar_type();
-  const auto xt = x.scalar_type();
+  const auto xt = x_in.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "decode linear: weight must be float32 or bfloat16, got ", wt);
   TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16, "decode linear: x must be float32 or bfloat16, got ", xt);
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "decode linear: x has ", x.size(-1), " features, weight expects ", K);
-  const int64_t M = K == 0 ? 0 : x.numel() / K;
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor bf;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "decode linear: bias has ", bias->numel(), " entries, expected ", N);
-    bf = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(x_in.size(-1) == K, "decode linear: x has ", x_in.size(-1), " features, weight expects ", K);
+  const int64_t M = K == 0 ? 0 : x_in.numel() / K;
+  // bfloat16 activations are widened here and the result rounded once at the end (round to nearest even, as
+  // Tensor.to does): no extra tensors or operator calls around the kernel
+  const at::Tensor x = x_in.contiguous();
+  std::vector<float> x_buffer, bias_buffer, y_buffer;
+  const float* xf = as_float(x, x_buffer);
+  const float* b = nullptr;
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->numel() == N, "decode linear: bias has ", bias_in->numel(), " entries, expected ", N);
+    TORCH_CHECK(bias_in->scalar_type() == at::kFloat || bias_in->scalar_type() == at::kBFloat16,
+                "decode linear: bias must be float32 or bfloat16");
+    bias = bias_in->contiguous();
+    b = as_float(bias, bias_buffer);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-    if (wt == at::kFloat) {
-      gemv(xf.data_ptr<float>(), weight.data_ptr<float>(), b, M, K, N, y.data_ptr<float>());
-    } else {
-      gemv(xf.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), b, M, K, N, y.data_ptr<float>());
-    }
+  at::Tensor y = at::empty(shape, x.options());
+  if (M == 0 || N == 0) return y;
+  float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : (y_buffer.resize(M * N), y_buffer.data());
+  if (wt == at::kFloat) {
+    gemv(xf, weight.data_ptr<float>(), b, M, K, N, yf);
+  } else {
+    gemv(xf, weight.data_ptr<c10::BFloat16>(), b, M, K, N, yf);
   }
-  return xt == at::kFloat ? y : y.to(xt);
+  if (y.scalar_type() == at::kBFloat16) {
+    c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) out[i] = c10::BFloat16(yf[i]);
+  }
+  return y;
 }
 
 }  // namespace
