@@ -1,6 +1,7 @@
 """The compiled decode step as the command line's default, and inductor's on-disk cache shared between models.
 
-The suite runs with DECODERKIT_COMPILE=0 (conftest.py); these tests take it away to see the real default (off).
+The suite runs with DECODERKIT_COMPILE=0 (conftest.py); these tests take it away to see the real default (auto:
+the AOTInductor-packaged step where one is on disk, else eager).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def recorded_kwargs(monkeypatch) -> list[dict]:
     """`generate` keyword arguments the CLI passes, without generating (so nothing is compiled)."""
     calls: list[dict] = []
     monkeypatch.setattr(text, "run_generate", lambda model, ids, kwargs, streamer: calls.append(kwargs) or True)
+    # and no background build of the packaged step
+    monkeypatch.setattr(text, "build_step_in_background", lambda *args: None)
     monkeypatch.delenv("DECODERKIT_COMPILE", raising=False)
     _unset_inductor_cache_dir(monkeypatch)
+    _unset(monkeypatch, "DECODERKIT_KERNELS")  # an auto run sets it to "cached"
     return calls
 
 
@@ -41,17 +45,22 @@ def _restore_inductor_config():
         yield
 
 
-def _unset_inductor_cache_dir(monkeypatch) -> None:
+def _unset(monkeypatch, name: str) -> None:
     # set first, so that monkeypatch also removes the value the code under test sets
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv(name, "unset")
+    monkeypatch.delenv(name)
+
+
+def _unset_inductor_cache_dir(monkeypatch) -> None:
+    _unset(monkeypatch, "TORCHINDUCTOR_CACHE_DIR")
 
 
 def test_generate_compiles_when_asked(capsys, recorded_kwargs, monkeypatch, tmp_path):
     monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "dk"))
     code, _, err = run_main(capsys, "generate", "--device", "cpu", "--max-new-tokens", "4", PROMPT)
     assert code == 0, err
-    assert recorded_kwargs[-1]["compile"] is False  # off by default (see resolve_compile)
+    # auto by default: the packaged step if it is on disk, else eager (see resolve_compile); no torch.compile
+    assert recorded_kwargs[-1]["compile"] == "auto"
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     monkeypatch.setenv("DECODERKIT_COMPILE", "1")
     code, _, err = run_main(capsys, "generate", "--device", "cpu", "--max-new-tokens", "4", PROMPT)

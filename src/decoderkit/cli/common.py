@@ -370,22 +370,45 @@ class TokenStreamer:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def resolve_compile(args: argparse.Namespace) -> bool:
-    """Whether to compile the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else off.
+def resolve_compile(args: argparse.Namespace) -> bool | str:
+    """How to run the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else "auto".
 
-    Off by default because it is not faster end to end where measured (2-core AVX2 CPU): a cold compilation takes a
-    minute or more against about a second of eager decoding for a short command, and inductor's frozen bf16 step runs
-    several times slower than eager on a CPU without bf16 instructions. Turning it on points inductor's on-disk caches
-    at decoderkit's cache directory, so that a second start reuses the compiled code."""
+    "auto" (the default) runs the AOTInductor-packaged step where a package for the model's weights and the
+    run's shapes is on disk (small float CPU models: see decoderkit.generation.aot_step), and the eager step
+    otherwise; after such an eager run `build_step_in_background` compiles the package for the next start, so
+    the first start is never made to wait minutes for a compilation. `--compile` (or `DECODERKIT_COMPILE=1`)
+    compiles with torch.compile in the foreground and points inductor's on-disk caches at decoderkit's cache
+    directory; `--no-compile` (or `DECODERKIT_COMPILE=0`) is always eager and builds nothing."""
     wanted = getattr(args, "compile", None)
     if wanted is None:
         value = os.environ.get("DECODERKIT_COMPILE", "").strip().lower()
         if value and value not in _TRUE + _FALSE:
             raise CLIError(f"DECODERKIT_COMPILE={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
-        wanted = value in _TRUE
-    if wanted:
+        wanted = "auto" if not value else value in _TRUE
+    if wanted is True:
         use_compile_cache()
+    if wanted == "auto":
+        # The decode kernel's first build takes seconds to minutes: an auto start uses it once it is built (the
+        # background build below builds it) instead of waiting for it
+        os.environ.setdefault("DECODERKIT_KERNELS", "cached")
+    args.resolved_compile = wanted
     return wanted
+
+
+def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder, path: Path, rows: int,
+                             max_length: int) -> None:
+    """After a run with compile "auto": start the background build of the packaged step this model and these shapes
+    would use next time, where the model can have one, it was loaded as it is on disk (no adapter, no quantization)
+    and no package is there or being built."""
+    if getattr(args, "resolved_compile", None) != "auto" or getattr(args, "adapter", None) is not None:
+        return
+    if getattr(args, "quantize", None) not in (None, "none") or getattr(args, "tensor_parallel", 1) > 1:
+        return
+    from decoderkit.generation.aot_step import build_in_background
+    from decoderkit.generation.decode_step import compile_slots
+
+    if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length)):
+        _note(args, f"{PROG}: compiling the decode step in the background for the next start")
 
 
 def cache_root() -> Path:

@@ -19,6 +19,7 @@ from decoderkit.cli.common import (
     _describe,
     _note,
     _round,
+    build_step_in_background,
     eos_token_ids,
     fit_new_tokens,
     generation_kwargs,
@@ -83,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     begin = time.perf_counter()
     completed = run_generate(model, prompt_ids, kwargs, streamer)
     total_s = time.perf_counter() - begin
+    build_step_in_background(args, model, path, n, len(prompt_ids) + kwargs["max_new_tokens"])
     rows = streamer.rows or [[] for _ in range(n)]
     texts = [completion_text(tok, prompt_ids, row) for row in rows]
     completion_tokens = sum(len(row) for row in rows)

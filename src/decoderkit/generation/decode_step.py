@@ -15,6 +15,7 @@ import torch
 from decoderkit.cache import Cache
 from decoderkit.layers.alibi import alibi_bias
 from decoderkit.layers.attention import AttentionInputs
+from decoderkit.layers.linear import use_decode_linear
 
 if TYPE_CHECKING:
     pass
@@ -30,6 +31,15 @@ def forward_full(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, posit
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                       use_cache=cache is not None, validate=False)
     return model.lm_head(out.last_hidden_state[:, -1]).float()
+
+
+_COMPILE_BUCKET = 256
+
+
+def compile_slots(max_length: int) -> int:
+    """The static cache length a compiled step is built for: `max_length` rounded up to a multiple of 256, so that
+    other lengths reuse the graph."""
+    return -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET
 
 
 class _SlotCache(Cache):
@@ -164,11 +174,13 @@ class DecodeStep:
     """
 
     def __init__(self, model: Any, cache: Cache, padding: torch.Tensor | None, next_position: torch.Tensor,
-                 prompt_len: int, max_length: int, compile: bool) -> None:
+                 prompt_len: int, max_length: int, compile: bool | str) -> None:
         stack = model.model
         device = next_position.device
         rows, steps = next_position.shape[0], max_length - prompt_len
         self.model, self.cache = model, cache
+        self.aot = compile == "aot"
+        use_decode_linear(model)
         self.static = cache.is_static
         self.prompt_len = prompt_len
         self.filled = prompt_len  # tokens in the cache; the next one goes to slot `filled`
@@ -193,7 +205,17 @@ class DecodeStep:
         self.alibi = alibi_bias(stack.alibi_slopes, cache.max_cache_len) if self.static and hasattr(
             stack, "alibi_slopes") else None
         self.compiled = None
-        if compile:
+        if compile == "aot":
+            from decoderkit.generation.aot_step import aot_step
+
+            example = (self.tokens, self.position_ids, self.cache_position, self.allowed, self.alibi, cache.keys,
+                       cache.values)
+            package = aot_step(model, weights_fingerprint(model), _forward_one_static, example)
+            # The same tensors at every step, in the package's flat order: its loader runs them without the
+            # per-call pytree flattening of the Python wrapper (which parses the call spec anew each time)
+            flat = [t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
+            self.compiled = lambda: package.boxed_run(list(flat))[0]
+        elif compile:
             self.compiled = _compiled_step(model)
             if device.type == "cuda":
                 # CUDA graphs replay fixed addresses: the buffers mutated in place must be marked as such
@@ -237,8 +259,11 @@ class DecodeStep:
                     rope = stack.rotary(self.position_ids, self.model.dtype)
                 if self.tokens.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask, rope,
-                                       self.alibi, self.cache.keys, self.cache.values)
+                if self.aot:
+                    logits = self.compiled()
+                else:
+                    logits = self.compiled(self.model, self.tokens, self.position_ids, self.cache_position, mask,
+                                           rope, self.alibi, self.cache.keys, self.cache.values)
                 # Every later step feeds the same buffers, so it runs the graph this call compiled or matched
                 self.compiled = getattr(self.compiled, "warm", self.compiled)
                 if logits.device.type == "cuda":

@@ -45,7 +45,7 @@ import torch
 from decoderkit.cache import Cache, DynamicCache, StaticCache
 from decoderkit.generation.beam_search import BeamSearchState
 from decoderkit.generation.config import GenerationConfig
-from decoderkit.generation.decode_step import DecodeStep, forward_full
+from decoderkit.generation.decode_step import DecodeStep, compile_slots, forward_full
 from decoderkit.generation.inputs import check_embeds, check_past
 from decoderkit.generation.logits_process import LogitsProcessorList, build_logits_processors
 from decoderkit.generation.speculative import build_proposer, speculative_steps
@@ -61,7 +61,6 @@ __all__ = ["GenerateOutput", "generate"]
 # transformers' static-cache variants; none of these families has sliding-window layers, so all are a plain static cache
 _STATIC_CACHES = frozenset({"static", "sliding_window", "hybrid", "hybrid_chunked"})
 _DYNAMIC_CACHES = frozenset({None, "dynamic"})
-_COMPILE_BUCKET = 256
 # transformers arguments generate accepts but decoderkit does not implement: say so instead of "unknown parameter"
 _UNSUPPORTED = ("position_ids", "prefix_allowed_tokens_fn",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
@@ -85,7 +84,7 @@ def generate(
     tokenizer: Any = None,
     logits_processor: LogitsProcessorList | None = None,
     stopping_criteria: StoppingCriteriaList | None = None,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput | GenerationStream:
     """Continue each prompt of ``input_ids``; returns prompt + new tokens as a ``(rows, length)`` LongTensor.
@@ -103,7 +102,10 @@ def generate(
         stream: return a :class:`~decoderkit.generation.streamer.GenerationStream` yielding each step's tokens.
         tokenizer: needed for ``stop_strings``.
         logits_processor, stopping_criteria: extra processors / criteria, applied after the built-in ones.
-        compile: compile the decode step (implies ``cache_implementation="static"``).
+        compile: compile the decode step (implies ``cache_implementation="static"``): True with ``torch.compile``,
+            ``"aot"`` (small float CPU models) as an AOTInductor package kept on disk
+            (:mod:`decoderkit.generation.aot_step`), built now unless a package for the same weights and shapes
+            is there already; ``"auto"`` the package if it is there, else eager.
         kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...), and
             ``assistant_model`` (a draft model): with it or ``prompt_lookup_num_tokens``, decoding is speculative
             (:mod:`decoderkit.generation.speculative`), with the same output.
@@ -131,6 +133,20 @@ def generate(
     config = _resolve_config(model, generation_config, kwargs)
     if compile is None:
         compile = bool(getattr(config, "compile", False))
+    if compile not in (True, False, "aot", "auto"):
+        raise ValueError(f"compile={compile!r}: expected True, False, 'aot' or 'auto'")
+    if compile == "auto":
+        from decoderkit.generation.aot_step import auto_compile
+
+        plain = (all(x is None for x in (assistant_model, inputs_embeds, past_key_values))
+                 and kwargs.get("use_cache") is not False and config.cache_implementation in _STATIC_CACHES | {None})
+        compile = auto_compile(model, config, input_ids) if plain else False
+    if compile == "aot":
+        from decoderkit.generation.aot_step import aot_unsupported
+
+        reason = aot_unsupported(model)
+        if reason:
+            raise ValueError(f"compile='aot': {reason}; use compile=True or False")
     proposer = build_proposer(model, config, assistant_model, compile)
     resumed = [name for name, value in (("inputs_embeds", inputs_embeds), ("past_key_values", past_key_values))
                if value is not None]
@@ -315,7 +331,7 @@ class GenerationPlan:
             if cache_kind in _STATIC_CACHES:
                 # Prompt + new tokens (the last token is never fed back, but one spare slot costs nothing). A compiled
                 # step is specialised on the cache length: rounding it up lets other lengths reuse the graph
-                slots = -(-max_length // _COMPILE_BUCKET) * _COMPILE_BUCKET if compile else max_length
+                slots = compile_slots(max_length) if compile else max_length
                 cache = StaticCache(mc, rows, slots, device=device, dtype=model.dtype)
             else:
                 cache = DynamicCache()

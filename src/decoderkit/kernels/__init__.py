@@ -49,31 +49,31 @@ def _compiler() -> str | None:
     return None
 
 
-def _command(compiler: str, out: Path) -> list[str]:
+def _command(compiler: str, out: Path, source: Path = _SOURCE) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *_simd_flags(),
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()), str(source), "-o", str(out),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
 
-def library_path(compiler: str) -> Path:
-    """The shared library this source, torch, compiler and CPU capability compile to (existing or not)."""
+def library_path(compiler: str, source: Path = _SOURCE) -> Path:
+    """The shared library `source`, torch, compiler and CPU capability compile to (existing or not)."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(_simd_flags()).encode()):
+    for part in (source.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(_simd_flags()).encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, source: Path = _SOURCE) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        proc = subprocess.run(_command(compiler, tmp), capture_output=True, text=True, check=False)
+        proc = subprocess.run(_command(compiler, tmp, source), capture_output=True, text=True, check=False)
         if proc.returncode:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
 
 
 def available() -> bool:
@@ -116,3 +116,49 @@ def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: tor
     """y (M, N) float32 = x (M, K) float32 @ W^T, W (N, K) held as `bits`-bit codes with per-`group` scales (and
     offsets): ``w = scale * q + offset`` (see qmatmul.cpp for the layouts). `available()` must be True."""
     return torch.ops.decoderkit_kernels.qmm(x, codes, scales, offsets, bits, group)
+
+
+_DECODE_SOURCE = Path(__file__).with_name("gemv.cpp")
+
+
+def decode_linear_available() -> bool:
+    """Whether `decode_linear` can run: the kernels are on (``DECODERKIT_KERNELS``) and gemv.cpp is built and
+    loaded (compiled at first use, like qmatmul.cpp; with ``DECODERKIT_KERNELS=cached`` only if a build is there
+    already). False, with no warning, where it cannot: callers then use ``torch.nn.functional.linear``, which gives
+    the same values up to float rounding, at a lower speed."""
+    setting = os.environ.get("DECODERKIT_KERNELS", "1").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting == "cached":
+        compiler = _compiler()
+        if compiler is None or not library_path(compiler, _DECODE_SOURCE).is_file():
+            return False
+    return _load_decode()
+
+
+@functools.cache
+def _load_decode() -> bool:
+    compiler = _compiler()
+    if compiler is None:
+        return False
+    target = library_path(compiler, _DECODE_SOURCE)
+    try:
+        if not target.is_file():
+            logger.info("compiling %s into %s", _DECODE_SOURCE.name, target)
+            _build(compiler, target, _DECODE_SOURCE)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as err:
+        logger.warning("decoderkit: the decode linear kernel could not be built or loaded (%s); using torch's", err)
+        return False
+
+    @torch.library.register_fake("decoderkit_decode::linear")
+    def _(x, weight, bias):  # noqa: ANN001, ANN202 - the op's schema types them
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    return True
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows of `x` on CPU, float32 or bfloat16 (any mix), with float32
+    products and sums and the result in `x`'s dtype (see gemv.cpp). `decode_linear_available()` must be True."""
+    return torch.ops.decoderkit_decode.linear(x, weight, bias)

@@ -1,0 +1,231 @@
+"""The CPU decode step compiled ahead of time with AOTInductor and kept on disk as a package.
+
+`torch.compile` leaves Python on every step: dynamo's guards over the model's modules and parameters, and the AOT
+autograd wrappers around the compiled code; for the shipped 2.6M-parameter model they cost about as much as the step's
+own arithmetic. An AOTInductor package is the same inductor code behind a C++ runner: one call per token, no guards.
+It embeds the weights, so a package is keyed by everything it was built from (torch version, the model's config, the
+weights' content hash, dtype, rows and cache length) and stored under ``cache_root()/aoti``, written under a temporary
+name and renamed; a later process with the same model loads it in a fraction of a second instead of compiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def package_dir() -> Path:
+    """Where AOTInductor packages live: ``$DECODERKIT_CACHE_DIR/aoti`` (default ``~/.cache/decoderkit/aoti``)."""
+    root = os.environ.get("DECODERKIT_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
+    return Path(root).expanduser() / "aoti"
+
+
+class _StepModule(nn.Module):
+    """`_forward_one_static` as a module with tensor-only inputs, which is what `torch.export` takes."""
+
+    def __init__(self, model: Any, forward: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, tokens, position_ids, cache_position, mask, alibi, keys, values):  # noqa: ANN001, ANN201
+        return self._forward(self.model, tokens, position_ids, cache_position, mask, None, alibi, keys, values)
+
+
+# Above this the package (which embeds the weights) and the content hash checked at every call stop being cheap, and
+# the weight reads, not the per-token overhead a package removes, set the decode speed
+AOT_MAX_WEIGHT_BYTES = 64 * 2**20
+_LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
+
+def aot_unsupported(model: Any) -> str | None:
+    """Why `model` cannot run a packaged step (None when it can): float32 / bfloat16 weights on CPU, at most
+    `AOT_MAX_WEIGHT_BYTES` of them, no quantized or tensor-parallel layers, rope that does not depend on the length."""
+    params = list(model.parameters())
+    if any(p.device.type != "cpu" for p in params):
+        return "the packaged step runs on CPU"
+    if any(p.dtype not in (torch.float32, torch.bfloat16) for p in params) or any(
+            b.dtype in (torch.int8, torch.uint8, torch.int32) for b in model.buffers()):
+        return "the packaged step takes float32 or bfloat16 weights, not quantized ones"
+    size = sum(p.numel() * p.element_size() for p in params)
+    if size > AOT_MAX_WEIGHT_BYTES:
+        return f"the weights take {size / 2**20:.0f} MiB, over the packaged step's {AOT_MAX_WEIGHT_BYTES // 2**20} MiB"
+    if getattr(model, "tp", None) is not None:
+        return "a tensor-parallel model cannot be packaged"
+    rotary = model.model.rotary
+    if rotary is not None and rotary.rope_type in _LENGTH_DEPENDENT_ROPE:
+        return f"rope_type={rotary.rope_type!r} depends on the length, which a package cannot follow"
+    return None
+
+
+def package_path(model: Any, fingerprint: tuple, rows: int, slots: int) -> Path:
+    """Where the package compiled from `model` (of weights `fingerprint`) for `rows` rows and a static cache of
+    `slots` slots lives (whether or not it exists)."""
+    key = hashlib.sha256()
+    # The module classes say which kernels the graph calls (DecodeLinear or torch's linear)
+    classes = sorted({type(m).__qualname__ for m in model.modules()})
+    for part in (torch.__version__, repr(model.decoder_config), repr(fingerprint), rows, slots, repr(classes)):
+        key.update(str(part).encode())
+        key.update(b"\0")
+    return package_dir() / f"step-{key.hexdigest()[:24]}.pt2"
+
+
+def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor], example: tuple) -> Any:
+    """The packaged step for `model` on inputs shaped like `example` (tokens, position ids, cache slot, mask, alibi,
+    keys, values): loaded from disk when a package for the same model and shapes exists, else compiled (minutes on a
+    small CPU) and stored first. Its ``boxed_run(tensors)`` takes the example's tensors in order (None left out)
+    and returns ``[logits]``."""
+    path = package_path(model, fingerprint, example[0].shape[0], example[3].shape[-1])
+    key = path.name
+    loaded = _LOADED.setdefault(model, {})
+    if key in loaded:
+        return loaded[key]
+    if not path.is_file():
+        logger.info("compiling the decode step with AOTInductor into %s", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            exported = torch.export.export(_StepModule(model, forward), example, strict=False)
+            # The packager wants a name ending in .pt2: built in a private directory beside the target, then renamed
+            with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
+                built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
+                os.replace(built, path)
+    # The C++ loader itself: torch._inductor.aoti_load_package would first import inductor's Python side, seconds
+    # of a warm start's time to the first token. (path, model name, single-threaded, runners, device index)
+    runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
+    loaded.clear()  # a package of older weights is never run again
+    loaded[key] = runner
+    return runner
+
+
+def auto_compile(model: Any, config: Any, input_ids: Any) -> bool | str:
+    """``generate(compile="auto")``: "aot" where a package for these weights and shapes is on disk, else False."""
+    from decoderkit.generation.decode_step import compile_slots
+
+    if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0):
+        return False
+    if config.prompt_lookup_num_tokens is not None or model.decoder_config.attn_implementation == "flash_attention_2":
+        return False
+    rows = input_ids.shape[0] * max(config.num_beams, config.num_return_sequences)
+    max_length = config.max_length_for(input_ids.shape[1], model.decoder_config.max_position_embeddings)
+    return "aot" if cached_step(model, rows, compile_slots(max_length)) else False
+
+
+def cached_step(model: Any, rows: int, slots: int) -> bool:
+    """Whether a package for `model`'s current weights, `rows` rows and `slots` cache slots is on disk (what
+    ``generate(compile="auto")`` asks before choosing the packaged step)."""
+    from decoderkit.generation.decode_step import weights_fingerprint
+    from decoderkit.layers.linear import use_decode_linear
+
+    if aot_unsupported(model) is not None:
+        return False
+    use_decode_linear(model)  # the classes the decode step will run with are part of the key
+    return package_path(model, weights_fingerprint(model), rows, slots).is_file()
+
+
+def build_package(model: Any, rows: int, slots: int) -> Path:
+    """Compile and store the package for `model`, `rows` rows and `slots` slots (as the decode step would)."""
+    from decoderkit.cache import StaticCache
+    from decoderkit.generation.decode_step import _forward_one_static, weights_fingerprint
+    from decoderkit.layers.alibi import alibi_bias
+    from decoderkit.layers.linear import use_decode_linear
+
+    use_decode_linear(model)
+    stack = model.model
+    cache = StaticCache(model.decoder_config, rows, slots, dtype=model.dtype)
+    allowed = torch.zeros(rows, 1, 1, slots, dtype=torch.bool)
+    allowed[..., 0] = True
+    alibi = alibi_bias(stack.alibi_slopes, slots) if hasattr(stack, "alibi_slopes") else None
+    example = (torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
+               torch.zeros(1, dtype=torch.long), allowed, alibi, cache.keys, cache.values)
+    fingerprint = weights_fingerprint(model)
+    aot_step(model, fingerprint, _forward_one_static, example)
+    return package_path(model, fingerprint, rows, slots)
+
+
+def _weights_id(fingerprint: tuple) -> str:
+    return hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:24]
+
+
+def _marker(fingerprint: tuple, rows: int, slots: int) -> Path:
+    """The file that says a build for these weights and shapes is under way (whichever kernels it will use)."""
+    return package_dir() / f"{_weights_id(fingerprint)}-{rows}x{slots}.building"
+
+
+def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slots: int) -> bool:
+    """Start a detached process (lowest priority) that builds the package this `model`, loaded from `model_path` in
+    `dtype`, would use, unless it is there or being built; True if one was started. The process loads the model
+    itself and gives up if its weights differ from `model`'s (an adapter merged after loading, say)."""
+    import subprocess
+    import sys
+    import time
+
+    from decoderkit.generation.decode_step import weights_fingerprint
+
+    if aot_unsupported(model) is not None:
+        return False
+    fingerprint = weights_fingerprint(model)
+    package = package_path(model, fingerprint, rows, slots)
+    marker = _marker(fingerprint, rows, slots)
+    if package.is_file() or (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
+        return False
+    package.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()  # now, so that a start right after this one does not start a second build
+    command = [sys.executable, "-m", "decoderkit.generation.aot_step", model_path, "--dtype", dtype, "--rows",
+               str(rows), "--slots", str(slots), "--expect", _weights_id(fingerprint), "--marker",
+               str(marker)]
+    env = {**os.environ, "DECODERKIT_KERNELS": os.environ.get("DECODERKIT_KERNELS", "1").replace("cached", "1")}
+    with open(package.with_suffix(".log"), "w") as log:
+        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The background builder: ``python -m decoderkit.generation.aot_step MODEL --dtype D --rows R --slots S``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m decoderkit.generation.aot_step", description=main.__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--expect", default=None, help="build only if the loaded weights have this id")
+    parser.add_argument("--marker", default=None, help="a file the caller made, removed when this process ends")
+    args = parser.parse_args(argv)
+    os.nice(19)
+    torch.set_num_threads(1)
+    from decoderkit import AutoModelForCausalLM
+    from decoderkit.generation.decode_step import weights_fingerprint
+    from decoderkit.layers.linear import use_decode_linear
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device="cpu", progress=False).eval()
+    use_decode_linear(model)
+    fingerprint = weights_fingerprint(model)
+    package = package_path(model, fingerprint, args.rows, args.slots)
+    try:
+        if args.expect is not None and _weights_id(fingerprint) != args.expect:
+            print(f"not built: {args.model} loads to other weights than the caller's")
+            return 0
+        if not package.is_file():
+            print(f"built {build_package(model, args.rows, args.slots)}")
+    finally:
+        if args.marker is not None:
+            Path(args.marker).unlink(missing_ok=True)
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The AOTInductor-packaged decode step (generate(compile="aot")): same greedy ids as eager, kept on disk and reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decoderkit
+from decoderkit.generation import aot_step, decode_step
+
+oracle = pytest.importorskip("oracle")
+
+
+@pytest.mark.slow
+def test_packaged_step_matches_eager_and_is_reused_from_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    hf = oracle.build("llama")
+    directory = oracle.save(hf, tmp_path / "model")
+    ids, mask, _ = oracle.left_padded_batch(hf.config.vocab_size, [5])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
+    model = decoderkit.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(ids, **kwargs)
+        eager = model.generate(ids, cache_implementation="static", **kwargs)
+        packaged = model.generate(ids, compile="aot", **kwargs)
+    assert torch.equal(eager, want)
+    assert torch.equal(packaged, eager)
+    packages = sorted(aot_step.package_dir().glob("*.pt2"))
+    assert len(packages) == 1
+    stamp = packages[0].stat().st_mtime_ns
+    # A fresh model of the same weights (a second start) loads the package instead of compiling one
+    again = decoderkit.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as no_compiling:
+        no_compiling.setattr(torch._inductor, "aoti_compile_and_package", None)
+        # compile="auto" (the command line's default) finds the package and runs it
+        assert aot_step.cached_step(again, 1, 256)
+        assert torch.equal(again.generate(ids, compile="auto", **kwargs), eager)
+        assert again in aot_step._LOADED
+        assert torch.equal(again.generate(ids, compile="aot", **kwargs), eager)
+    assert sorted(aot_step.package_dir().glob("*.pt2")) == packages
+    assert packages[0].stat().st_mtime_ns == stamp
+    # Other weights are another package: never the first model's frozen weights
+    with torch.no_grad():
+        for p in again.parameters():
+            p.mul_(1.5)
+        assert not aot_step.cached_step(again, 1, 256)
+        changed = again.generate(ids, compile="aot", **kwargs)
+        assert torch.equal(changed, again.generate(ids, cache_implementation="static", **kwargs))
+    assert len(list(aot_step.package_dir().glob("*.pt2"))) == 2
+
+def test_unsupported_models_are_refused_with_the_reason(tmp_path):
+    hf = oracle.build("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path / "m"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="compile='aot': rope_type='dynamic' depends on the length"):
+        model.generate(torch.tensor([[3, 4]]), max_new_tokens=2, compile="aot")
+    with pytest.raises(ValueError, match="compile='sometimes': expected True, False, 'aot' or 'auto'"):
+        model.generate(torch.tensor([[3, 4]]), max_new_tokens=2, compile="sometimes")
+
+
+def test_auto_without_a_package_runs_eager_and_builds_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    hf = oracle.build("gemma")
+    model = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path / "m"), dtype=torch.float32)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        auto = model.generate(ids, max_new_tokens=6, do_sample=False, compile="auto")
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(auto, want)
+    assert not aot_step.package_dir().exists() or not list(aot_step.package_dir().iterdir())
+
+
+def test_background_build_is_started_once(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    directory = oracle.save(oracle.build("mpt"), tmp_path / "m")
+    model = decoderkit.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **kw: started.append((command, kw)))
+    assert aot_step.build_in_background(model, directory, "float32", 1, 256)
+    command, options = started[0]
+    assert command[1:4] == ["-m", "decoderkit.generation.aot_step", directory]
+    assert command[command.index("--slots") + 1] == "256" and options["start_new_session"]
+    # While a build is under way (its marker is fresh) no second one starts; once the package exists neither
+    fingerprint = decode_step.weights_fingerprint(model)
+    package = aot_step.package_path(model, fingerprint, 1, 256)
+    assert aot_step._marker(fingerprint, 1, 256).is_file()
+    assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
+    aot_step._marker(fingerprint, 1, 256).unlink()
+    package.touch()
+    assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
+    assert len(started) == 1
+    # A bigger model than a package pays for is never built
+    monkeypatch.setattr(aot_step, "AOT_MAX_WEIGHT_BYTES", 1000)
+    package.unlink()
+    assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
+    assert "over the packaged step's" in aot_step.aot_unsupported(model)
