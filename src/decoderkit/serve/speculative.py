@@ -20,14 +20,8 @@ from typing import Any
 
 import torch
 
-from decoderkit.generation.speculative import (
-    DraftModelProposer,
-    PromptLookupProposer,
-    Proposer,
-    check_draft,
-    greedy_accept,
-    sampled_accept,
-)
+from decoderkit.generation.acceptance import greedy_accept, sampled_accept
+from decoderkit.generation.speculative import DraftModelProposer, PromptLookupProposer, Proposer, check_draft
 from decoderkit.serve.blocks import BlockPool
 from decoderkit.serve.metrics import EngineCounters
 from decoderkit.serve.requests import Request
