@@ -25,10 +25,10 @@ Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSche
 misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
 are rarely kept, decodes at about the plain rate.
 
-Limits: one sequence (batch size 1, ``num_return_sequences=1``, no padding): rows of a batch keep different numbers
-of tokens per step, so the cache, the position ids, the logits processors, the stopping criteria and the streamer
-would all need per-row lengths; refused with a clear error instead. Greedy or sampling (beam search with
-speculation is not defined), no ``compile=True`` (see :func:`build_proposer`).
+Batches: a batch, or a padded prompt, decodes through :mod:`decoderkit.generation.speculative_batch`, where rows
+keep different numbers of tokens per step (no streaming, no ``output_scores`` / ``output_logits``, no
+``repetition_penalty`` with padding there). Greedy or sampling (beam search with speculation is not defined), no
+``compile=True`` (see :func:`build_proposer`).
 
 bf16: greedy speculation verifies k + 1 tokens in one forward, whose matmuls round differently from the one-token
 forwards of plain decoding, so a near-tie between the two best tokens can flip and the ids then diverge from plain
