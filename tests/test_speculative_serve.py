@@ -24,7 +24,7 @@ from test_serve import API_KEY, MODEL_NAME, RunningServer, generate_concurrently
 
 import decoderkit  # noqa: E402
 from decoderkit.serve import speculative as speculative_module  # noqa: E402
-from decoderkit.serve.app import ServerSettings, build_parser, build_speculator  # noqa: E402
+from decoderkit.serve.app import ServerSettings, build_parser, build_speculator, serve_on_ray  # noqa: E402
 from decoderkit.serve.engine import Engine, SamplingParams  # noqa: E402
 from decoderkit.serve.metrics import render_metrics  # noqa: E402
 from decoderkit.serve.sampler import SampleRow, processed_scores  # noqa: E402
@@ -212,6 +212,8 @@ def test_server_flags_and_bad_settings(model, tmp_path):
     args = build_parser().parse_args(["--speculative", f"draft:{tmp_path / 'other'}"])
     with pytest.raises(SystemExit, match=f"vocabulary of 50 tokens, the model {model.config.vocab_size}"):
         build_speculator(args, model)
+    with pytest.raises(SystemExit, match="--ray replicas do not speculate yet"):
+        serve_on_ray(build_parser().parse_args(["--ray", "--speculative", "lookup"]))
     with pytest.raises(ValueError, match="supports 'lookup'"):
         Speculator("ngram")
     with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 1, got 0"):

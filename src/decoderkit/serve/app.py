@@ -613,6 +613,8 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     """`--ray`: the same app in `--replicas` Ray Serve replicas behind Ray's HTTP proxy, until interrupted."""
     from decoderkit.checkpoint import resolve_model_path
 
+    if args.speculative is not None or args.num_speculative_tokens is not None:
+        raise SystemExit("decoderkit serve: error: --ray replicas do not speculate yet; drop --speculative")
     try:
         from decoderkit.serve.ray import require_ray, run
 
