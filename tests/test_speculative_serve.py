@@ -24,7 +24,7 @@ from test_serve import API_KEY, MODEL_NAME, RunningServer, generate_concurrently
 
 import decoderkit  # noqa: E402
 from decoderkit.serve import speculative as speculative_module  # noqa: E402
-from decoderkit.serve.app import ServerSettings, build_parser, build_speculator, serve_on_ray  # noqa: E402
+from decoderkit.serve.app import ServerSettings, build_parser, build_speculator, load_engine, serve_on_ray  # noqa: E402
 from decoderkit.serve.engine import Engine, SamplingParams  # noqa: E402
 from decoderkit.serve.metrics import render_metrics  # noqa: E402
 from decoderkit.serve.sampler import SampleRow, processed_scores  # noqa: E402
@@ -196,10 +196,14 @@ def test_constrained_requests_decode_plainly(model, tokenizer):
     assert plain.speculation is not None and constrained.speculation is None
 
 
-def test_server_flags_and_bad_settings(model, tmp_path):
-    args = build_parser().parse_args(["--speculative", "lookup", "--num-speculative-tokens", "3"])
+def test_server_flags_and_bad_settings(model, model_dir, tmp_path):
+    args = build_parser().parse_args([str(model_dir), "--speculative", "lookup", "--num-speculative-tokens", "3"])
     assert (args.speculative, args.num_speculative_tokens) == ("lookup", 3)
-    assert build_speculator(args, model).num_tokens == 3
+    engine, _, _ = load_engine(args)
+    assert (engine.speculator.method, engine.speculator.num_tokens) == ("lookup", 3)
+    engine, _, _ = load_engine(build_parser().parse_args([str(model_dir), "--speculative", f"draft:{model_dir}"]))
+    assert engine.speculator.draft_model is not None and engine.speculator.num_tokens == 5
+    assert load_engine(build_parser().parse_args([str(model_dir)]))[0].speculator is None
     for bad in (["--speculative", "ngram"], ["--speculative", "draft:"], ["--num-speculative-tokens", "0"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(bad)
