@@ -244,3 +244,58 @@ def test_concurrent_openai_clients_get_the_plain_text(model, tokenizer):
         drafted = sum(v for k, v in metrics.items() if k.startswith("decoderkit_spec_decode_draft_tokens_total"))
         assert (drafted > 0) == (speculative is not None)
     assert texts[True] == texts[False]
+
+
+@pytest.mark.slow
+def test_preempted_speculating_requests_give_the_plain_text(model, tokenizer, draft, monkeypatch):
+    """A pool of one context: speculating requests are preempted and recomputed, and still give the model's greedy
+    text; a draft never carries proposals of a step its request was preempted from (its cache stays within the
+    sequence it is asked to continue)."""
+    from decoderkit.generation.speculative import DraftModelProposer
+
+    seen = []
+    propose = DraftModelProposer.propose
+
+    def checked(self, ids, limit):
+        seen.append((self.cache.get_seq_length(), ids.shape[1]))
+        return propose(self, ids, limit)
+
+    monkeypatch.setattr(DraftModelProposer, "propose", checked)
+    speculator = Speculator("draft", 4, draft_model=draft, model=model)
+    engine = Engine(model, tokenizer, kv_cache_tokens=test_serve.CONTEXT, block_size=4, max_prefill_tokens=8,
+                    speculative=speculator).start()
+    try:
+        prompts = [tokenizer.encode(p) for p in test_serve.PROMPTS]
+        params = SamplingParams(max_tokens=100, temperature=0, stop_token_ids=())
+        outputs = generate_concurrently(engine, prompts, params, timeout=120)
+        assert [o.token_ids for o in outputs] == [reference_greedy(model, p, 100, eos=-1) for p in prompts]
+        assert engine.pool.num_free == engine.pool.num_blocks
+    finally:
+        engine.stop()
+    assert engine.stats().preemptions > 0 and engine.counters.spec_drafts > 0
+    assert all(cached < length for cached, length in seen), [s for s in seen if s[0] >= s[1]]
+
+
+def test_a_draft_forgets_proposals_that_are_never_verified(model, tokenizer, draft):
+    """Proposals dropped for want of free blocks, or left behind by a preemption, are rolled out of the draft's
+    cache: the next proposal continues the sequence itself, not the unverified guesses."""
+    from decoderkit.serve.blocks import BlockPool
+    from decoderkit.serve.requests import Request
+
+    speculator = Speculator("draft", 4, draft_model=draft, model=model)
+    prompt = tokenizer.encode(PROMPTS[0])[:8]
+    req = Request("a", prompt, SamplingParams(temperature=0, max_tokens=20), print, None, None)
+    req.tokens = list(prompt)
+    speculator.attach(req)
+    c = model.decoder_config
+    pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 2, 4, model.dtype, model.device)
+    req.blocks = pool.allocate(2)  # the prompt's 8 tokens fill the pool: no block is left for proposals
+    draft_cache = req.speculation.proposer
+    speculator.schedule(req, len(req.tokens), pool, 256)
+    assert req.speculation.proposed == [] and draft_cache.cache.get_seq_length() <= len(req.tokens)
+    pool.release(req.blocks)
+    req.blocks = pool.allocate(1)
+    speculator.schedule(req, 4, pool, 256)  # room now: proposals made for a step...
+    assert req.speculation.proposed and draft_cache.cache.get_seq_length() > len(req.tokens)
+    speculator.schedule(req, None, pool, 256)  # ...that never ran (preempted, now prefilling again)
+    assert req.speculation.proposed == [] and draft_cache.cache.get_seq_length() <= len(req.tokens)

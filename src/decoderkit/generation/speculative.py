@@ -195,6 +195,11 @@ class DraftModelProposer(Proposer):
         seq = torch.empty(1, n + k, dtype=torch.long, device=ids.device)
         seq[:, :n] = ids
         fed = self.cache.get_seq_length()
+        if fed >= n:
+            # The whole sequence is cached (a caller rolled unverified proposals back to it): the last token is fed
+            # again, its logits choose the first proposal
+            self.cache.crop(n - 1)
+            fed = n - 1
         probs: list[torch.Tensor] = []
         for i in range(k):
             end = n + i

@@ -84,6 +84,8 @@ class Speculator:
         spec: Speculation | None = req.speculation
         if spec is None:
             return
+        if spec.proposed:  # proposed for a step it was preempted from: a draft's cache forgets them
+            spec.proposer.feedback(len(spec.proposed), 0)
         spec.proposed, spec.draft_probs = [], None
         if end is None:
             return
@@ -98,6 +100,7 @@ class Speculator:
         proposed, draft_probs = spec.proposer.propose(torch.tensor([req.tokens], device=self._device()), wanted)
         need = pool.blocks_for(end + proposed.shape[0]) - len(req.blocks)
         if need > pool.num_free:  # proposals only take free blocks: they never preempt another request
+            spec.proposer.feedback(proposed.shape[0], 0)
             return
         if need > 0:
             req.blocks.extend(pool.allocate(need))
