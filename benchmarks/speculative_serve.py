@@ -30,7 +30,7 @@ def run(engine: Engine, prompt: list[int], clients: int, new_tokens: int) -> tup
     firsts: list[float] = []
     ends: list[float] = []
     outputs: list[list[int]] = [[] for _ in range(clients)]
-    done = threading.Barrier(clients + 1)
+    done = threading.Semaphore(0)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, stop_token_ids=())
 
     def collect(i: int):
@@ -40,12 +40,13 @@ def run(engine: Engine, prompt: list[int], clients: int, new_tokens: int) -> tup
             outputs[i].extend(out.token_ids)
             if out.finish_reason is not None:
                 ends.append(time.perf_counter())
-                done.wait()
+                done.release()
         return on_output
 
     for i in range(clients):
         engine.submit(prompt, params, collect(i))
-    done.wait()
+    for _ in range(clients):
+        done.acquire()
     tokens = sum(len(o) for o in outputs) - clients
     return tokens / (max(ends) - max(firsts)), outputs
 
