@@ -370,15 +370,16 @@ def test_bad_speculative_input(trio, tmp_path):
         dk.generate(prompt, assistant_model=draft, prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match="assistant_model is on meta, the model on cpu"):
         dk.generate(prompt, assistant_model=copy.deepcopy(draft).to("meta"))
-    with pytest.raises(ValueError, match="supports batch size 1: got 2 rows"):
-        dk.generate(torch.cat([prompt, prompt]), prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="needs left padding"):
+        dk.generate(torch.cat([prompt, prompt]), attention_mask=torch.tensor([[1] * 15 + [0]] * 2),
+                    prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match="use_cache=False"):
         dk.generate(prompt, prompt_lookup_num_tokens=3, use_cache=False)
     with pytest.raises(ValueError, match="must be a decoderkit causal LM"):
         dk.generate(prompt, assistant_model="path/to/draft")
     with pytest.raises(ValueError, match="num_assistant_tokens` must be an integer >= 1"):
         dk.generate(prompt, assistant_model=draft, num_assistant_tokens=0)
-    with pytest.raises(ValueError, match="supports batch size 1: got 2 rows"):
-        dk.generate(prompt, prompt_lookup_num_tokens=3, do_sample=True, num_return_sequences=2)
+    with pytest.raises(ValueError, match="streams one sequence"):
+        dk.generate(torch.cat([prompt, prompt]), prompt_lookup_num_tokens=3, stream=True)
     with pytest.raises(ValueError, match="compile=True does not support speculative decoding"):
         dk.generate(prompt, prompt_lookup_num_tokens=3, compile=True)

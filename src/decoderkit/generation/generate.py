@@ -174,6 +174,8 @@ def generate(
     plan = GenerationPlan.build(model, config, input_ids, attention_mask, streamer, generator, stream, tokenizer,
                                 logits_processor, stopping_criteria, compile, inputs_embeds, past_key_values)
     if proposer is not None:
+        if stream and plan.ids.shape[0] > 1:
+            raise ValueError("speculative decoding streams one sequence: pass a single prompt with stream=True")
         steps = speculative_steps(plan, proposer)
     else:
         steps = plan.beam_search() if config.num_beams > 1 else plan.sample()

@@ -25,10 +25,10 @@ Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSche
 misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
 are rarely kept, decodes at about the plain rate.
 
-Limits: one sequence (batch size 1, ``num_return_sequences=1``, no padding): rows of a batch keep different numbers
-of tokens per step, so the cache, the position ids, the logits processors, the stopping criteria and the streamer
-would all need per-row lengths; refused with a clear error instead. Greedy or sampling (beam search with
-speculation is not defined), no ``compile=True`` (see :func:`build_proposer`).
+Batches: a batch, or a padded prompt, decodes through :mod:`decoderkit.generation.speculative_batch`, where rows
+keep different numbers of tokens per step (no streaming, no ``output_scores`` / ``output_logits``, no
+``repetition_penalty`` with padding there). Greedy or sampling (beam search with speculation is not defined), no
+``compile=True`` (see :func:`build_proposer`).
 
 bf16: greedy speculation verifies k + 1 tokens in one forward, whose matmuls round differently from the one-token
 forwards of plain decoding, so a near-tie between the two best tokens can flip and the ids then diverge from plain
@@ -45,9 +45,11 @@ from typing import Any
 import torch
 
 from decoderkit.cache import DynamicCache
+from decoderkit.generation.acceptance import greedy_accept, sampled_accept
 from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList
+from decoderkit.generation.speculative_batch import batched_speculative_steps
 
 __all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer",
            "check_draft", "greedy_accept", "sampled_accept", "speculative_steps"]
@@ -193,6 +195,11 @@ class DraftModelProposer(Proposer):
         seq = torch.empty(1, n + k, dtype=torch.long, device=ids.device)
         seq[:, :n] = ids
         fed = self.cache.get_seq_length()
+        if fed >= n:
+            # The whole sequence is cached (a caller rolled unverified proposals back to it): the last token is fed
+            # again, its logits choose the first proposal
+            self.cache.crop(n - 1)
+            fed = n - 1
         probs: list[torch.Tensor] = []
         for i in range(k):
             end = n + i
@@ -251,48 +258,6 @@ def check_draft(model: Any, assistant_model: Any) -> None:
                          "draft model to the model's device")
 
 
-def greedy_accept(scores: torch.Tensor, proposed: torch.Tensor) -> torch.Tensor:
-    """Greedy verification: ``scores`` (k + 1, V) are the model's processed scores after the sequence and after each
-    of the ``proposed`` (k,) tokens. Returns the tokens to emit: the proposals up to the first one that is not the
-    argmax, then the argmax at that position (1 to k + 1 tokens, each the argmax of its row)."""
-    best = scores.argmax(dim=-1)  # (k + 1,)
-    k = proposed.shape[0]
-    agree = int((best[:k] == proposed).long().cumprod(0).sum()) if k else 0
-    return best[: agree + 1]
-
-
-def sampled_accept(probs: torch.Tensor, draft_probs: torch.Tensor | None, proposed: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """The speculative-sampling rule. ``probs`` (k + 1, V): the model's distribution at each position;
-    ``draft_probs`` (k, V): the distributions the ``proposed`` (k,) tokens were drawn from (None: point masses).
-
-    Proposal ``d_i`` is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection a token is
-    drawn from ``normalise(max(0, p_i - q_i))`` and the step ends; when all are accepted one more is drawn from
-    ``p_k``. Returns the tokens to emit (1 to k + 1); each is distributed as a direct draw from ``p``.
-    """
-    k = proposed.shape[0]
-    out = torch.empty(k + 1, dtype=torch.long, device=probs.device)
-    if k:
-        rows = torch.arange(k, device=probs.device)
-        p_d = probs[rows, proposed]
-        q_d = draft_probs[rows, proposed] if draft_probs is not None else torch.ones_like(p_d)
-        u = torch.rand(k, generator=generator, device=probs.device, dtype=p_d.dtype)
-        # q_d > 0 always (d was drawn from q); u < p/q is u * q < p without the division
-        accepted = (u * q_d < p_d).long().cumprod(0)
-        n = int(accepted.sum())
-        out[:n] = proposed[:n]
-        if n < k:
-            q = draft_probs[n] if draft_probs is not None else torch.nn.functional.one_hot(
-                proposed[n], probs.shape[-1]).to(probs.dtype)
-            residual = (probs[n] - q).clamp(min=0)
-            if not bool(residual.sum() > 0):
-                residual = probs[n]  # p == q up to rounding: rejection had probability ~0, any draw from p is exact
-            out[n] = torch.multinomial(residual, 1, generator=generator)[0]
-            return out[: n + 1]
-    out[k] = torch.multinomial(probs[k], 1, generator=generator)[0]
-    return out
-
-
 def _verify_forward(model: Any, cache: Any, tokens: torch.Tensor, start: int) -> torch.Tensor:
     """Logits (T, V) in fp32 at every position of ``tokens`` (1, T), fed over ``cache`` at positions start..."""
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
@@ -305,16 +270,10 @@ def speculative_steps(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, 
     """Greedy or sampled decoding of ``plan`` (generate's checked inputs) with ``proposer``: a generator of the
     emitted tokens, one ``(1,)`` tensor at a time, returning generate's output. The checks run now, not lazily.
 
-    Raises:
-        ValueError: for more than one sequence or a padded prompt.
+    A batch (or a padded prompt) goes through
+    :func:`~decoderkit.generation.speculative_batch.batched_speculative_steps`, where rows keep different numbers of
+    tokens per step.
     """
-    rows = plan.ids.shape[0]
-    if rows != 1:
-        raise ValueError(f"speculative decoding (assistant_model / prompt_lookup_num_tokens) supports batch size 1: "
-                         f"got {rows} rows (batch x num_return_sequences); pass a single prompt and "
-                         "num_return_sequences=1, or decode without speculation")
-    if plan.padding is not None:
-        raise ValueError("speculative decoding needs an unpadded prompt: the attention_mask has padding")
     if plan.cache is None and plan.max_length > plan.prompt.shape[1]:
         raise ValueError("speculative decoding verifies proposals through the KV cache: it cannot run with "
                          "use_cache=False")
@@ -323,6 +282,8 @@ def speculative_steps(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, 
             plan.max_length > draft.decoder_config.max_position_embeddings):
         raise ValueError(f"prompt + new tokens = {plan.max_length} tokens, longer than the assistant_model's context "
                          f"(max_position_embeddings={draft.decoder_config.max_position_embeddings})")
+    if plan.ids.shape[0] > 1 or plan.padding is not None:
+        return batched_speculative_steps(plan, proposer)
     return _run(plan, proposer)
 
 

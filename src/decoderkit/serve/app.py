@@ -482,7 +482,7 @@ def default_model_path() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     from decoderkit.cli.adapters import named_adapter
-    from decoderkit.cli.common import _Parser
+    from decoderkit.cli.common import _Parser, positive_int, speculative_mode
     from decoderkit.cli.serve import port_number
     from decoderkit.cli.threads import add_threads_arg
 
@@ -512,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the default KV pool is sized from it")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes across requests (default on)")
+    p.add_argument("--speculative", type=speculative_mode, default=None, metavar="lookup|draft:PATH",
+                   help="decoding requests verify proposed tokens each step: by prompt lookup, or from a draft model "
+                   "(same tokenizer) at PATH; same text, faster where it copies the prompt or the draft guesses well")
+    p.add_argument("--num-speculative-tokens", type=positive_int, default=None, metavar="K",
+                   help="most tokens proposed per step and request (default 5); fewer after rejections")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -571,7 +576,7 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
         engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                         max_queue=args.max_queue, max_model_len=args.max_model_len,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching, speculative=build_speculator(args, model))
     except ValueError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
     if group is not None:
@@ -579,10 +584,38 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
     return engine, args.served_model_name or path.resolve().name, path.resolve()
 
 
+def build_speculator(args: argparse.Namespace, model: Any) -> Any:
+    """The engine's `Speculator` for `--speculative` (None without it); a draft model is loaded like the model."""
+    mode, tokens = getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None)
+    if mode is None:
+        if tokens is not None:
+            raise SystemExit("decoderkit serve: error: --num-speculative-tokens needs --speculative lookup|draft:PATH")
+        return None
+    from decoderkit.serve.speculative import Speculator
+
+    draft = None
+    if mode.startswith("draft:"):
+        from decoderkit.auto import AutoModelForCausalLM
+        from decoderkit.checkpoint import resolve_model_path
+
+        try:
+            draft = AutoModelForCausalLM.from_pretrained(resolve_model_path(mode.removeprefix("draft:")),
+                                                         dtype=args.dtype, device=str(model.device),
+                                                         quantization=args.quantize)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"decoderkit serve: error: --speculative {mode}: {err}") from None
+    try:
+        return Speculator("draft" if draft is not None else "lookup", tokens or 5, draft_model=draft, model=model)
+    except ValueError as err:
+        raise SystemExit(f"decoderkit serve: error: --speculative {mode}: {err}") from None
+
+
 def serve_on_ray(args: argparse.Namespace) -> int:
     """`--ray`: the same app in `--replicas` Ray Serve replicas behind Ray's HTTP proxy, until interrupted."""
     from decoderkit.checkpoint import resolve_model_path
 
+    if args.speculative is not None or args.num_speculative_tokens is not None:
+        raise SystemExit("decoderkit serve: error: --ray replicas do not speculate yet; drop --speculative")
     try:
         from decoderkit.serve.ray import require_ray, run
 

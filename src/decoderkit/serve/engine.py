@@ -35,6 +35,7 @@ from decoderkit.serve.metrics import EngineCounters, EngineStats
 from decoderkit.serve.paged import PagedRunner, Segment
 from decoderkit.serve.requests import Request, RequestOutput, SamplingParams, TokenLogprob
 from decoderkit.serve.sampler import Sampled, sample
+from decoderkit.serve.speculative import Speculator
 
 __all__ = ["Engine", "EngineStats", "EngineStoppedError", "QueueFullError", "RequestOutput", "SamplingParams",
            "TokenLogprob"]
@@ -66,11 +67,14 @@ class Engine:
         max_model_len: longest sequence (prompt and completion) served; default the model's context
             (max_position_embeddings). The default pool is sized from it.
         enable_prefix_caching: keep full KV blocks keyed by their token prefix and reuse them across requests.
+        speculative: None, or a `Speculator` (`serve.speculative`): decoding requests then verify proposed tokens in
+            their step, emitting what the plain engine would.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True) -> None:
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 speculative: Speculator | None = None) -> None:
         config = model.decoder_config
         if config.add_cross_attention:
             raise ValueError("the server runs decoder-only models; this one has cross-attention layers")
@@ -96,6 +100,7 @@ class Engine:
         self.default_stop_token_ids = _eos_ids(model, tokenizer)
         self.enable_prefix_caching = enable_prefix_caching
         self.counters = EngineCounters()
+        self.speculator = speculative
 
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
@@ -159,6 +164,8 @@ class Engine:
         req.tokens = list(prompt_ids)
         if params.presence_penalty or params.frequency_penalty:
             req.counts = torch.zeros(self.model.decoder_config.vocab_size, device=self.pool.keys.device)
+        if self.speculator is not None:
+            self.speculator.attach(req)
         with self._cond:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
@@ -228,24 +235,35 @@ class Engine:
         scheduled = self._schedule()
         if not scheduled:
             return
-        segments = [Segment(req.num_cached, req.tokens[req.num_cached: end], req.blocks) for req, end in scheduled]
+        proposed = [req.speculation.proposed if req.speculation is not None else [] for req, _ in scheduled]
+        segments = [Segment(req.num_cached, req.tokens[req.num_cached: end] + extra, req.blocks)
+                    for (req, end), extra in zip(scheduled, proposed)]
+        tails = [len(extra) + 1 for extra in proposed]  # rows of logits each request needs: one, or k + 1 to verify
         scoring = [self._scoring(req) for req, _ in scheduled]
         if any(scoring):
             every = self.runner.forward(segments, all_positions=True)  # (N, V): a row per token of the step
             ends = list(itertools.accumulate(len(s.ids) for s in segments))
-            logits = every[torch.tensor(ends, device=every.device) - 1]
+            firsts = [end - tail for end, tail in zip(ends, tails)]
             for (req, _), seg, last, wanted in zip(scheduled, segments, ends, scoring):
                 if wanted:
                     self._score_prompt(req, seg.start, every[last - len(seg.ids): last].float())
+        elif any(proposed):
+            every = self.runner.forward(segments, tails=tails)  # (sum(tails), V)
+            firsts = [end - tail for end, tail in zip(itertools.accumulate(tails), tails)]
         else:
-            logits = self.runner.forward(segments)
+            every = self.runner.forward(segments)
+            firsts = list(range(len(segments)))
+        # The row after each request's last token of the step, before any proposals
+        logits = every[torch.tensor(firsts, device=every.device)] if any(proposed) or any(scoring) else every
         ready: list[tuple[int, Request]] = []
         for row, (req, end) in enumerate(scheduled):
             req.num_cached = end
             self._register_blocks(req)
             if end < len(req.tokens):
                 continue
-            if req.params.max_tokens == 0:
+            if proposed[row]:
+                self._verify(req, every[firsts[row]: firsts[row] + tails[row]])
+            elif req.params.max_tokens == 0:
                 self._release(req, "length")
                 self._emit(req, RequestOutput(req.request_id, "", [], None, "length", len(req.prompt_ids), 0,
                                               prompt_logprobs=req.prompt_logprobs))
@@ -314,8 +332,26 @@ class Engine:
                 end = len(req.tokens)
             if not self._reserve(req, end):
                 continue
+            if req.speculation is not None:
+                self.speculator.schedule(req, end if pending == 1 else None, self.pool, self.max_context)
             scheduled.append((req, end))
         return [(req, end) for req, end in scheduled if req in self._running]
+
+    def _verify(self, req: Request, logits: torch.Tensor) -> None:
+        """Emit what the model accepts of the request's proposals (`logits`: k + 1 rows), token by token as plain
+        steps emit theirs, then rewind its cache past the rest."""
+        emitted = self.speculator.verify(req, logits)  # type: ignore[union-attr]
+        now = time.monotonic()
+        taken = 0
+        for got in emitted:
+            self._advance(req, got, now)
+            taken += 1
+            if req not in self._running:  # finished (stop, length, a stop string): nothing after it is emitted
+                break
+        self.counters.tokens(taken, now)
+        self.speculator.feedback(req, len(emitted) - 1, self.counters)  # type: ignore[union-attr]
+        if req in self._running:
+            self.speculator.rewind(req, self.pool)  # type: ignore[union-attr]
 
     def _caching(self, req: Request) -> bool:
         # A request still scoring its prompt needs the logits of every prompt position: it computes them all.

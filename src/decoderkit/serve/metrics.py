@@ -11,7 +11,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RATE_WINDOW = 10.0  # seconds over which tokens/s is measured
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -34,6 +34,10 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of which found cached
     cached_blocks: int = 0
     preemptions: int = 0
+    spec_drafts: int = 0  # decoding steps of a request that verified proposals
+    spec_draft_tokens: int = 0  # tokens proposed
+    spec_accepted_tokens: int = 0  # of which the model kept
+    spec_accepted_per_position: list[int] = field(default_factory=list)  # [p]: drafts that kept proposal p
 
     @property
     def kv_cache_usage(self) -> float:
@@ -56,6 +60,8 @@ class EngineCounters:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.preemptions = 0
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0
+        self.spec_per_position: list[int] = []
 
     def first_token(self, ttft: float) -> None:
         with self.lock:
@@ -86,6 +92,17 @@ class EngineCounters:
         with self.lock:
             self.preemptions += 1
 
+    def speculated(self, proposed: int, accepted: int) -> None:
+        """One request's verify step: `accepted` of its `proposed` tokens kept (the first `accepted` of them)."""
+        with self.lock:
+            self.spec_drafts += 1
+            self.spec_draft_tokens += proposed
+            self.spec_accepted += accepted
+            if len(self.spec_per_position) < proposed:
+                self.spec_per_position += [0] * (proposed - len(self.spec_per_position))
+            for p in range(accepted):
+                self.spec_per_position[p] += 1
+
     def snapshot(self, waiting: int, running: int, free_blocks: int, total_blocks: int,
                  cached_blocks: int) -> EngineStats:
         with self.lock:
@@ -96,7 +113,8 @@ class EngineCounters:
             return EngineStats(waiting, running, free_blocks, total_blocks, self.generated,
                                len(self.recent) / RATE_WINDOW, buckets, self.ttft_sum, self.ttft_count,
                                dict(self.finished), self.prompt_tokens, self.prefix_queries, self.prefix_hits,
-                               cached_blocks, self.preemptions)
+                               cached_blocks, self.preemptions, self.spec_drafts, self.spec_draft_tokens,
+                               self.spec_accepted, list(self.spec_per_position))
 
 
 def render_metrics(stats: EngineStats, model_name: str | None = None) -> str:
@@ -155,6 +173,16 @@ def render_metrics(stats: EngineStats, model_name: str | None = None) -> str:
     vllm("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", s.prompt_tokens_total)
     vllm("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
          s.generated_tokens_total)
+    metric("decoderkit_spec_decode_draft_tokens_total", "counter", "Tokens proposed by speculative decoding.",
+           [("", s.spec_draft_tokens)])
+    metric("decoderkit_spec_decode_accepted_tokens_total", "counter", "Proposed tokens the model accepted.",
+           [("", s.spec_accepted_tokens)])
+    vllm("vllm:spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts.", s.spec_drafts)
+    vllm("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.", s.spec_draft_tokens)
+    vllm("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+         s.spec_accepted_tokens)
+    metric("vllm:spec_decode_num_accepted_tokens_per_pos_total", "counter", "Accepted tokens per draft position.",
+           [(labelled(f'position="{p}"'), v) for p, v in enumerate(s.spec_accepted_per_position)])
     metric("vllm:request_success_total", "counter", "Count of finished requests by reason.",
            [(labelled(f'finished_reason="{_escape(k)}"'), v) for k, v in sorted(s.requests_finished.items())])
     lines.extend(["# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",

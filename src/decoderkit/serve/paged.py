@@ -91,9 +91,11 @@ class PagedRunner:
         self.device = pool.keys.device
 
     @torch.inference_mode()
-    def forward(self, segments: Sequence[Segment], all_positions: bool = False) -> torch.Tensor:
+    def forward(self, segments: Sequence[Segment], all_positions: bool = False,
+                tails: Sequence[int] | None = None) -> torch.Tensor:
         """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V),
-        or with `all_positions` after every token of the step, in segment order (N, V)."""
+        with `tails` after each one's last tails[i] tokens (sum(tails), V), or with `all_positions` after every token
+        of the step, in segment order (N, V)."""
         stack, pool, dev = self.stack, self.pool, self.device
         ids = torch.tensor([t for s in segments for t in s.ids], dtype=torch.long, device=dev)
         pos = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(dev)
@@ -136,8 +138,9 @@ class PagedRunner:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if all_positions:
             return self.model.lm_head(stack.norm(x[0]))
-        last = torch.tensor(list(itertools.accumulate(len(s.ids) for s in segments)), device=dev) - 1
-        return self.model.lm_head(stack.norm(x[0, last]))
+        ends = list(itertools.accumulate(len(s.ids) for s in segments))
+        rows = [r for end, t in zip(ends, tails) for r in range(end - t, end)] if tails else [e - 1 for e in ends]
+        return self.model.lm_head(stack.norm(x[0, torch.tensor(rows, device=dev)]))
 
     @staticmethod
     def _padded_attention(attn: Any, qg: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,

@@ -86,6 +86,7 @@ class Request:
     counts: torch.Tensor | None = None  # (V,) generated-token counts, kept only for penalties
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     constraint: TokenConstraint | None = None  # the params' constraint, or a fresh matcher of their grammar
+    speculation: Any = None  # a speculating engine's proposer state (`serve.speculative.Speculation`)
 
     def __post_init__(self) -> None:
         if self.constraint is None:
