@@ -49,31 +49,31 @@ def _compiler() -> str | None:
     return None
 
 
-def _command(compiler: str, out: Path) -> list[str]:
+def _command(compiler: str, out: Path, source: Path = _SOURCE) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *_simd_flags(),
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()), str(_SOURCE), "-o", str(out),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()), str(source), "-o", str(out),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, source: Path = _SOURCE) -> Path:
     """The shared library this source, torch, compiler and CPU capability compile to (existing or not)."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(_simd_flags()).encode()):
+    for part in (source.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(_simd_flags()).encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"qmatmul-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, source: Path = _SOURCE) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        proc = subprocess.run(_command(compiler, tmp), capture_output=True, text=True, check=False)
+        proc = subprocess.run(_command(compiler, tmp, source), capture_output=True, text=True, check=False)
         if proc.returncode:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
 
 
 def available() -> bool:
