@@ -58,5 +58,7 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     ``b * block_size + i``; tables (S, B) int64, one block table per sequence; sequence s owns query rows
     row_starts[s] .. row_starts[s + 1] - 1 (int64, S + 1), the first at position positions[s] (int64, S), each row
     attending to keys 0 .. its position. slopes: (H,) float32 ALiBi slopes or None. `available()` must be True."""
+    if not _load():
+        raise RuntimeError("the paged-attention kernel is not available (see decoderkit.kernels.attention)")
     return torch.ops.decoderkit_paged.paged_attention(q, keys, values, tables, row_starts, positions, slopes, scale,
                                                       block_size)

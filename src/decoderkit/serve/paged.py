@@ -39,9 +39,10 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 __all__ = ["BlockPool", "PagedRunner", "Segment", "native_half_matmul"]
 
-# Segments this long or longer are upcast (see the module docstring): upcasting a layer's weights costs about as
-# much as a few rows of half-precision products on such CPUs, and speculative verify segments stay shorter.
-UPCAST_MIN_TOKENS = 16
+# Segments this long or longer are prefill chunks: upcast (see the module docstring; upcasting a layer's weights
+# costs about as much as a few rows of half-precision products on such CPUs) and, where torch's flash kernel can
+# take them, attended by it. Shorter ones (decode tokens, speculative verify rows) use the paged kernel in place.
+PREFILL_MIN_TOKENS = 16
 
 
 def paged_kernel_available() -> bool:
@@ -104,12 +105,15 @@ class _PagedBatch:
     row_starts: torch.Tensor  # (S + 1,) int64: segment s owns query rows row_starts[s] .. row_starts[s + 1] - 1
     positions: torch.Tensor  # (S,) int64: each segment's start
     slopes: torch.Tensor | None  # (H,) fp32 ALiBi slopes
+    rows: torch.Tensor | None  # the step's token indices of these segments; None: all of them, in order
+    chunks: list[tuple[torch.Tensor, torch.Tensor | slice]]  # prefill chunks for flash: tokens, earlier key rows
 
 
 def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
-                     v_buf: torch.Tensor, earlier: torch.Tensor, scale: float) -> torch.Tensor:
+                     v_buf: torch.Tensor, earlier: torch.Tensor | slice, scale: float) -> torch.Tensor:
     """Causal attention of one prefill chunk: q (1, H, Tq, D) over its own keys k_new, v_new (H_kv, Tq, D) and over
-    the sequence's earlier keys at buffer rows `earlier`, without a dense mask.
+    the sequence's earlier keys at buffer rows `earlier` (indices, or a slice of consecutive rows), without a dense
+    mask.
 
     The two parts run as two flash-attention calls, the chunk's own causally (the kernel skips the masked half) and
     the earlier keys unmasked, with the query heads of each key head folded into one axis (no copies of the keys per
@@ -120,10 +124,14 @@ def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     own_k = k_new[None].repeat_interleave(rep, 1) if rep > 1 else k_new[None]
     own_v = v_new[None].repeat_interleave(rep, 1) if rep > 1 else v_new[None]
     out, lse = _flash(q, own_k, own_v, 0.0, True, scale=scale)[:2]
-    if earlier.numel() == 0:
+    if isinstance(earlier, slice):
+        k_old, v_old = k_buf[earlier], v_buf[earlier]
+    else:
+        k_old, v_old = k_buf.index_select(0, earlier), v_buf.index_select(0, earlier)
+    if k_old.shape[0] == 0:
         return out
-    k_old = k_buf.index_select(0, earlier).to(q.dtype).permute(1, 0, 2)[None]  # (1, H_kv, P, D)
-    v_old = v_buf.index_select(0, earlier).to(q.dtype).permute(1, 0, 2)[None]
+    k_old = k_old.to(q.dtype).permute(1, 0, 2)[None]  # (1, H_kv, P, D)
+    v_old = v_old.to(q.dtype).permute(1, 0, 2)[None]
     out_old, lse_old = _flash(q.reshape(1, h_kv, rep * tq, d), k_old, v_old, 0.0, False, scale=scale)[:2]
     out_old, lse_old = out_old.reshape(1, h, tq, d), lse_old.reshape(1, h, tq)
     top = torch.maximum(lse, lse_old)
@@ -137,7 +145,7 @@ class PagedRunner:
     Args:
         model: a `DecoderForCausalLM`.
         pool: the block pool holding its keys and values.
-        prefill_dtype: the dtype that segments of at least `UPCAST_MIN_TOKENS` tokens compute in; "auto": float32
+        prefill_dtype: the dtype that segments of at least `PREFILL_MIN_TOKENS` tokens compute in; "auto": float32
             for a bf16 / fp16 model on a CPU without native matrix products in that dtype, else the model's dtype.
             None: always the model's own dtype (its numbers, bit for bit where attention is exact).
         paged_kernel: read keys and values in place with the compiled kernel; None: where it is available (CPU,
@@ -168,7 +176,7 @@ class PagedRunner:
     def forward(self, segments: Sequence[Segment], all_positions: bool = False) -> torch.Tensor:
         """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V),
         or with `all_positions` after every token of the step, in segment order (N, V), in the model's dtype."""
-        upcast = [self.prefill_dtype is not None and len(s.ids) >= UPCAST_MIN_TOKENS for s in segments]
+        upcast = [self.prefill_dtype is not None and len(s.ids) >= PREFILL_MIN_TOKENS for s in segments]
         if not any(upcast):
             return self._forward(segments, all_positions, None)
         if all(upcast):
@@ -193,7 +201,7 @@ class PagedRunner:
             x = x.to(dtype)
         config = stack.config
         exact = _eager_math(config.attn_implementation, config.position_embedding == "alibi", x.dtype)
-        paged = self._paged_batch(segments) if self.paged_kernel and not exact else None
+        paged = self._paged_batch(segments, ctx_slots) if self.paged_kernel and not exact else None
         groups = self._groups(segments, ctx_slots) if paged is None else []
         if config.position_embedding == "learned":
             x = x + stack.embed_positions(pos[None]).to(x.dtype)
@@ -217,9 +225,7 @@ class PagedRunner:
             k_buf.index_copy_(0, write_slots, k.transpose(0, 1).to(k_buf.dtype))
             v_buf.index_copy_(0, write_slots, v.transpose(0, 1).to(v_buf.dtype))
             if paged is not None:
-                out = paged_kernel.paged_attention(
-                    q.transpose(0, 1).float().contiguous(), k_buf, v_buf, paged.tables, paged.row_starts,
-                    paged.positions, paged.slopes, attn.scale, pool.block_size).to(q.dtype)  # (N, H, D)
+                out = self._paged_attention(attn, q, k, v, k_buf, v_buf, paged)
             else:
                 out = self._gathered_attention(attn, q, k, v, k_buf, v_buf, groups)
             x = x + attn.o_proj(out.view(1, n, -1))
@@ -231,18 +237,59 @@ class PagedRunner:
         last = torch.tensor(list(itertools.accumulate(len(s.ids) for s in segments)), device=dev) - 1
         return head(norm(x[0, last]))
 
-    def _paged_batch(self, segments: Sequence[Segment]) -> _PagedBatch:
-        width = max(self.pool.blocks_for(s.end) for s in segments)
-        tables = torch.zeros(len(segments), width, dtype=torch.long)
-        for row, s in enumerate(segments):
-            used = s.block_table[: self.pool.blocks_for(s.end)]
+    def _paged_batch(self, segments: Sequence[Segment], ctx_slots: list[torch.Tensor]) -> _PagedBatch:
+        offsets = [0, *itertools.accumulate(len(s.ids) for s in segments)]
+        config = self.stack.config
+        # Prefill chunks go to torch's flash kernel where it applies (it needs no bias: not ALiBi): on such shapes
+        # it runs at about twice the paged kernel's rate, which pays many times over for reading the chunk's earlier
+        # keys out of the pool once per layer (O(context) bytes against O(chunk * context) products).
+        flash = (self.device.type == "cpu" and config.position_embedding != "alibi"
+                 and config.attn_implementation == "sdpa")
+        chunks, rest = [], []
+        for i, s in enumerate(segments):
+            if not (flash and len(s.ids) >= PREFILL_MIN_TOKENS):
+                rest.append(i)
+                continue
+            blocks = s.block_table[: self.pool.blocks_for(s.start)]
+            earlier: torch.Tensor | slice
+            if not blocks or blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                # One run of consecutive blocks (a freshly admitted prompt usually gets one): a view, no copy
+                first = blocks[0] * self.pool.block_size if blocks else 0
+                earlier = slice(first, first + s.start)
+            else:
+                earlier = ctx_slots[i][: s.start].to(self.device)
+            chunks.append((torch.arange(offsets[i], offsets[i + 1], device=self.device), earlier))
+        width = max([self.pool.blocks_for(segments[i].end) for i in rest], default=0)
+        tables = torch.zeros(len(rest), width, dtype=torch.long)
+        for row, i in enumerate(rest):
+            used = segments[i].block_table[: self.pool.blocks_for(segments[i].end)]
             tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
-        row_starts = torch.tensor([0, *itertools.accumulate(len(s.ids) for s in segments)], dtype=torch.long)
-        positions = torch.tensor([s.start for s in segments], dtype=torch.long)
-        slopes = None
-        if self.stack.config.position_embedding == "alibi":
-            slopes = self.stack.alibi_slopes.float().cpu().contiguous()
-        return _PagedBatch(tables, row_starts, positions, slopes)
+        row_starts = torch.tensor([0, *itertools.accumulate(len(segments[i].ids) for i in rest)], dtype=torch.long)
+        positions = torch.tensor([segments[i].start for i in rest], dtype=torch.long)
+        slopes = self.stack.alibi_slopes.float().cpu().contiguous() if config.position_embedding == "alibi" else None
+        rows = None
+        if chunks:
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rest]) if rest else torch.zeros(0)
+            rows = rows.long().to(self.device)
+        return _PagedBatch(tables, row_starts, positions, slopes, rows, chunks)
+
+    def _paged_attention(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
+                         v_buf: torch.Tensor, paged: _PagedBatch) -> torch.Tensor:
+        """Attention (N, H, D) of the step's tokens: the paged kernel in place, prefill chunks by flash."""
+        queries = q.transpose(0, 1)  # (N, H, D)
+        if paged.rows is None:
+            return paged_kernel.paged_attention(queries.float().contiguous(), k_buf, v_buf, paged.tables,
+                                                paged.row_starts, paged.positions, paged.slopes, attn.scale,
+                                                self.pool.block_size).to(q.dtype)
+        out = q.new_empty(queries.shape)
+        if paged.rows.numel():
+            out[paged.rows] = paged_kernel.paged_attention(
+                queries[paged.rows].float().contiguous(), k_buf, v_buf, paged.tables, paged.row_starts,
+                paged.positions, paged.slopes, attn.scale, self.pool.block_size).to(q.dtype)
+        for tokens, earlier in paged.chunks:
+            og = _chunk_attention(q[:, tokens][None], k[:, tokens], v[:, tokens], k_buf, v_buf, earlier, attn.scale)
+            out[tokens] = og[0].transpose(0, 1)
+        return out
 
     def _gathered_attention(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
                             v_buf: torch.Tensor, groups: list[_AttentionGroup]) -> torch.Tensor:
