@@ -66,6 +66,25 @@ def test_kernel_equals_dense_attention(dtype, heads, kv_heads, head_dim, block_s
     torch.testing.assert_close(kernel.paged_attention(*args), dense_attention(*args), rtol=1e-5, atol=1e-5)
 
 
+def test_without_a_compiler_the_runner_gathers_keys(monkeypatch) -> None:
+    from decoderkit import kernels
+
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernel._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+            assert not kernel.available()
+        model = decoderkit.AutoModelForCausalLM.from_config(oracle.hf_config("llama").to_dict())
+        c = model.decoder_config
+        pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 4, 4, model.dtype, model.device)
+        assert not PagedRunner(model, pool).paged_kernel
+        with pytest.raises(ValueError, match="paged_kernel=True needs"):
+            PagedRunner(model, pool, paged_kernel=True)
+    finally:
+        monkeypatch.undo()
+        kernel._load.cache_clear()
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request, tmp_path_factory):
     directory = oracle.save(oracle.build(request.param), tmp_path_factory.mktemp(request.param))
@@ -209,6 +228,10 @@ def test_long_segments_of_a_bf16_model_compute_in_fp32(llama_dir) -> None:
     expected_short = as_bf16.forward([Segment(0, short, pool16.allocate(pool16.blocks_for(len(short))))])
     assert torch.equal(got[0], expected_long[0].to(torch.bfloat16))
     assert torch.equal(got[1], expected_short[0])
+    # Every position's logits (prompt scoring), in segment order across the two dtypes' passes
+    every = mixed.forward([Segment(0, long, tables[0]), Segment(0, short, tables[1])], all_positions=True)
+    assert every.shape[0] == len(long) + len(short)
+    assert torch.equal(every[len(long) - 1], got[0]) and torch.equal(every[-1], got[1])
     assert not torch.equal(expected_long[0].to(torch.bfloat16), runner(bf16, None)[0].forward(
         [Segment(0, long, tables[0])])[0])  # the two dtypes do differ here: the test can tell them apart
 
