@@ -99,9 +99,10 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_worker(src: Path, args: argparse.Namespace, directory: Path, runner: dict | None = None) -> float:
+def run_worker(src: Path, args: argparse.Namespace, directory: Path, runner: dict | None = None,
+               chunk: int | None = None) -> float:
     command = [sys.executable, __file__, "--worker", "--model", str(directory), "--dtype", args.dtype, "--prompt",
-               str(args.prompt), "--chunk", str(args.chunk), "--threads", str(args.threads)]
+               str(args.prompt), "--chunk", str(chunk or args.chunk), "--threads", str(args.threads)]
     if runner:
         command += ["--runner", json.dumps(runner)]
     proc = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True,
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=256, help="the engine's max_prefill_tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--before-src", type=Path, default=None, help="also prefill with this source tree")
+    parser.add_argument("--before-chunk", type=int, default=None, help="its max_prefill_tokens (default: --chunk)")
     parser.add_argument("--no-variants", action="store_true", help="skip the prefill runs with one lever off")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runner", default=None, help=argparse.SUPPRESS)
@@ -164,17 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prompt:
         return 0
 
-    print(f"\nprefill of a {args.prompt}-token prompt, chunks of {args.chunk} (Engine.generate, max_tokens=1)")
-    runs = [("this tree", ROOT / "src", None)]
+    print(f"\nprefill of a {args.prompt}-token prompt (Engine.generate, max_tokens=1)")
+    runs = [("this tree", ROOT / "src", None, args.chunk)]
     if not args.no_variants:
-        runs += [("this tree, gather attention", ROOT / "src", {"paged_kernel": False}),
-                 ("this tree, no fp32 upcast", ROOT / "src", {"prefill_dtype": None})]
+        runs += [("this tree, gather attention", ROOT / "src", {"paged_kernel": False}, args.chunk),
+                 ("this tree, no fp32 upcast", ROOT / "src", {"prefill_dtype": None}, args.chunk)]
     if args.before_src:
-        runs.append(("before", args.before_src, None))
+        runs.append(("before", args.before_src, None, args.before_chunk or args.chunk))
     results = {}
-    for name, src, runner in runs:
-        results[name] = run_worker(src, args, directory, runner)
-        print(f"  {name:<30} {results[name]:>8.1f} s {args.prompt / results[name]:>8.1f} tok/s", flush=True)
+    for name, src, runner, chunk in runs:
+        results[name] = run_worker(src, args, directory, runner, chunk)
+        print(f"  {name:<30} {results[name]:>8.1f} s {args.prompt / results[name]:>8.1f} tok/s (chunks of {chunk})",
+              flush=True)
     if "before" in results:
         print(f"prefill speed-up over before: {results['before'] / results['this tree']:.2f}x")
     print(f"load average after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
