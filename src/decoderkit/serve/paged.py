@@ -4,10 +4,21 @@ The KV cache is a pool of fixed-size blocks shared by all requests (`BlockPool`)
 gets a new block only when its sequence crosses a block boundary. `PagedRunner` is the model's forward pass written
 against that pool, using the model's own modules (norms, projections, rotary, MLP); per-request outputs do not depend
 on which other requests share the step, up to the floating-point rounding of batched matrix products.
+
+Attention reads keys and values in place through the block tables (`decoderkit.kernels.attention`, on CPU), for
+decode tokens and prefill chunks alike, so a step's cost does not include copying every request's context. Where
+that kernel is missing, and where the model's own attention takes the eager math (asked for, or ALiBi in half
+precision, which the server reproduces bit for bit), each request's keys are gathered from the pool instead.
+
+Long prefill chunks of a bf16 / fp16 model run in fp32 on a CPU without native instructions for that dtype (one
+layer's weights upcast at a time): there half-precision matrix products are several times slower than fp32 ones.
+Whether a segment is upcast depends only on its own length, so a request's numbers still do not depend on what
+shares its step.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from decoderkit.kernels import attention as paged_kernel
 from decoderkit.layers.attention import AttentionInputs, eager_attention
 from decoderkit.layers.rope import apply_rotary
 from decoderkit.serve.blocks import BlockPool
@@ -25,13 +37,42 @@ _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2,
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-__all__ = ["BlockPool", "PagedRunner", "Segment"]
+__all__ = ["BlockPool", "PagedRunner", "Segment", "native_half_matmul"]
+
+# Segments this long or longer are prefill chunks: upcast (see the module docstring; upcasting a layer's weights
+# costs about as much as a few rows of half-precision products on such CPUs) and, where torch's flash kernel can
+# take them, attended by it. Shorter ones (decode tokens, speculative verify rows) use the paged kernel in place.
+PREFILL_MIN_TOKENS = 16
+
+
+def paged_kernel_available() -> bool:
+    return paged_kernel.available()
 
 
 def _eager_math(implementation: str, alibi: bool, dtype: torch.dtype) -> bool:
     """Whether the model's own attention (`Attention.forward`) takes the eager math here: asked for, or ALiBi in half
     precision, whose fp32 bias SDPA would round to half precision. The server follows it to give the same numbers."""
     return implementation == "eager" or (implementation == "sdpa" and alibi and dtype != torch.float32)
+
+
+def native_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bfloat16, float16) matrices natively (AVX512-BF16 / AMX / AVX512-FP16)."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return probe is not None and bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A shallow copy of module whose floating-point parameters (not buffers: quantized codes stay) are in dtype.
+
+    A copy rather than casting in place: the model itself is left as it is for any other thread using it."""
+    clone = copy.copy(module)
+    clone.__dict__["_parameters"] = {name: None if p is None else p.to(dtype) if p.is_floating_point() else p
+                                     for name, p in module._parameters.items()}
+    clone.__dict__["_modules"] = {name: None if m is None else _upcast(m, dtype) for name, m in module._modules.items()}
+    return clone
 
 
 @dataclass
@@ -56,10 +97,23 @@ class _AttentionGroup:
     chunk: torch.Tensor | None = None  # for a prefill chunk taking the split path: buffer rows of its earlier keys
 
 
+@dataclass
+class _PagedBatch:
+    """What the paged kernel needs for a step, built once for all layers."""
+
+    tables: torch.Tensor  # (S, B) int64 block tables, padded with block 0
+    row_starts: torch.Tensor  # (S + 1,) int64: segment s owns query rows row_starts[s] .. row_starts[s + 1] - 1
+    positions: torch.Tensor  # (S,) int64: each segment's start
+    slopes: torch.Tensor | None  # (H,) fp32 ALiBi slopes
+    rows: torch.Tensor | None  # the step's token indices of these segments; None: all of them, in order
+    chunks: list[tuple[torch.Tensor, torch.Tensor | slice]]  # prefill chunks for flash: tokens, earlier key rows
+
+
 def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
-                     v_buf: torch.Tensor, earlier: torch.Tensor, scale: float) -> torch.Tensor:
+                     v_buf: torch.Tensor, earlier: torch.Tensor | slice, scale: float) -> torch.Tensor:
     """Causal attention of one prefill chunk: q (1, H, Tq, D) over its own keys k_new, v_new (H_kv, Tq, D) and over
-    the sequence's earlier keys at buffer rows `earlier`, without a dense mask.
+    the sequence's earlier keys at buffer rows `earlier` (indices, or a slice of consecutive rows), without a dense
+    mask.
 
     The two parts run as two flash-attention calls, the chunk's own causally (the kernel skips the masked half) and
     the earlier keys unmasked, with the query heads of each key head folded into one axis (no copies of the keys per
@@ -70,10 +124,14 @@ def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     own_k = k_new[None].repeat_interleave(rep, 1) if rep > 1 else k_new[None]
     own_v = v_new[None].repeat_interleave(rep, 1) if rep > 1 else v_new[None]
     out, lse = _flash(q, own_k, own_v, 0.0, True, scale=scale)[:2]
-    if earlier.numel() == 0:
+    if isinstance(earlier, slice):
+        k_old, v_old = k_buf[earlier], v_buf[earlier]
+    else:
+        k_old, v_old = k_buf.index_select(0, earlier), v_buf.index_select(0, earlier)
+    if k_old.shape[0] == 0:
         return out
-    k_old = k_buf.index_select(0, earlier).to(q.dtype).permute(1, 0, 2)[None]  # (1, H_kv, P, D)
-    v_old = v_buf.index_select(0, earlier).to(q.dtype).permute(1, 0, 2)[None]
+    k_old = k_old.to(q.dtype).permute(1, 0, 2)[None]  # (1, H_kv, P, D)
+    v_old = v_old.to(q.dtype).permute(1, 0, 2)[None]
     out_old, lse_old = _flash(q.reshape(1, h_kv, rep * tq, d), k_old, v_old, 0.0, False, scale=scale)[:2]
     out_old, lse_old = out_old.reshape(1, h, tq, d), lse_old.reshape(1, h, tq)
     top = torch.maximum(lse, lse_old)
@@ -82,29 +140,74 @@ def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 
 
 class PagedRunner:
-    """The causal LM's forward pass over a `BlockPool`: any mix of prefill chunks and decode tokens in one batch."""
+    """The causal LM's forward pass over a `BlockPool`: any mix of prefill chunks and decode tokens in one batch.
 
-    def __init__(self, model: Any, pool: BlockPool) -> None:
+    Args:
+        model: a `DecoderForCausalLM`.
+        pool: the block pool holding its keys and values.
+        prefill_dtype: the dtype that segments of at least `PREFILL_MIN_TOKENS` tokens compute in; "auto": float32
+            for a bf16 / fp16 model on a CPU without native matrix products in that dtype, else the model's dtype.
+            None: always the model's own dtype (its numbers, bit for bit where attention is exact).
+        paged_kernel: read keys and values in place with the compiled kernel; None: where it is available (CPU,
+            float32 / bfloat16 pool, a C++ compiler).
+    """
+
+    def __init__(self, model: Any, pool: BlockPool, prefill_dtype: torch.dtype | str | None = "auto",
+                 paged_kernel: bool | None = None) -> None:
         self.model = model
         self.stack = model.model
         self.pool = pool
         self.device = pool.keys.device
+        if prefill_dtype == "auto":
+            half = model.dtype in (torch.bfloat16, torch.float16)
+            prefill_dtype = (torch.float32 if half and self.device.type == "cpu" and not native_half_matmul(model.dtype)
+                             else None)
+        elif prefill_dtype is not None and not isinstance(prefill_dtype, torch.dtype):
+            raise ValueError(f"prefill_dtype must be 'auto', None or a torch.dtype, got {prefill_dtype!r}")
+        self.prefill_dtype = prefill_dtype if prefill_dtype != model.dtype else None
+        supported = self.device.type == "cpu" and pool.keys.dtype in (torch.float32, torch.bfloat16)
+        if paged_kernel is None:
+            paged_kernel = supported and paged_kernel_available()
+        elif paged_kernel and not (supported and paged_kernel_available()):
+            raise ValueError("paged_kernel=True needs a CPU pool in float32 or bfloat16 and a C++ compiler")
+        self.paged_kernel = paged_kernel
 
     @torch.inference_mode()
     def forward(self, segments: Sequence[Segment], all_positions: bool = False,
                 tails: Sequence[int] | None = None) -> torch.Tensor:
         """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V),
         with `tails` after each one's last tails[i] tokens (sum(tails), V), or with `all_positions` after every token
-        of the step, in segment order (N, V)."""
+        of the step, in segment order (N, V), in the model's dtype."""
+        upcast = [self.prefill_dtype is not None and len(s.ids) >= PREFILL_MIN_TOKENS for s in segments]
+        if not any(upcast):
+            return self._forward(segments, all_positions, tails, None)
+        if all(upcast):
+            return self._forward(segments, all_positions, tails, self.prefill_dtype).to(self.model.dtype)
+        parts: list[torch.Tensor | None] = [None] * len(segments)
+        for up in (True, False):
+            members = [i for i, u in enumerate(upcast) if u == up]
+            logits = self._forward([segments[i] for i in members], all_positions,
+                                   [tails[i] for i in members] if tails else None, self.prefill_dtype if up else None)
+            sizes = [len(segments[i].ids) if all_positions else tails[i] if tails else 1 for i in members]
+            for i, rows in zip(members, logits.to(self.model.dtype).split(sizes)):
+                parts[i] = rows
+        return torch.cat(parts)  # type: ignore[arg-type]
+
+    def _forward(self, segments: Sequence[Segment], all_positions: bool, tails: Sequence[int] | None,
+                 dtype: torch.dtype | None) -> torch.Tensor:
         stack, pool, dev = self.stack, self.pool, self.device
         ids = torch.tensor([t for s in segments for t in s.ids], dtype=torch.long, device=dev)
         pos = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(dev)
         ctx_slots = [pool.slots(s.block_table, s.end) for s in segments]
         write_slots = torch.cat([slots[s.start:] for s, slots in zip(segments, ctx_slots)]).to(dev)
-        groups = self._groups(segments, ctx_slots)
-
         x = stack.embed(ids[None])  # (1, N, d)
-        if stack.config.position_embedding == "learned":
+        if dtype is not None:
+            x = x.to(dtype)
+        config = stack.config
+        exact = _eager_math(config.attn_implementation, config.position_embedding == "alibi", x.dtype)
+        paged = self._paged_batch(segments, ctx_slots) if self.paged_kernel and not exact else None
+        groups = self._groups(segments, ctx_slots) if paged is None else []
+        if config.position_embedding == "learned":
             x = x + stack.embed_positions(pos[None]).to(x.dtype)
         rope = None
         if stack.rotary is not None:
@@ -113,7 +216,8 @@ class PagedRunner:
             seq_len = torch.cat([torch.full((len(s.ids),), s.end) for s in segments]).to(dev)
             rope = stack.rotary(pos[None], x.dtype, seq_len=seq_len[None])
         n = ids.shape[0]
-        for i, layer in enumerate(stack.layers):
+        for i, model_layer in enumerate(stack.layers):
+            layer = _upcast(model_layer, dtype) if dtype is not None else model_layer
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn._project(attn.q_proj, h, attn.num_heads)[0]  # (H, N, D)
@@ -124,23 +228,87 @@ class PagedRunner:
             k_buf, v_buf = pool.keys[i], pool.values[i]  # (rows, H_kv, D)
             k_buf.index_copy_(0, write_slots, k.transpose(0, 1).to(k_buf.dtype))
             v_buf.index_copy_(0, write_slots, v.transpose(0, 1).to(v_buf.dtype))
-            out = q.new_empty(n, attn.num_heads, attn.head_dim)
-            for g in groups:
-                G, Tq = g.tokens.shape
-                qg = q[:, g.tokens].transpose(0, 1)  # (G, H, Tq, D)
-                if g.chunk is not None and not _eager_math(attn.implementation, g.alibi is not None, q.dtype):
-                    og = _chunk_attention(qg, k[:, g.tokens[0]], v[:, g.tokens[0]], k_buf, v_buf, g.chunk,
-                                          attn.scale)
-                else:
-                    og = self._padded_attention(attn, qg, k_buf, v_buf, g)
-                out[g.tokens.reshape(-1)] = og.transpose(1, 2).reshape(G * Tq, attn.num_heads, attn.head_dim)
+            if paged is not None:
+                out = self._paged_attention(attn, q, k, v, k_buf, v_buf, paged)
+            else:
+                out = self._gathered_attention(attn, q, k, v, k_buf, v_buf, groups)
             x = x + attn.o_proj(out.view(1, n, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        norm = _upcast(stack.norm, dtype) if dtype is not None else stack.norm
+        head = _upcast(self.model.lm_head, dtype) if dtype is not None else self.model.lm_head
         if all_positions:
-            return self.model.lm_head(stack.norm(x[0]))
+            return head(norm(x[0]))
         ends = list(itertools.accumulate(len(s.ids) for s in segments))
         rows = [r for end, t in zip(ends, tails) for r in range(end - t, end)] if tails else [e - 1 for e in ends]
-        return self.model.lm_head(stack.norm(x[0, torch.tensor(rows, device=dev)]))
+        return head(norm(x[0, torch.tensor(rows, device=dev)]))
+
+    def _paged_batch(self, segments: Sequence[Segment], ctx_slots: list[torch.Tensor]) -> _PagedBatch:
+        offsets = [0, *itertools.accumulate(len(s.ids) for s in segments)]
+        config = self.stack.config
+        # Prefill chunks go to torch's flash kernel where it applies (it needs no bias: not ALiBi): on such shapes
+        # it runs at about twice the paged kernel's rate, which pays many times over for reading the chunk's earlier
+        # keys out of the pool once per layer (O(context) bytes against O(chunk * context) products).
+        flash = (self.device.type == "cpu" and config.position_embedding != "alibi"
+                 and config.attn_implementation == "sdpa")
+        chunks, rest = [], []
+        for i, s in enumerate(segments):
+            if not (flash and len(s.ids) >= PREFILL_MIN_TOKENS):
+                rest.append(i)
+                continue
+            blocks = s.block_table[: self.pool.blocks_for(s.start)]
+            earlier: torch.Tensor | slice
+            if not blocks or blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                # One run of consecutive blocks (a freshly admitted prompt usually gets one): a view, no copy
+                first = blocks[0] * self.pool.block_size if blocks else 0
+                earlier = slice(first, first + s.start)
+            else:
+                earlier = ctx_slots[i][: s.start].to(self.device)
+            chunks.append((torch.arange(offsets[i], offsets[i + 1], device=self.device), earlier))
+        width = max([self.pool.blocks_for(segments[i].end) for i in rest], default=0)
+        tables = torch.zeros(len(rest), width, dtype=torch.long)
+        for row, i in enumerate(rest):
+            used = segments[i].block_table[: self.pool.blocks_for(segments[i].end)]
+            tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        row_starts = torch.tensor([0, *itertools.accumulate(len(segments[i].ids) for i in rest)], dtype=torch.long)
+        positions = torch.tensor([segments[i].start for i in rest], dtype=torch.long)
+        slopes = self.stack.alibi_slopes.float().cpu().contiguous() if config.position_embedding == "alibi" else None
+        rows = None
+        if chunks:
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rest]) if rest else torch.zeros(0)
+            rows = rows.long().to(self.device)
+        return _PagedBatch(tables, row_starts, positions, slopes, rows, chunks)
+
+    def _paged_attention(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
+                         v_buf: torch.Tensor, paged: _PagedBatch) -> torch.Tensor:
+        """Attention (N, H, D) of the step's tokens: the paged kernel in place, prefill chunks by flash."""
+        queries = q.transpose(0, 1)  # (N, H, D)
+        if paged.rows is None:
+            return paged_kernel.paged_attention(queries.float().contiguous(), k_buf, v_buf, paged.tables,
+                                                paged.row_starts, paged.positions, paged.slopes, attn.scale,
+                                                self.pool.block_size).to(q.dtype)
+        out = q.new_empty(queries.shape)
+        if paged.rows.numel():
+            out[paged.rows] = paged_kernel.paged_attention(
+                queries[paged.rows].float().contiguous(), k_buf, v_buf, paged.tables, paged.row_starts,
+                paged.positions, paged.slopes, attn.scale, self.pool.block_size).to(q.dtype)
+        for tokens, earlier in paged.chunks:
+            og = _chunk_attention(q[:, tokens][None], k[:, tokens], v[:, tokens], k_buf, v_buf, earlier, attn.scale)
+            out[tokens] = og[0].transpose(0, 1)
+        return out
+
+    def _gathered_attention(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
+                            v_buf: torch.Tensor, groups: list[_AttentionGroup]) -> torch.Tensor:
+        """Attention with each group's keys gathered from the pool (the path without the paged kernel)."""
+        out = q.new_empty(q.shape[1], attn.num_heads, attn.head_dim)
+        for g in groups:
+            G, Tq = g.tokens.shape
+            qg = q[:, g.tokens].transpose(0, 1)  # (G, H, Tq, D)
+            if g.chunk is not None and not _eager_math(attn.implementation, g.alibi is not None, q.dtype):
+                og = _chunk_attention(qg, k[:, g.tokens[0]], v[:, g.tokens[0]], k_buf, v_buf, g.chunk, attn.scale)
+            else:
+                og = self._padded_attention(attn, qg, k_buf, v_buf, g)
+            out[g.tokens.reshape(-1)] = og.transpose(1, 2).reshape(G * Tq, attn.num_heads, attn.head_dim)
+        return out
 
     @staticmethod
     def _padded_attention(attn: Any, qg: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,

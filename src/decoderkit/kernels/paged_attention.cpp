@@ -1,0 +1,277 @@
+// Causal attention of a flat batch of query rows over keys and values read in place from a paged KV pool.
+//
+//   q        (N, H, D) float32: the step's query rows, sequence after sequence (row_starts[s] .. row_starts[s+1]-1)
+//   k, v     (R, H_kv, D) float32 or bfloat16: one layer of the pool; buffer row table[b] * block_size + i holds
+//            position b * block_size + i of a sequence whose block table is `table`
+//   tables   (S, B) int64: each sequence's block table
+//   row_starts (S + 1) int64; positions (S) int64: the position of each sequence's first query row
+//   slopes   (H) float32 or None: ALiBi, score += slope * (j - i) for key j and query position i
+//
+// Query row r of sequence s sits at position i = positions[s] + r - row_starts[s] and attends keys 0..i; query head
+// h reads key head h / (H / H_kv). Every product and sum is float32, with an online softmax (flash attention's
+// recurrence) over groups of 16 keys, so no score matrix and no copy of a sequence's context is ever made.
+//
+// Work is split into (sequence, key head, tile of query rows) units over torch's intra-op threads; a unit converts
+// each group of keys and values to float32 once and reuses it for all of its rows and the query heads of its key head.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DK_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 16;  // keys per online-softmax update
+constexpr int64_t kTile = 32;   // query rows per work unit
+
+struct Problem {
+  const float* q;
+  const void* k;
+  const void* v;
+  bool bf16;
+  const int64_t* tables;
+  int64_t table_width;
+  const int64_t* row_starts;
+  const int64_t* positions;
+  const float* slopes;
+  int64_t H, H_kv, D, block_size;
+  float scale;
+  float* out;
+};
+
+#ifdef DK_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp for x <= 0 (Cephes' polynomial, about 1 ulp); inputs below -87 give 0 rather than a denormal.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.0f);
+  __m256 tiny = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, low);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(n)));
+}
+
+// Eight dot products of q with the rows k[0..7] (each D floats), as one vector.
+inline __m256 dot8(const float* q, const float* k, int64_t D) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 qd = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + j * D + d), a[j]);
+  }
+  __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  // lanes: s0123 = [k0 k1 k2 k3 | k0 k1 k2 k3] halves, s4567 likewise for k4..k7
+  __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
+
+inline float to_float(const void* base, int64_t i, bool bf16) {
+  if (bf16) return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+  return static_cast<const float*>(base)[i];
+}
+
+// Copies keys or values of positions j0..j0+n-1 of one key head into dst (n rows of D floats).
+void gather(const Problem& p, const void* src, const int64_t* table, int64_t hk, int64_t j0, int64_t n, float* dst) {
+  const int64_t D = p.D;
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t pos = j0 + j;
+    int64_t row = table[pos / p.block_size] * p.block_size + pos % p.block_size;
+    int64_t at = (row * p.H_kv + hk) * D;
+    float* out = dst + j * D;
+    if (!p.bf16) {
+      std::memcpy(out, static_cast<const float*>(src) + at, D * sizeof(float));
+      continue;
+    }
+    const uint16_t* in = static_cast<const uint16_t*>(src) + at;
+    int64_t d = 0;
+#ifdef DK_AVX2
+    for (; d + 8 <= D; d += 8) {
+      __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + d)));
+      _mm256_storeu_ps(out + d, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+#endif
+    for (; d < D; ++d) out[d] = to_float(src, at + d, true);
+  }
+}
+
+// One query vector's update over n keys (n <= kGroup) at positions j0..: scores, online softmax, weighted values.
+void update(const Problem& p, const float* qv, float slope, int64_t qpos, const float* keys, const float* vals,
+            int64_t j0, int64_t n, float& m, float& l, float* acc) {
+  const int64_t D = p.D;
+  float s[kGroup];
+  int64_t valid = std::min(n, qpos - j0 + 1);  // causal: keys past the query's position are skipped
+  if (valid <= 0) return;
+  int64_t j = 0;
+#ifdef DK_AVX2
+  if (D % 8 == 0) {
+    for (; j + 8 <= valid; j += 8) _mm256_storeu_ps(s + j, dot8(qv, keys + j * D, D));
+  }
+#endif
+  for (; j < valid; ++j) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += qv[d] * keys[j * D + d];
+    s[j] = dot;
+  }
+  float top = m;
+  for (j = 0; j < valid; ++j) {
+    s[j] = s[j] * p.scale + (p.slopes ? slope * static_cast<float>(j0 + j - qpos) : 0.f);
+    top = std::max(top, s[j]);
+  }
+  float correction = std::exp(m - top);  // 0 on the first keys, where m is -inf
+  float sum = 0.f;
+  j = 0;
+#ifdef DK_AVX2
+  __m256 vtop = _mm256_set1_ps(top);
+  for (; j + 8 <= valid; j += 8) {
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), vtop));
+    _mm256_storeu_ps(s + j, e);
+    sum += hsum(e);
+  }
+#endif
+  for (; j < valid; ++j) {
+    s[j] = std::exp(s[j] - top);
+    sum += s[j];
+  }
+  l = l * correction + sum;
+  m = top;
+  int64_t d = 0;
+#ifdef DK_AVX2
+  __m256 vc = _mm256_set1_ps(correction);
+  for (; d + 8 <= D; d += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + d), vc);
+    for (j = 0; j < valid; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vals + j * D + d), a);
+    _mm256_storeu_ps(acc + d, a);
+  }
+#endif
+  for (; d < D; ++d) {
+    float a = acc[d] * correction;
+    for (j = 0; j < valid; ++j) a += s[j] * vals[j * D + d];
+    acc[d] = a;
+  }
+}
+
+void run_unit(const Problem& p, int64_t seq, int64_t hk, int64_t r0, int64_t r1, std::vector<float>& scratch) {
+  const int64_t D = p.D, rep = p.H / p.H_kv;
+  const int64_t first_row = p.row_starts[seq], rows = r1 - r0, M = rows * rep;
+  const int64_t start = p.positions[seq] + (r0 - first_row);
+  const int64_t last = p.positions[seq] + (r1 - 1 - first_row);  // the tile's latest query position
+  const int64_t* table = p.tables + seq * p.table_width;
+  scratch.resize(2 * kGroup * D + M * D + 2 * M);
+  float* keys = scratch.data();
+  float* vals = keys + kGroup * D;
+  float* acc = vals + kGroup * D;
+  float* m = acc + M * D;
+  float* l = m + M;
+  std::fill(acc, acc + M * D, 0.f);
+  std::fill(m, m + M, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + M, 0.f);
+  for (int64_t j0 = 0; j0 <= last; j0 += kGroup) {
+    int64_t n = std::min(kGroup, last + 1 - j0);
+    gather(p, p.k, table, hk, j0, n, keys);
+    gather(p, p.v, table, hk, j0, n, vals);
+    for (int64_t t = 0; t < rows; ++t) {
+      const int64_t row = r0 + t, qpos = start + t;
+      if (qpos < j0) continue;
+      for (int64_t r = 0; r < rep; ++r) {
+        const int64_t h = hk * rep + r, u = t * rep + r;
+        update(p, p.q + (row * p.H + h) * D, p.slopes ? p.slopes[h] : 0.f, qpos, keys, vals, j0, n, m[u], l[u],
+               acc + u * D);
+      }
+    }
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t r = 0; r < rep; ++r) {
+      const int64_t u = t * rep + r;
+      float* out = p.out + ((r0 + t) * p.H + hk * rep + r) * D;
+      const float inv = 1.f / l[u];
+      for (int64_t d = 0; d < D; ++d) out[d] = acc[u * D + d] * inv;
+    }
+  }
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
+                           const at::Tensor& row_starts, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& slopes, double scale, int64_t block_size) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous (N, H, D) float32");
+  TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
+                  k.scalar_type() == v.scalar_type(),
+              "k and v must be contiguous (rows, H_kv, D) of one dtype");
+  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16, "k and v must be float32 or bfloat16");
+  TORCH_CHECK(k.size(2) == q.size(2) && q.size(1) % k.size(1) == 0, "head sizes of q and k do not match");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kLong && tables.is_contiguous(), "tables: (S, B) int64");
+  TORCH_CHECK(row_starts.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  row_starts.numel() == tables.size(0) + 1 && positions.numel() == tables.size(0),
+              "row_starts (S + 1) and positions (S) must be int64");
+  at::Tensor slope_tensor;
+  if (slopes.has_value()) {
+    slope_tensor = slopes->contiguous();
+    TORCH_CHECK(slope_tensor.scalar_type() == at::kFloat && slope_tensor.numel() == q.size(1), "slopes: (H) float32");
+  }
+  at::Tensor rs = row_starts.contiguous(), ps = positions.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  Problem p{q.data_ptr<float>(), k.data_ptr(), v.data_ptr(), k.scalar_type() == at::kBFloat16,
+            tables.data_ptr<int64_t>(), tables.size(1), rs.data_ptr<int64_t>(), ps.data_ptr<int64_t>(),
+            slopes.has_value() ? slope_tensor.data_ptr<float>() : nullptr, q.size(1), k.size(1), q.size(2),
+            block_size, static_cast<float>(scale), out.data_ptr<float>()};
+  struct Unit {
+    int64_t seq, hk, r0, r1;
+  };
+  std::vector<Unit> units;
+  const int64_t S = tables.size(0);
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t r0 = p.row_starts[s]; r0 < p.row_starts[s + 1]; r0 += kTile) {
+      for (int64_t hk = 0; hk < p.H_kv; ++hk) units.push_back({s, hk, r0, std::min(r0 + kTile, p.row_starts[s + 1])});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scratch;
+    for (int64_t u = u0; u < u1; ++u) run_unit(p, units[u].seq, units[u].hk, units[u].r0, units[u].r1, scratch);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(decoderkit_paged, m) {
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor tables, Tensor row_starts, Tensor positions, "
+        "Tensor? slopes, float scale, int block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(decoderkit_paged, CPU, m) { m.impl("paged_attention", &paged_attention); }
