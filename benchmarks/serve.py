@@ -285,7 +285,7 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
         cmd = [str(vllm / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "{port}",
                "--max-num-seqs", str(slots), *(["--dtype", args.dtype] if args.dtype else [])]
-        found.append(Engine("vLLM CPU", cmd, env, startup=900))
+        found.append(Engine("vLLM CPU", cmd, env, startup=args.startup_timeout))
     else:
         skipped.append(f"vLLM CPU: no {vllm}/bin/python (set VLLM_VENV; see the docstring)")
     llama = Path(os.environ.get("LLAMA_SERVER", "/tmp/peers/llama-server/llama-server"))
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before-src", default=None, help="also run decoderkit from this source tree")
     parser.add_argument("--before-rev", default=None,
                         help="also run decoderkit from this git revision's src/ (exported to a temporary directory)")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds vLLM may take to start (it compiles; minutes more on a loaded machine)")
     parser.add_argument("--only", nargs="+", default=None, help="engines to run, in this order (default: all found)")
     args = parser.parse_args(argv)
 
