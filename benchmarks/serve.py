@@ -12,6 +12,7 @@ sensitive to other jobs than wall time, though threads that spin-wait (OpenMP, l
 
 Engines (each skipped, saying so, when absent):
   decoderkit            this tree (`python -m decoderkit.serve`), prefix caching on, and off for the chat row
+  decoderkit, GGUF      this tree serving the GGUF file llama.cpp serves, quantized blocks kept (with --gguf or default)
   decoderkit (before)   --before-rev REV (e.g. 07a08a9^1, the engine before the batched sampler): the same server from
                         that commit's src/ (exported with `git archive`), or --before-src DIR (e.g. /work/main/src)
   vLLM CPU              $VLLM_VENV (default /tmp/peers/vllm), made as ../shared/PEERS.md says:
@@ -264,9 +265,9 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
     found, skipped = [], []
     slots = max(args.clients)
 
-    def decoderkit(name: str, src: Path, extra: list[str]) -> Engine:
+    def decoderkit(name: str, src: Path, extra: list[str], model: Path = directory) -> Engine:
         port = "{port}"
-        cmd = [sys.executable, "-m", "decoderkit.serve", str(directory), "--port", port, "--served-model-name",
+        cmd = [sys.executable, "-m", "decoderkit.serve", str(model), "--port", port, "--served-model-name",
                "bench", "--threads", str(args.threads), "--max-batch-size", str(slots), "--log-level", "warning",
                *(["--dtype", args.dtype] if args.dtype else []), *extra]
         return Engine(name, cmd, {"PYTHONPATH": str(src), "DECODERKIT_COMPILE": "0"})
@@ -274,6 +275,9 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
     found.append(decoderkit("decoderkit", ROOT / "src", []))
     found.append(Engine("decoderkit, no prefix cache", [*found[0].command, "--no-enable-prefix-caching"],
                         found[0].env, chat_only_caching=True))
+    if gguf is not None:
+        # The very file llama.cpp serves, its Q4_1 blocks kept packed (decoderkit's own kernel where it builds)
+        found.append(decoderkit("decoderkit, GGUF", ROOT / "src", [], gguf))
     if args.before_src:
         found.append(decoderkit("decoderkit (before)", Path(args.before_src), []))
     vllm = Path(os.environ.get("VLLM_VENV", "/tmp/peers/vllm"))
