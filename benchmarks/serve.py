@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_clients(server.base, engine.model, clients, args.requests_per_client, args.new_tokens)
                         r["cpu_ms"] = (tree_cpu_seconds(server.process.pid) - cpu) / r["tokens"] * 1e3
                         rows.append((engine.name, clients, r))
-                        print(f"  {engine.name}, {clients} clients: {rows[-1][2]['tok_s']:.1f} tok/s", flush=True)
+                        print(f"  {engine.name}, {clients} clients: {r['tok_s']:.1f} tok/s, p50 TTFT {r['p50']:.2f}s, "
+                              f"p50 ITL {r['itl'] * 1e3:.0f}ms, CPU {r['cpu_ms']:.0f}ms/tok", flush=True)
                     rate = prefill_rate(server.base, engine.model, long_prompt, long_tokens)
                 else:
                     rate = float("nan")
