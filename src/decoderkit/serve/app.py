@@ -495,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("DECODERKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $DECODERKIT_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
-    p.add_argument("--dtype", default=None, help="weights dtype (float32, bfloat16, float16; default: checkpoint)")
+    p.add_argument("--dtype", default=None,
+                   help="weights dtype (float32, bfloat16, float16; default: the checkpoint's, except half precision "
+                   "on a CPU without native support for it (no AVX512_BF16 / AMX): float32 there)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                    help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
@@ -539,6 +541,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def half_precision_is_native(model: Any) -> bool:
+    """Whether the model's float weights are in a dtype this device multiplies at full speed: always on an
+    accelerator; on CPU float32, bfloat16 with AVX512_BF16 or AMX, float16 with AMX-FP16. Elsewhere (AVX2, such as the
+    2-core EPYC benchmarks/serve.py was measured on) torch converts half-precision operands in every matmul, which
+    made a 16-request decode step twice as slow as in float32; a quantized model keeps its own activation dtype."""
+    import torch
+
+    from decoderkit.cli.serve import quantization_summary
+
+    if model.device.type != "cpu" or model.dtype == torch.float32 or quantization_summary(model) != "none":
+        return True
+    if model.dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return model.dtype == torch.float16 and torch.cpu._is_amx_fp16_supported()
+
+
 def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[Engine, str, Path]:
     import torch
 
@@ -567,6 +585,8 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
                                                          quantization=args.quantize)
     except ValueError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
+    if args.dtype is None and group is None and not half_precision_is_native(model):
+        model = model.float()
     if adapter is not None:
         from decoderkit.cli.adapters import apply_adapter
 
