@@ -52,6 +52,7 @@ def test_int8_layer_equals_its_float_reference(bias, layout):
     gen = torch.Generator().manual_seed(1)
     n, k = 40, 96
     layer = Int8Linear(k, n, bias=bias, dtype=torch.float32, layout=layout)
+    layer.activations = "float"
     layer.weight_int8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     layer.scales = Int8Linear.row_scales(torch.rand(n, generator=gen) * 0.01, torch.float32, layout)
     if bias:
@@ -93,6 +94,7 @@ def test_int4_kernel_layout_equals_its_float_reference(group, scale_dtype):
     scales = (torch.rand(n, k // group, generator=gen) + 0.1).to(scale_dtype)
     offsets = torch.randn(n, k // group, generator=gen).to(scale_dtype)
     layer = Int4Linear(k, n, group_size=group, dtype=torch.float32, layout="kernel")
+    layer.activations = "float"
     for name, value in Int4Linear.pack_affine(codes, scales, offsets, torch.float32, layout="kernel").items():
         setattr(layer, name, value)
     weight = codes.double() * scales.double().repeat_interleave(group, 1) + offsets.double().repeat_interleave(group, 1)
@@ -134,7 +136,8 @@ def test_hf_checkpoint_quantized_on_load_is_close_to_float(llama_dir, quantizati
     monkeypatch.setenv("DECODERKIT_KERNELS", "1" if layout == "kernel" else "0")
     ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
     ref = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32")
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32", quantization=quantization)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32", quantization=quantization,
+                                                 activations="float")
     kind = Int8Linear if quantization == "int8" else Int4Linear
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind)
     assert model.lm_head.layout == layout

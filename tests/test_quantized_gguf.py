@@ -38,7 +38,7 @@ def test_q4_tensors_stay_int4_and_dequantize_to_exactly_gguf_values(tmp_path, qt
 def test_quantized_path_matches_the_dequantized_float_path(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, Q.Q4_1, tie=True)
-    packed = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    packed = AutoModelForCausalLM.from_pretrained(path, dtype="float32", activations="float")
     floats = AutoModelForCausalLM.from_pretrained(path, dtype="float32", quantization="none")
     assert not any(isinstance(m, QuantizedLinear) for m in floats.modules())
     exact = AutoModelForCausalLM.from_pretrained(path, dtype="float64", quantization="none")
@@ -90,6 +90,7 @@ def test_q8_0_stays_exact_on_the_kernel_and_becomes_int8_per_channel_on_torch(tm
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(embed(ids), head.dequantize()[ids])
     x = torch.randn(3, head.in_features)
+    head.activations = "float"
     torch.testing.assert_close(head(x), x @ head.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
