@@ -79,8 +79,8 @@ def main() -> None:
                     best = [float("inf"), float("inf")]
                     for _ in range(shape_rounds):
                         for i, mode in enumerate(kernels.ACTIVATIONS):
-                            t = per_call(lambda m=mode: kernels.qmm(x, codes, scales, offsets, bits, group, m),
-                                         args.min_time / args.rounds, clock)
+                            args_ = (x, codes, scales, offsets, bits, group, mode)
+                            t = per_call(lambda a=args_: kernels.qmm(*a), args.min_time / args.rounds, clock)
                             best[i] = min(best[i], t)
                     totals = [a + b * count for a, b in zip(totals, best)]
                     print(f"{fmt:13} {name:17} {threads:3} {rows:3} {best[0] * 1e6:9.1f} {best[1] * 1e6:9.1f} "

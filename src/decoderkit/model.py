@@ -75,10 +75,10 @@ class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
         float; "none": all float; "int8", "int4" or a `QuantizationConfig`: weights quantized as they are read;
         `dtype` then names the activation dtype), `activations` (how quantized layers multiply: "int8", rounded to
         int8 per run of 32 inputs as llama.cpp does, or "float", exact; None: "int8" where decoderkit's kernel
-        runs, see `decoderkit.layers.quantized.set_activations`), `config`, `progress`, `gguf_file`, `revision`, `cache_dir`,
-        `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed process group
-        started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only its shard of
-        the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`,
+        runs, see `decoderkit.layers.quantized.set_activations`), `config`, `progress`, `gguf_file`, `revision`,
+        `cache_dir`, `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed
+        process group started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only
+        its shard of the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`,
         `use_cache=False`).
         transformers' `trust_remote_code`, `low_cpu_mem_usage`, `use_safetensors`, `token`, ... are accepted with no
         effect (`ACCEPTED_WITHOUT_EFFECT` says why); `force_download`, `max_memory`, `subfolder`, ... raise. Any
