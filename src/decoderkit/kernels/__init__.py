@@ -4,10 +4,10 @@
 activations (exact) or activations rounded to int8 per run of 32 inputs (``activations="int8"``, llama.cpp's way).
 The source is compiled once per (source, torch version, CPU capability) into a shared library under the cache
 directory (``$DECODERKIT_CACHE/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary name and
-renamed, so concurrent first uses never see half a file and later processes load it without compiling. The AVX2 /
-FMA / F16C path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without a C++ compiler (or
-with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized layers use torch's own
-int8 / int4 kernels instead.
+renamed, so concurrent first uses never see half a file and later processes load it without compiling. The AVX2 / FMA
+/ F16C path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without a C++
+compiler (or with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized layers use
+torch's own int8 / int4 kernels instead.
 """
 
 from __future__ import annotations
