@@ -10,8 +10,11 @@ other, in the same run:
 transformers       bf16 HF directory, ``generate`` with its defaults
 dk-bf16            decoderkit, bf16 HF directory
 dk-int8 / dk-int4  decoderkit, the bf16 HF directory quantized on load (``quantization="int8"`` / ``"int4"``)
+dk-int8-exact      dk-int8 with ``activations="float"`` (the kernel multiplies float32 activations exactly)
 dk-gguf            decoderkit, the Q4_1 file in its own packed weights (``quantization=None``), bf16 activations
 dk-gguf-f32        the same with float32 activations (decoderkit's kernel computes in float32 anyway)
+dk-gguf-exact      dk-gguf-f32 with ``activations="float"``: exact float32 products instead of the default int8
+                   activations (each run of 32 inputs rounded to int8, as llama.cpp does)
 dk-gguf-float      decoderkit, the Q4_1 file dequantized (``quantization="none"``): the float reference for dk-gguf
 llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
 llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
@@ -61,8 +64,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-float", "llamacpp",
-           "llamacpp-ours")
+ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int8-exact", "dk-int4", "dk-gguf", "dk-gguf-f32",
+           "dk-gguf-exact", "dk-gguf-float", "llamacpp", "llamacpp-ours")
+# decoderkit engines whose quantized layers multiply with exact float32 activations (the others: the default, int8)
+EXACT_ACTIVATIONS = ("dk-int8-exact", "dk-gguf-exact")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
 PROMPT_TOKENS = 32
@@ -140,16 +145,19 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     else:
         source, quantization = {
             "dk-bf16": (spec["hf_dir"], None), "dk-int8": (spec["hf_dir"], "int8"),
-            "dk-int4": (spec["hf_dir"], "int4"), "dk-gguf": (spec["gguf"], None),
-            "dk-gguf-f32": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
+            "dk-int8-exact": (spec["hf_dir"], "int8"), "dk-int4": (spec["hf_dir"], "int4"),
+            "dk-gguf": (spec["gguf"], None), "dk-gguf-f32": (spec["gguf"], None),
+            "dk-gguf-exact": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
         }[engine]  # fmt: skip
         # dk-gguf names quantization=None explicitly: the packed path, not today's silent dequantization
         kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
-        dtype = torch.float32 if engine == "dk-gguf-f32" else torch.bfloat16
+        if engine in EXACT_ACTIVATIONS:
+            kwargs["activations"] = "float"
+        dtype = torch.float32 if engine in ("dk-gguf-f32", "dk-gguf-exact") else torch.bfloat16
         model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     load_s = time.perf_counter() - start
     packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
-    if engine in ("dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32") and not packed:
+    if engine in ("dk-int8", "dk-int8-exact", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-exact") and not packed:
         # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
         raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
 
@@ -188,8 +196,9 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             model.generate(prompts[:1], attention_mask=torch.ones_like(prompts[:1]), max_new_tokens=9,
                            do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
         profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    activations = sorted({m.activations for m in model.modules() if hasattr(m, "activations")})
     return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b16=b16, ppl=math.exp(nll / count),
-                rss=peak_rss_bytes() - baseline, greedy=greedy, profile=profile,
+                rss=peak_rss_bytes() - baseline, greedy=greedy, profile=profile, activations=activations,
                 weight_bytes=weight_bytes(model) if engine != "transformers" else None)
 
 
@@ -350,16 +359,21 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
           f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB; copy bandwidth "
           f"{spec['copy_bandwidth'] / 1e9:.1f} GB/s (roofline = b=1 tok/s x MB/token / that)")
     llama = results.get("llamacpp", {})
-    for engine in ("dk-gguf", "dk-gguf-f32", "dk-int8", "dk-int4", "dk-bf16"):
+    for engine in ("dk-gguf", "dk-gguf-f32", "dk-gguf-exact", "dk-int8", "dk-int8-exact", "dk-int4", "dk-bf16"):
         mine = results.get(engine, {})
         if "b1" in mine and "b1" in llama:
             print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}, "
                   f"load x{mine['load_s'] / llama['load_s']:.2f}, ppl {100 * (mine['ppl'] / llama['ppl'] - 1):+.2f}%")
-    pairs = (("dk-gguf", "dk-gguf-float"), ("dk-int8", "dk-bf16"), ("dk-int4", "dk-bf16"))
+    pairs = (("dk-gguf", "dk-gguf-float"), ("dk-gguf-f32", "dk-gguf-float"), ("dk-gguf-exact", "dk-gguf-float"),
+             ("dk-gguf-f32", "dk-gguf-exact"), ("dk-int8", "dk-bf16"), ("dk-int8-exact", "dk-bf16"),
+             ("dk-int4", "dk-bf16"))
     for engine, base in pairs:
         if "ppl" in results.get(engine, {}) and "ppl" in results.get(base, {}):
             a, b = results[engine], results[base]
             print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}")
+    for engine, r in results.items():
+        if r.get("activations"):
+            print(f"{engine}: quantized layers' activations {', '.join(r['activations'])}")
     for engine, r in results.items():
         if r.get("b16") and r.get("b1"):
             print(f"{engine}: b={BATCH} aggregate / b=1 x{r['b16'] / r['b1']:.2f}")
