@@ -84,7 +84,8 @@ def test_layers_use_int8_activations_for_every_row_count(bits):
         buffers = Int8Linear.quantize(torch.randn(n, k, generator=gen), torch.float32, "kernel")
     for name, value in buffers.items():
         setattr(layer, name, value)
-    assert layer.activations == qmod.DEFAULT_ACTIVATIONS == "int8"
+    assert layer.activations == qmod.DEFAULT_ACTIVATIONS == "float"
+    layer.activations = "int8"
     codes = qmod.unpack_nibbles(layer.weight_int4) if bits == 4 else layer.weight_int8
     offsets = layer.offsets if bits == 4 else None
     for rows in (1, 5, qmod.KERNEL_ROWS + 1, 40):  # prefill-sized inputs too: what perplexity measures is decoding
@@ -104,19 +105,19 @@ def _tiny_gguf(tmp_path):
 def test_from_pretrained_switches_the_activations(tmp_path):
     path = _tiny_gguf(tmp_path)
     ids = torch.tensor([[1, 5, 7, 9, 33, 60]])
-    default = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    exact = AutoModelForCausalLM.from_pretrained(path, dtype="float32", activations="float")
+    int8 = AutoModelForCausalLM.from_pretrained(path, dtype="float32", activations="int8")
+    exact = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     floats = AutoModelForCausalLM.from_pretrained(path, dtype="float32", quantization="none")
-    layers = [m for m in default.modules() if isinstance(m, qmod.QuantizedLinear)]
+    layers = [m for m in int8.modules() if isinstance(m, qmod.QuantizedLinear)]
     assert layers and all(m.activations == "int8" for m in layers)
     assert all(m.activations == "float" for m in exact.modules() if isinstance(m, qmod.QuantizedLinear))
     truth = floats(ids).logits
     exact_err = (exact(ids).logits - truth).abs().max()
-    int8_err = (default(ids).logits - truth).abs().max()
+    int8_err = (int8(ids).logits - truth).abs().max()
     # a random tiny model: the rounding of its activations moves its logits by a few percent, float32 by ~1e-5
     assert exact_err < 1e-4 < int8_err < 0.1 * truth.abs().max(), (exact_err, int8_err)
-    assert set_activations(default, "float") == len(layers)
-    torch.testing.assert_close(default(ids).logits, exact(ids).logits, rtol=0, atol=0)
+    assert set_activations(int8, None) == len(layers)
+    torch.testing.assert_close(int8(ids).logits, exact(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("value", ["int4", "bf16", "INT8", 8])

@@ -52,7 +52,6 @@ def test_int8_layer_equals_its_float_reference(bias, layout):
     gen = torch.Generator().manual_seed(1)
     n, k = 40, 96
     layer = Int8Linear(k, n, bias=bias, dtype=torch.float32, layout=layout)
-    layer.activations = "float"
     layer.weight_int8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     layer.scales = Int8Linear.row_scales(torch.rand(n, generator=gen) * 0.01, torch.float32, layout)
     if bias:
@@ -94,7 +93,6 @@ def test_int4_kernel_layout_equals_its_float_reference(group, scale_dtype):
     scales = (torch.rand(n, k // group, generator=gen) + 0.1).to(scale_dtype)
     offsets = torch.randn(n, k // group, generator=gen).to(scale_dtype)
     layer = Int4Linear(k, n, group_size=group, dtype=torch.float32, layout="kernel")
-    layer.activations = "float"
     for name, value in Int4Linear.pack_affine(codes, scales, offsets, torch.float32, layout="kernel").items():
         setattr(layer, name, value)
     weight = codes.double() * scales.double().repeat_interleave(group, 1) + offsets.double().repeat_interleave(group, 1)
@@ -136,8 +134,7 @@ def test_hf_checkpoint_quantized_on_load_is_close_to_float(llama_dir, quantizati
     monkeypatch.setenv("DECODERKIT_KERNELS", "1" if layout == "kernel" else "0")
     ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35]])
     ref = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32")
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32", quantization=quantization,
-                                                 activations="float")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32", quantization=quantization)
     kind = Int8Linear if quantization == "int8" else Int4Linear
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind)
     assert model.lm_head.layout == layout
@@ -202,16 +199,17 @@ def test_group_size_that_does_not_divide_a_layer_names_the_layer(llama_dir):
         AutoModelForCausalLM.from_pretrained(llama_dir, quantization=QuantizationConfig(bits=4, group_size=128))
 
 
-def test_quantized_weights_cannot_be_fully_fine_tuned_or_get_lora(llama_dir):
-    from decoderkit.training.lora import LoraConfig, apply_lora
+def test_quantized_weights_cannot_be_fully_fine_tuned_but_take_lora(llama_dir):
+    from decoderkit.training.lora import LoraConfig, QuantizedLora, apply_lora
     from decoderkit.training.trainer import Trainer, TrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype="float32", quantization="int8")
-    with pytest.raises(ValueError, match="LoRA over quantized .* quantization='none'"):
-        apply_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     data = [{"input_ids": [3, 4, 5, 6], "labels": [3, 4, 5, 6]}]
-    with pytest.raises(ValueError, match="cannot be trained: load it with quantization='none'"):
+    with pytest.raises(ValueError, match="cannot be fully fine-tuned: train LoRA adapters over the frozen quantized "
+                                         "base .* or load it with quantization='none'"):
         Trainer(model, TrainingArguments(output_dir="unused", max_steps=1, per_device_batch_size=1), data)
+    apply_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # tests/test_lora_quantized.py
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLora)
 
 
 def test_quantization_config_is_exported():
@@ -245,10 +243,11 @@ def test_cli_quantize_reaches_the_loader(capsys, monkeypatch, tmp_path, flag, ki
                      "--dtype", "float32", "hello"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert type(loaded[0].model.layers[0].mlp.up_proj) is kind
+    # isinstance: a float layer may have become a DecodeLinear (an nn.Linear) when the decode step ran
+    assert isinstance(loaded[0].model.layers[0].mlp.up_proj, kind)
     bench = cli.main(["bench", "--model", str(directory), "--quantize", flag, "-p", "4", "-n", "2", "--json"])
     assert bench == 0
-    assert type(loaded[1].model.layers[0].mlp.up_proj) is kind
+    assert isinstance(loaded[1].model.layers[0].mlp.up_proj, kind)
 
 
 def test_cli_rejects_an_unknown_quantize_value(capsys):

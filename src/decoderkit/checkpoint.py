@@ -221,8 +221,8 @@ def load_pretrained(
     `decoderkit.quantization.resolve_load_quantization`): None keeps a GGUF file's quantized tensors packed and an HF
     checkpoint float; "none" dequantizes a GGUF file; "int8" / "int4" / a QuantizationConfig quantize float weights
     as they are read. `activations` (see `decoderkit.layers.quantized.set_activations`): how quantized layers
-    multiply, "int8" or "float" (None: "int8" where decoderkit's kernel runs). `progress` None shows a bar only on
-    a terminal. Other keyword arguments override config.json fields (e.g. `num_labels=3`).
+    multiply, "float" (None, the default: exact) or "int8" (llama.cpp's way, faster). `progress` None shows a bar
+    only on a terminal. Other keyword arguments override config.json fields (e.g. `num_labels=3`).
     """
     from decoderkit.layers.quantized import check_activations, set_activations
     from decoderkit.model import check_overrides, prepare_config

@@ -73,9 +73,9 @@ class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
         dict of module name -> device; one process runs a model on one device, so a map naming several is an
         error), `quantization` (None: a GGUF file's quantized tensors stay packed on CPU, an HF checkpoint stays
         float; "none": all float; "int8", "int4" or a `QuantizationConfig`: weights quantized as they are read;
-        `dtype` then names the activation dtype), `activations` (how quantized layers multiply: "int8", rounded to
-        int8 per run of 32 inputs as llama.cpp does, or "float", exact; None: "int8" where decoderkit's kernel
-        runs, see `decoderkit.layers.quantized.set_activations`), `config`, `progress`, `gguf_file`, `revision`,
+        `dtype` then names the activation dtype), `activations` (how quantized layers multiply: None or "float", exact,
+        or "int8", rounded to int8 per run of 32 inputs as llama.cpp does, faster and less accurate, see
+        `decoderkit.layers.quantized.set_activations`), `config`, `progress`, `gguf_file`, `revision`,
         `cache_dir`, `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed
         process group started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only
         its shard of the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`,
