@@ -10,7 +10,7 @@ from test_gguf_model import TINY, smollm2_path, write_tiny_llama  # noqa: F401 -
 
 from decoderkit import AutoModelForCausalLM, kernels
 from decoderkit import gguf_model as gm
-from decoderkit.layers.quantized import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
+from decoderkit.layers.quantized import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 
 LAYOUTS = [pytest.param("kernel", marks=pytest.mark.skipif(not kernels.available(), reason="no kernel build")),
            "torch"]
@@ -31,42 +31,8 @@ def test_q4_tensors_stay_int4_and_dequantize_to_exactly_gguf_values(tmp_path, qt
         assert isinstance(layer, Int4Linear) and layer.group_size == 32, name
         source = "model.embed_tokens.weight" if tie and name == "lm_head" else f"{name}.weight"
         assert torch.equal(layer.dequantize(), torch.from_numpy(expected[source])), name
-    # the embedding gathers rows equal to the file's values (tied, on the kernel: from the head's packed table)
-    embed = model.model.embed_tokens
-    table = embed.dequantize() if isinstance(embed, Int4Embedding) else embed.weight
-    assert torch.equal(table, torch.from_numpy(expected["model.embed_tokens.weight"]))
-
-
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every weight (parameters and persistent buffers), a tensor shared between modules counted once."""
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-@pytest.mark.skipif(not kernels.available(), reason="no kernel build")
-@pytest.mark.parametrize("qtype, kinds, tables", [
-    (Q.Q4_0, (Int4Embedding, Int4Linear), ("weight_int4", "scales", "offsets")),
-    (Q.Q4_1, (Int4Embedding, Int4Linear), ("weight_int4", "scales", "offsets")),
-    (Q.Q8_0, (Int8Embedding, Int8Linear), ("weight_int8", "scales")),
-], ids=lambda v: v.name if isinstance(v, Q) else "")
-def test_tied_quantized_embedding_gathers_from_the_heads_packed_table(tmp_path, qtype, kinds, tables):
-    path = tmp_path / "tiny.gguf"
-    write_tiny_llama(path, qtype, tie=True)
-    packed = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    floats = AutoModelForCausalLM.from_pretrained(path, dtype="float32", quantization="none")
-    embed, head = packed.model.embed_tokens, packed.lm_head
-    assert isinstance(embed, kinds[0]) and isinstance(head, kinds[1])
-    for name in tables:
-        assert getattr(embed, name).data_ptr() == getattr(head, name).data_ptr(), name
-    # no float copy of the (vocab, hidden) table anywhere: the model is its packed layers plus the float norms
-    vocab, hidden = TINY["vocab"], TINY["hidden"]
-    assert not any(t.is_floating_point() and t.numel() >= vocab * hidden for t in packed.state_dict().values())
-    norms = sum(p.numel() * 4 for n, p in floats.named_parameters() if "norm" in n)
-    packed_linears = sum(_tensor_bytes(m) for m in packed.modules() if isinstance(m, QuantizedLinear))
-    assert _tensor_bytes(packed) == norms + packed_linears
-    ids = torch.tensor([[0, 5, 95, 5, 17], [3, 3, 60, 94, 1]])
-    assert torch.equal(embed(ids), floats.model.embed_tokens(ids))
-    torch.testing.assert_close(packed(ids).logits, floats(ids).logits, rtol=1e-4, atol=1e-4)
+    # the embedding gathers float rows, equal to the file's values
+    assert torch.equal(model.model.embed_tokens.weight, torch.from_numpy(expected["model.embed_tokens.weight"]))
 
 
 def test_quantized_path_matches_the_dequantized_float_path(tmp_path):
@@ -89,10 +55,9 @@ def test_quantized_path_matches_the_dequantized_float_path(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tie", [False, True])  # tied: the embedding gathers from the packed int4 table
-def test_compiled_decode_step_runs_packed_weights(tmp_path, tie):
+def test_compiled_decode_step_runs_packed_weights(tmp_path):
     path = tmp_path / "tiny.gguf"
-    write_tiny_llama(path, Q.Q4_0, tie=tie)
+    write_tiny_llama(path, Q.Q4_0, tie=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16")
     ids = torch.tensor([[1, 5, 7, 9]])
     eager = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
