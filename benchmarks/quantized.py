@@ -10,8 +10,11 @@ other, in the same run:
 transformers       bf16 HF directory, ``generate`` with its defaults
 dk-bf16            decoderkit, bf16 HF directory
 dk-int8 / dk-int4  decoderkit, the bf16 HF directory quantized on load (``quantization="int8"`` / ``"int4"``)
+dk-int8-a8         dk-int8 with ``activations="int8"`` (each run of 32 inputs rounded to int8, as llama.cpp does)
 dk-gguf            decoderkit, the Q4_1 file in its own packed weights (``quantization=None``), bf16 activations
 dk-gguf-f32        the same with float32 activations (decoderkit's kernel computes in float32 anyway)
+dk-gguf-a8         dk-gguf-f32 with ``activations="int8"``: integer products of activations rounded to int8 per
+                   run of 32 inputs (llama.cpp's way) instead of the default exact float32 ones
 dk-gguf-float      decoderkit, the Q4_1 file dequantized (``quantization="none"``): the float reference for dk-gguf
 llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
 llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
@@ -61,8 +64,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-float", "llamacpp",
-           "llamacpp-ours")
+ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int8-a8", "dk-int4", "dk-gguf", "dk-gguf-f32",
+           "dk-gguf-a8", "dk-gguf-float", "llamacpp", "llamacpp-ours")
+# decoderkit engines whose quantized layers round their activations to int8 (the others: the default, exact float)
+INT8_ACTIVATIONS = ("dk-int8-a8", "dk-gguf-a8")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
 PROMPT_TOKENS = 32
@@ -108,16 +113,19 @@ def weight_bytes(model) -> int:
     return total
 
 
-def decode_rate(run, new_tokens: int, rows: int, repeats: int) -> float:
-    """Aggregate decode tok/s: rows * (new - 1) tokens over (time of `new` tokens - time of 1), best of `repeats`."""
+def decode_rate(run, new_tokens: int, rows: int, repeats: int, clock=time.perf_counter) -> float:
+    """Aggregate decode tok/s: rows * (new - 1) tokens over (time of `new` tokens - time of 1), best of `repeats`.
+
+    `clock` time.process_time gives tokens per CPU second of this process (all its threads): on a machine shared with
+    other work, that is what time slices taken by others do not inflate."""
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run(new_tokens)
-        full = time.perf_counter() - start
-        start = time.perf_counter()
+        full = clock() - start
+        start = clock()
         run(1)
-        best = min(best, full - (time.perf_counter() - start))
+        best = min(best, full - (clock() - start))
     return rows * (new_tokens - 1) / max(best, 1e-9)
 
 
@@ -140,16 +148,19 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     else:
         source, quantization = {
             "dk-bf16": (spec["hf_dir"], None), "dk-int8": (spec["hf_dir"], "int8"),
-            "dk-int4": (spec["hf_dir"], "int4"), "dk-gguf": (spec["gguf"], None),
-            "dk-gguf-f32": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
+            "dk-int8-a8": (spec["hf_dir"], "int8"), "dk-int4": (spec["hf_dir"], "int4"),
+            "dk-gguf": (spec["gguf"], None), "dk-gguf-f32": (spec["gguf"], None),
+            "dk-gguf-a8": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
         }[engine]  # fmt: skip
         # dk-gguf names quantization=None explicitly: the packed path, not today's silent dequantization
         kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
-        dtype = torch.float32 if engine == "dk-gguf-f32" else torch.bfloat16
+        if engine in INT8_ACTIVATIONS:
+            kwargs["activations"] = "int8"
+        dtype = torch.float32 if engine in ("dk-gguf-f32", "dk-gguf-a8") else torch.bfloat16
         model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     load_s = time.perf_counter() - start
     packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
-    if engine in ("dk-int8", "dk-int4", "dk-gguf", "dk-gguf-f32") and not packed:
+    if engine in ("dk-int8", "dk-int8-a8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-a8") and not packed:
         # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
         raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
 
@@ -170,6 +181,7 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     warmup_s = time.perf_counter() - start
     greedy = generate(prompts[:1], spec["new_tokens"])[0, PROMPT_TOKENS:].tolist()
     b1 = decode_rate(lambda n: generate(prompts[:1], n), spec["new_tokens"], 1, spec["repeats"])
+    b1_cpu = decode_rate(lambda n: generate(prompts[:1], n), spec["new_tokens"], 1, spec["repeats"], time.process_time)
     b16 = decode_rate(lambda n: generate(prompts, n), spec["new_tokens_batch"], len(prompts), spec["repeats"])
 
     nll, count = 0.0, 0
@@ -188,8 +200,9 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             model.generate(prompts[:1], attention_mask=torch.ones_like(prompts[:1]), max_new_tokens=9,
                            do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
         profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b16=b16, ppl=math.exp(nll / count),
-                rss=peak_rss_bytes() - baseline, greedy=greedy, profile=profile,
+    activations = sorted({m.activations for m in model.modules() if hasattr(m, "activations")})
+    return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b1_cpu=b1_cpu, b16=b16, ppl=math.exp(nll / count),
+                rss=peak_rss_bytes() - baseline, greedy=greedy, profile=profile, activations=activations,
                 weight_bytes=weight_bytes(model) if engine != "transformers" else None)
 
 
@@ -220,6 +233,7 @@ def llamacpp_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
     warmup_s = time.perf_counter() - start
     greedy = generate(spec["new_tokens"])
     b1 = decode_rate(generate, spec["new_tokens"], 1, spec["repeats"])
+    b1_cpu = decode_rate(generate, spec["new_tokens"], 1, spec["repeats"], time.process_time)
 
     nll, count = 0.0, 0
     for ids in spec["ppl_windows"]:
@@ -230,7 +244,7 @@ def llamacpp_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
         log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
         nll -= float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
         count += len(ids) - 1
-    return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b16=None, ppl=math.exp(nll / count),
+    return dict(load_s=load_s, warmup_s=warmup_s, b1=b1, b1_cpu=b1_cpu, b16=None, ppl=math.exp(nll / count),
                 rss=peak_rss_bytes() - baseline, greedy=greedy, version=llama_cpp.__version__)
 
 
@@ -350,16 +364,27 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
           f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB; copy bandwidth "
           f"{spec['copy_bandwidth'] / 1e9:.1f} GB/s (roofline = b=1 tok/s x MB/token / that)")
     llama = results.get("llamacpp", {})
-    for engine in ("dk-gguf", "dk-gguf-f32", "dk-int8", "dk-int4", "dk-bf16"):
+    for engine in ("dk-gguf", "dk-gguf-f32", "dk-gguf-a8", "dk-int8", "dk-int8-a8", "dk-int4", "dk-bf16"):
         mine = results.get(engine, {})
         if "b1" in mine and "b1" in llama:
-            print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}, "
+            cpu = (f", b=1 per CPU second x{mine['b1_cpu'] / llama['b1_cpu']:.2f}"
+                   if mine.get("b1_cpu") and llama.get("b1_cpu") else "")
+            print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}{cpu}, "
                   f"load x{mine['load_s'] / llama['load_s']:.2f}, ppl {100 * (mine['ppl'] / llama['ppl'] - 1):+.2f}%")
-    pairs = (("dk-gguf", "dk-gguf-float"), ("dk-int8", "dk-bf16"), ("dk-int4", "dk-bf16"))
+    pairs = (("dk-gguf", "dk-gguf-float"), ("dk-gguf-f32", "dk-gguf-float"), ("dk-gguf-a8", "dk-gguf-float"),
+             ("dk-gguf-a8", "dk-gguf-f32"), ("dk-int8", "dk-bf16"), ("dk-int8-a8", "dk-bf16"),
+             ("dk-int4", "dk-bf16"))
     for engine, base in pairs:
         if "ppl" in results.get(engine, {}) and "ppl" in results.get(base, {}):
             a, b = results[engine], results[base]
-            print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}")
+            cpu = f", per CPU second x{a['b1_cpu'] / b['b1_cpu']:.2f}" if a.get("b1_cpu") and b.get("b1_cpu") else ""
+            print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}{cpu}")
+    for engine, r in results.items():
+        if r.get("b1_cpu"):
+            print(f"{engine}: b=1 {r['b1_cpu']:.1f} tokens per CPU second of its process")
+    for engine, r in results.items():
+        if r.get("activations"):
+            print(f"{engine}: quantized layers' activations {', '.join(r['activations'])}")
     for engine, r in results.items():
         if r.get("b16") and r.get("b1"):
             print(f"{engine}: b={BATCH} aggregate / b=1 x{r['b16'] / r['b1']:.2f}")

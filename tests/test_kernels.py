@@ -1,4 +1,5 @@
-"""decoderkit's compiled quantized matmul (decoderkit.kernels) against the dequantized float reference."""
+"""decoderkit's compiled quantized matmul (decoderkit.kernels), float32 activations, against the dequantized float
+reference (int8 activations: test_kernels_int8.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _gguf_layer(qtype: Q, n: int, k: int, seed: int) -> tuple[torch.nn.Module, t
         for name, value in Int4Linear.pack_affine(blocks.codes, blocks.params[..., 0].half(),
                                                   blocks.params[..., 1].half(), torch.float32).items():
             setattr(layer, name, value)
+    layer.activations = "float"
     return layer, torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k))
 
 
@@ -55,6 +57,7 @@ def test_int8_per_channel_rows_of_any_length(k):
     gen = torch.Generator().manual_seed(k)
     n = 24
     layer = Int8Linear(k, n, dtype=torch.float32, layout="kernel")
+    layer.activations = "float"
     for name, value in Int8Linear.quantize(torch.randn(n, k, generator=gen), torch.float32).items():
         setattr(layer, name, value)
     weight = layer.weight_int8.double() * layer.scales.double()

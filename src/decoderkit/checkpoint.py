@@ -210,7 +210,7 @@ def load_pretrained(
     cls: type[PreTrainedDecoder], path: str | os.PathLike, *, dtype: Any = None, attn_implementation: str | None = None,
     device: str | torch.device | None = None, config: DecoderConfig | None = None, progress: bool | None = None,
     gguf_file: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False, quantization: Any = None, **overrides: Any,
+    local_files_only: bool = False, quantization: Any = None, activations: str | None = None, **overrides: Any,
 ) -> PreTrainedDecoder:
     """Build `cls` from a checkpoint; see `PreTrainedDecoder.from_pretrained`.
 
@@ -220,11 +220,15 @@ def load_pretrained(
     decoderkit's quantized kernel cannot be built and torch's run instead). `quantization` (see
     `decoderkit.quantization.resolve_load_quantization`): None keeps a GGUF file's quantized tensors packed and an HF
     checkpoint float; "none" dequantizes a GGUF file; "int8" / "int4" / a QuantizationConfig quantize float weights
-    as they are read. `progress` None shows a bar only on a terminal. Other keyword arguments override config.json
-    fields (e.g. `num_labels=3`).
+    as they are read. `activations` (see `decoderkit.layers.quantized.set_activations`): how quantized layers
+    multiply, "float" (None, the default: exact) or "int8" (llama.cpp's way, faster). `progress` None shows a bar
+    only on a terminal. Other keyword arguments override config.json fields (e.g. `num_labels=3`).
     """
+    from decoderkit.layers.quantized import check_activations, set_activations
     from decoderkit.model import check_overrides, prepare_config
     from decoderkit.quantization import prepare_quantized, resolve_load_quantization
+
+    check_activations(activations)
 
     location = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     if gguf_file is not None:
@@ -274,6 +278,7 @@ def load_pretrained(
         load = prepare_quantized(model, target, quantize, types)
         expected = {**{k: v for k, v in expected.items() if k not in load.replaced}, **load.logical}
         converters = load.converters
+    set_activations(model, activations)
     family = get_family(config.model_type)
     plan = _Plan(model, family, config, expected, source.label)
     if source.entries is not None:

@@ -17,7 +17,8 @@ from decoderkit.outputs import ModelOutput
 
 # Keywords `from_pretrained` honours, beyond config.json fields (which override the file's, as in transformers).
 FROM_PRETRAINED_KEYWORDS: tuple[str, ...] = (
-    "dtype", "torch_dtype", "attn_implementation", "device", "device_map", "quantization", "config", "progress",
+    "dtype", "torch_dtype", "attn_implementation", "device", "device_map", "quantization", "activations", "config",
+    "progress",
     "gguf_file", "revision", "cache_dir", "local_files_only", "tp_plan",
 )
 

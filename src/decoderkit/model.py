@@ -73,10 +73,12 @@ class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
         dict of module name -> device; one process runs a model on one device, so a map naming several is an
         error), `quantization` (None: a GGUF file's quantized tensors stay packed on CPU, an HF checkpoint stays
         float; "none": all float; "int8", "int4" or a `QuantizationConfig`: weights quantized as they are read;
-        `dtype` then names the activation dtype), `config`, `progress`, `gguf_file`, `revision`, `cache_dir`,
-        `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed process group
-        started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only its shard of
-        the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`,
+        `dtype` then names the activation dtype), `activations` (how quantized layers multiply: None or "float", exact,
+        or "int8", rounded to int8 per run of 32 inputs as llama.cpp does, faster and less accurate, see
+        `decoderkit.layers.quantized.set_activations`), `config`, `progress`, `gguf_file`, `revision`,
+        `cache_dir`, `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed
+        process group started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only
+        its shard of the weights, see `decoderkit.parallel`). Any config field overrides config.json's (`num_labels=3`,
         `use_cache=False`).
         transformers' `trust_remote_code`, `low_cpu_mem_usage`, `use_safetensors`, `token`, ... are accepted with no
         effect (`ACCEPTED_WITHOUT_EFFECT` says why); `force_download`, `max_memory`, `subfolder`, ... raise. Any

@@ -1,12 +1,13 @@
 """decoderkit's own CPU kernels: C++ compiled at first use with the system compiler, the way inductor builds its own.
 
-`qmm` is a weight-only quantized matmul for decode-sized batches (see qmatmul.cpp for the formats). The source is
-compiled once per (source, torch version, CPU capability) into a shared library under the cache directory
-(``$DECODERKIT_CACHE/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary name and renamed,
-so concurrent first uses never see half a file and later processes load it without compiling. The AVX2 / FMA / F16C
-path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without a C++ compiler (or
-with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized layers use torch's own
-int8 / int4 kernels instead.
+`qmm` is a weight-only quantized matmul for decode-sized batches (see qmatmul.cpp for the formats), with float32
+activations (exact) or activations rounded to int8 per run of 32 inputs (``activations="int8"``, llama.cpp's way).
+The source is compiled once per (source, torch version, CPU capability) into a shared library under the cache
+directory (``$DECODERKIT_CACHE/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary name and
+renamed, so concurrent first uses never see half a file and later processes load it without compiling. The AVX2 / FMA
+/ F16C path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without a C++
+compiler (or with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized layers use
+torch's own int8 / int4 kernels instead.
 """
 
 from __future__ import annotations
@@ -106,15 +107,27 @@ def _load() -> bool:
 
 
 def _register_fake() -> None:
-    @torch.library.register_fake(f"{_NAMESPACE}::qmm")
-    def _(x, codes, scales, offsets, bits, group):  # noqa: ANN001, ANN202 - the op's schema types them
+    def shape(x, codes, scales, offsets, bits, group):  # noqa: ANN001, ANN202 - the op's schema types them
         return x.new_empty(x.shape[0], codes.shape[0])
+
+    for op in ("qmm", "qmm_q8"):
+        torch.library.register_fake(f"{_NAMESPACE}::{op}", shape)
+
+
+ACTIVATIONS = ("float", "int8")
 
 
 def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int,
-        group: int) -> torch.Tensor:
+        group: int, activations: str = "float") -> torch.Tensor:
     """y (M, N) float32 = x (M, K) float32 @ W^T, W (N, K) held as `bits`-bit codes with per-`group` scales (and
-    offsets): ``w = scale * q + offset`` (see qmatmul.cpp for the layouts). `available()` must be True."""
+    offsets): ``w = scale * q + offset`` (see qmatmul.cpp for the layouts). `available()` must be True.
+
+    `activations` "float" multiplies x as given; "int8" first rounds each run of 32 inputs of a row to int8 against
+    its largest magnitude and takes integer dot products (qmatmul.cpp's ``qmm_q8`` says exactly how)."""
+    if activations == "int8":
+        return torch.ops.decoderkit_kernels.qmm_q8(x, codes, scales, offsets, bits, group)
+    if activations != "float":
+        raise ValueError(f"activations={activations!r} is not one of {list(ACTIVATIONS)}")
     return torch.ops.decoderkit_kernels.qmm(x, codes, scales, offsets, bits, group)
 
 

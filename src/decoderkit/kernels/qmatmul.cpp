@@ -4,7 +4,12 @@
 //   bits 4: codes uint8 (N, K / 2); each run of 32 inputs is 16 bytes, byte j holding input j in its low nibble and
 //           input j + 16 in its high one (llama.cpp's Q4_0 / Q4_1 order); w = scale * q + offset, q in 0..15.
 //   bits 8: codes int8 (N, K); w = scale * q (+ offset).
-// scales / offsets: (N, K / group), float16 or float32. Every product and sum is float32 (see `tile`).
+// scales / offsets: (N, K / group), float16 or float32.
+//
+// Two ways to multiply (two ops, same arguments):
+//   qmm:    x as given; every product and sum float32 (see `tile`): the dequantized weight's own result.
+//   qmm_q8: x quantized to int8 per run of 32 inputs first (llama.cpp's Q8 activations), integer dot products per
+//           run, float32 after (see `quantize_rows` and `itile`): about twice as fast, not exact.
 //
 // Built at first use by decoderkit.kernels with the AVX2 / FMA / F16C path where the CPU has it, a portable one
 // elsewhere. Output rows are shared among torch's intra-op threads (at::parallel_for).
@@ -18,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -191,8 +197,258 @@ void dispatch(const Problem& p, bool half, bool offset) {
   }
 }
 
-at::Tensor qmm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-               const std::optional<at::Tensor>& offsets, int64_t bits, int64_t group) {
+// ------------------------------------------------------------------------------------------- int8 activations
+// Each row of x is cut into runs of 32 inputs (the last one shorter where K is not a multiple of 32, int8 rows of
+// one group only). A run with largest |x| amax becomes a = nearbyint(x * (127 / amax)) (0 where amax is 0) with
+// d = amax / 127, both float32 operations, and the column's sum is, over runs b in groups g,
+//   y = sum_b scale[g] * d[b] * sum(q * a)  +  sum_g offset[g] * sum_{b in g} d[b] * sum(a)
+// where sum(q * a) and sum(a) are exact integers and the rest is float32.
+struct QRows {
+  std::vector<int8_t> a;  // (M, K)
+  std::vector<float> d;   // (M, runs)
+  std::vector<float> s;   // (M, groups): sum over the group's runs of d * sum(a), for the offset term
+  int64_t runs = 0;
+};
+
+#ifdef DK_AVX2
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// One run of `len` inputs: writes its codes, returns d, sets `sum` to sum(a).
+inline float quantize_run(const float* x, int64_t len, int8_t* a, int32_t& sum) {
+#ifdef DK_AVX2
+  if (len == 32) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    }
+    const float amax = hmax(m);
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i)
+      c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), packed);
+    return amax / 127.0f;
+  }
+#endif
+  float amax = 0.0f;
+  for (int64_t j = 0; j < len; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+  sum = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    a[j] = static_cast<int8_t>(std::nearbyint(x[j] * id));
+    sum += a[j];
+  }
+  return amax / 127.0f;
+}
+
+QRows quantize_rows(const Problem& p, bool offset) {
+  QRows q;
+  q.runs = (p.K + 31) / 32;
+  q.a.resize(p.M * p.K);
+  q.d.resize(p.M * q.runs);
+  q.s.assign(offset ? p.M * p.groups : 0, 0.0f);
+  for (int64_t r = 0; r < p.M; ++r) {
+    for (int64_t b = 0; b < q.runs; ++b) {
+      const int64_t k = 32 * b;
+      int32_t sum = 0;
+      const float d = quantize_run(p.x + r * p.K + k, std::min<int64_t>(32, p.K - k), q.a.data() + r * p.K + k, sum);
+      q.d[r * q.runs + b] = d;
+      if (offset) q.s[r * p.groups + k / p.group] += d * static_cast<float>(sum);
+    }
+  }
+  return q;
+}
+
+#ifdef DK_AVX2
+// 32 codes of one run as bytes in input order: 0..15 (bits 4) or int8 (bits 8).
+template <int BITS>
+inline __m256i load_codes(const uint8_t* q) {
+  if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  }
+}
+
+// sum(q * a) of one run as 8 int32 partial sums. maddubs multiplies unsigned by signed bytes, so int8 codes give
+// their sign to a (llama.cpp's trick); pairs stay below int16's limit (2 * 128 * 127).
+template <int BITS>
+inline __m256i dot_run(__m256i w, __m256i wabs, __m256i a) {
+  const __m256i p = BITS == 4 ? _mm256_maddubs_epi16(w, a) : _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(a, w));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+#endif
+
+// sum_g params[base + g] * s[g] for g < len.
+template <bool HALF>
+inline float dot_params(const void* params, int64_t base, const float* s, int64_t len) {
+  int64_t g = 0;
+  float total = 0.0f;
+#ifdef DK_AVX2
+  if constexpr (HALF) {
+    __m256 acc = _mm256_setzero_ps();
+    const uint16_t* h = static_cast<const uint16_t*>(params) + base;
+    for (; g + 8 <= len; g += 8)
+      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + g))),
+                            _mm256_loadu_ps(s + g), acc);
+    total = hsum(acc);
+  }
+#endif
+  for (; g < len; ++g) total += scalar_at<HALF>(params, base + g) * s[g];
+  return total;
+}
+
+// y[r0 .. r0 + MR) at output columns n0 .. n0 + NR from the quantized rows.
+template <int BITS, bool HALF, bool OFFSET, int MR, int NR>
+inline void itile(const Problem& p, const QRows& qa, int64_t n0, int64_t r0) {
+  const int64_t K = p.K, full = K / 32;
+  // Runs per group; a group that is not a multiple of 32 is the whole row (checked by qmm_q8)
+  const int64_t per = p.group % 32 == 0 ? p.group / 32 : full;
+  const uint8_t* wq[NR];
+  for (int j = 0; j < NR; ++j) wq[j] = p.codes + (n0 + j) * p.row_bytes;
+  const int8_t* xa[MR];
+  const float* xd[MR];
+  for (int r = 0; r < MR; ++r) {
+    xa[r] = qa.a.data() + (r0 + r) * K;
+    xd[r] = qa.d.data() + (r0 + r) * qa.runs;
+  }
+  float out[MR][NR] = {};
+#ifdef DK_AVX2
+  // The NR rows are read interleaved, which hides their order from the hardware prefetcher (int8 rows out of
+  // cache ran at half the float path's speed): each run prefetches its share of the next tile's bytes.
+  const char* next = reinterpret_cast<const char*>(wq[0] + NR * p.row_bytes);
+  const int64_t lines = (NR * p.row_bytes + 64 * full - 1) / std::max<int64_t>(64 * full, 1);
+  __m256 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
+#endif
+  for (int64_t g = 0; g < p.groups; ++g) {
+    float dw[NR];
+    for (int j = 0; j < NR; ++j) dw[j] = scalar_at<HALF>(p.scales, (n0 + j) * p.groups + g);
+    const int64_t end = std::min(full, (g + 1) * per);
+    for (int64_t b = g * per; b < end; ++b) {
+      const int64_t k = 32 * b;
+#ifdef DK_AVX2
+      for (int64_t i = 0; i < lines; ++i) _mm_prefetch(next + (b * lines + i) * 64, _MM_HINT_T0);
+      __m256i w[NR], wabs[NR];
+      for (int j = 0; j < NR; ++j) {
+        w[j] = load_codes<BITS>(wq[j] + (BITS == 4 ? k / 2 : k));
+        wabs[j] = BITS == 4 ? w[j] : _mm256_sign_epi8(w[j], w[j]);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa[r] + k));
+        const float dx = xd[r][b];
+        for (int j = 0; j < NR; ++j)
+          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_run<BITS>(w[j], wabs[j], a)),
+                                      _mm256_set1_ps(dw[j] * dx), acc[r][j]);
+      }
+#else
+      for (int j = 0; j < NR; ++j) {
+        int32_t c[32];
+        for (int i = 0; i < 32; ++i) {
+          if constexpr (BITS == 4) {
+            const uint8_t byte = wq[j][k / 2 + (i & 15)];
+            c[i] = i < 16 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            c[i] = static_cast<int8_t>(wq[j][k + i]);
+          }
+        }
+        for (int r = 0; r < MR; ++r) {
+          int32_t s = 0;
+          for (int i = 0; i < 32; ++i) s += c[i] * xa[r][k + i];
+          out[r][j] += static_cast<float>(s) * (dw[j] * xd[r][b]);
+        }
+      }
+#endif
+    }
+  }
+  if (full < qa.runs) {  // the short last run of an int8 row with one group
+    const int64_t k = 32 * full;
+    for (int j = 0; j < NR; ++j) {
+      const float dw = scalar_at<HALF>(p.scales, (n0 + j) * p.groups);
+      for (int r = 0; r < MR; ++r) {
+        int32_t s = 0;
+        for (int64_t i = k; i < K; ++i) s += static_cast<int8_t>(wq[j][i]) * xa[r][i];
+        out[r][j] += static_cast<float>(s) * (dw * xd[r][full]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) {
+      float v = out[r][j];
+#ifdef DK_AVX2
+      v += hsum(acc[r][j]);
+#endif
+      if constexpr (OFFSET)
+        v += dot_params<HALF>(p.offsets, (n0 + j) * p.groups, qa.s.data() + (r0 + r) * p.groups, p.groups);
+      p.y[(r0 + r) * p.N + n0 + j] = v;
+    }
+  }
+}
+
+template <int BITS, bool HALF, bool OFFSET, int NR>
+inline void irows(const Problem& p, const QRows& qa, int64_t n0) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= p.M; r0 += 4) itile<BITS, HALF, OFFSET, 4, NR>(p, qa, n0, r0);
+  switch (p.M - r0) {
+    case 3: itile<BITS, HALF, OFFSET, 3, NR>(p, qa, n0, r0); break;
+    case 2: itile<BITS, HALF, OFFSET, 2, NR>(p, qa, n0, r0); break;
+    case 1: itile<BITS, HALF, OFFSET, 1, NR>(p, qa, n0, r0); break;
+    default: break;
+  }
+}
+
+template <int BITS, bool HALF, bool OFFSET>
+void irun(const Problem& p) {
+  const QRows qa = quantize_rows(p, OFFSET);
+  // Four columns at a time share each run of activations and keep four chains of sums in flight; tasks of about
+  // 64K weights, as in `run`
+  constexpr int NR = 4;
+  const int64_t tiles = (p.N + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K * NR, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NR;
+      if (n0 + NR <= p.N) {
+        irows<BITS, HALF, OFFSET, NR>(p, qa, n0);
+      } else {
+        for (int64_t n = n0; n < p.N; ++n) irows<BITS, HALF, OFFSET, 1>(p, qa, n);
+      }
+    }
+  });
+}
+
+template <int BITS>
+void idispatch(const Problem& p, bool half, bool offset) {
+  if (half) {
+    offset ? irun<BITS, true, true>(p) : irun<BITS, true, false>(p);
+  } else {
+    offset ? irun<BITS, false, true>(p) : irun<BITS, false, false>(p);
+  }
+}
+
+// The checks both ops share; y is allocated (M, N).
+Problem problem(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                const std::optional<at::Tensor>& offsets, int64_t bits, int64_t group, at::Tensor& y) {
   TORCH_CHECK(bits == 4 || bits == 8, "qmm: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "qmm: x must be a contiguous float32 (M, K) tensor");
@@ -215,15 +471,28 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& s
                     offsets->numel() == N * groups,
                 "qmm: offsets must match scales in dtype and shape");
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  Problem p{x.data_ptr<float>(), M, K, N, static_cast<const uint8_t*>(codes.data_ptr()), codes.size(1),
-            scales.data_ptr(), has_offset ? offsets->data_ptr() : nullptr, group, groups, y.data_ptr<float>()};
-  if (bits == 4) {
-    dispatch<4>(p, half, has_offset);
-  } else {
-    dispatch<8>(p, half, has_offset);
-  }
+  y = at::empty({M, N}, x.options());
+  return Problem{x.data_ptr<float>(), M, K, N, static_cast<const uint8_t*>(codes.data_ptr()), codes.size(1),
+                 scales.data_ptr(), has_offset ? offsets->data_ptr() : nullptr, group, groups, y.data_ptr<float>()};
+}
+
+at::Tensor qmm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+               const std::optional<at::Tensor>& offsets, int64_t bits, int64_t group) {
+  at::Tensor y;
+  const Problem p = problem(x, codes, scales, offsets, bits, group, y);
+  if (p.M == 0 || p.N == 0) return y;
+  const bool half = scales.scalar_type() == at::kHalf;
+  bits == 4 ? dispatch<4>(p, half, offsets.has_value()) : dispatch<8>(p, half, offsets.has_value());
+  return y;
+}
+
+at::Tensor qmm_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& offsets, int64_t bits, int64_t group) {
+  at::Tensor y;
+  const Problem p = problem(x, codes, scales, offsets, bits, group, y);
+  if (p.M == 0 || p.N == 0) return y;
+  const bool half = scales.scalar_type() == at::kHalf;
+  bits == 4 ? idispatch<4>(p, half, offsets.has_value()) : idispatch<8>(p, half, offsets.has_value());
   return y;
 }
 
@@ -239,8 +508,12 @@ bool simd() {
 
 TORCH_LIBRARY(decoderkit_kernels, m) {
   m.def("qmm(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
+  m.def("qmm_q8(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(decoderkit_kernels, CPU, m) { m.impl("qmm", &qmm); }
+TORCH_LIBRARY_IMPL(decoderkit_kernels, CPU, m) {
+  m.impl("qmm", &qmm);
+  m.impl("qmm_q8", &qmm_q8);
+}
 
 extern "C" int decoderkit_qmm_simd() { return simd() ? 1 : 0; }

@@ -1,9 +1,12 @@
 """Weight-only quantized linear layers, family-neutral, in one of two layouts chosen when a layer is built.
 
 * ``"kernel"`` (where decoderkit's own kernel compiles, see decoderkit.kernels): codes with a float16 / float32
-  scale (and offset) per group, run by ``decoderkit_kernels::qmm`` in float32 at decode-sized batches (up to
-  `KERNEL_ROWS` rows; more rows multiply by the dequantized weight). GGUF's Q4_0 / Q4_1 / Q8_0 blocks map onto it
-  exactly.
+  scale (and offset) per group, run by decoderkit's kernel. GGUF's Q4_0 / Q4_1 / Q8_0 blocks map onto it exactly.
+  A layer's `activations` says how the kernel multiplies: "float" (`DEFAULT_ACTIVATIONS`) in float32 exactly, at
+  decode-sized batches (up to `KERNEL_ROWS` rows; more rows multiply by the dequantized weight); "int8" rounds each
+  run of 32 inputs of a row to int8 against its largest magnitude and takes integer dot products, llama.cpp's way
+  (about 1.5-2x faster per call at batch 1; every row, prefill too, so that perplexity measures what decoding
+  computes). `set_activations` switches a model's layers (``from_pretrained(activations=...)``).
 * ``"torch"`` (the fallback): torch's own CPU kernels, ``aten._weight_int8pack_mm`` and
   ``aten._weight_int4pack_mm_for_cpu`` (codes in their packed layout, scales in the activation dtype).
 
@@ -32,6 +35,11 @@ from torch import nn
 
 SUPPORTED_BITS = (8, 4)
 LAYOUTS = ("kernel", "torch")
+ACTIVATIONS = ("int8", "float")
+# Not int8: on SmolLM2 (benchmarks/quantized.py) int8 activations raise perplexity by 0.45% over the exact path on
+# the Q4_1 file (llama.cpp's own figure, within 0.01%) and by 0.74% over bf16 with int8 weights: past the 0.1% and
+# 0.5% the quantized paths are held to. They are for who wants llama.cpp's numbers and speed.
+DEFAULT_ACTIVATIONS = "float"
 # Rows up to which the kernel runs; past them (prefill, perplexity) the dequantized weight and a float GEMM win
 KERNEL_ROWS = 16
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -114,6 +122,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.layout = _layout(layout)
+        # torch's kernels take their activations as given
+        self.activations = DEFAULT_ACTIVATIONS if self.layout == "kernel" else "float"
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
@@ -128,7 +138,7 @@ class QuantizedLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             return _FrozenWeight.apply(x, self)
         flat = _flat(x, self.activation_dtype)
-        if self.layout == "kernel" and flat.shape[0] > KERNEL_ROWS:
+        if self.layout == "kernel" and self.activations == "float" and flat.shape[0] > KERNEL_ROWS:
             y = flat @ self.dequantize().t()
         else:
             y = self._matmul(flat)
@@ -143,7 +153,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"layout={self.layout}")
+                f"layout={self.layout}, activations={self.activations}")
 
 
 class _FrozenWeight(torch.autograd.Function):
@@ -191,7 +201,8 @@ class Int8Linear(QuantizedLinear):
         if self.layout == "kernel":
             from decoderkit import kernels
 
-            return kernels.qmm(x, self.weight_int8, self.scales, None, 8, self.group_size or self.in_features)
+            return kernels.qmm(x, self.weight_int8, self.scales, None, 8, self.group_size or self.in_features,
+                               self.activations)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
     @torch.no_grad()
@@ -276,7 +287,7 @@ class Int4Linear(QuantizedLinear):
         if self.layout == "kernel":
             from decoderkit import kernels
 
-            return kernels.qmm(x, self.weight_int4, self.scales, self.offsets, 4, self.group_size)
+            return kernels.qmm(x, self.weight_int4, self.scales, self.offsets, 4, self.group_size, self.activations)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4pack, self.group_size,
                                                           self.scales_and_zeros)
 
@@ -423,6 +434,31 @@ class Int4Embedding(nn.Module):
 
 
 QUANTIZED_MODULES = (QuantizedLinear, Int8Embedding, Int4Embedding)
+
+
+def check_activations(activations: str | None) -> None:
+    """ValueError unless `activations` is None (the default) or one of `ACTIVATIONS`."""
+    if activations is not None and activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} is not supported; use None (the default, "
+                         f"{DEFAULT_ACTIVATIONS!r}) or one of {list(ACTIVATIONS)}")
+
+
+def set_activations(model: nn.Module, activations: str | None) -> int:
+    """Make every quantized linear layer of `model` multiply with `activations` ("int8": rounded to int8 per run of
+    32 inputs, or "float": exact float32; None: `DEFAULT_ACTIVATIONS`; torch's kernels always take float).
+    Returns how many layers it set. "int8" needs quantized layers on decoderkit's kernel: ValueError otherwise."""
+    check_activations(activations)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if activations == "int8":
+        if not layers:
+            raise ValueError("activations='int8' applies to quantized layers and this model has none: load with "
+                             "quantization='int8' | 'int4', or a quantized GGUF file")
+        if any(m.layout != "kernel" for m in layers):
+            raise ValueError("activations='int8' needs decoderkit's quantized kernel, which is not in use here "
+                             "(no C++ compiler, or DECODERKIT_KERNELS=0): leave activations unset or pass 'float'")
+    for m in layers:
+        m.activations = (activations or DEFAULT_ACTIVATIONS) if m.layout == "kernel" else "float"
+    return len(layers)
 
 
 def check_trainable(model: nn.Module, adapters: bool = False) -> None:
