@@ -104,7 +104,7 @@ def test_a_second_process_loads_the_cached_build(tmp_path):
     code = ("from decoderkit import kernels; assert kernels.available(); "
             "print(kernels.library_path(kernels._compiler()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "DECODERKIT_CACHE": str(target.parent.parent)})
+                         env={**os.environ, "DECODERKIT_CACHE_DIR": str(target.parent.parent)})
     assert out.stdout.strip() == str(target)
     assert (target.stat().st_mtime_ns, sorted(os.listdir(target.parent))) == before
 
@@ -145,6 +145,6 @@ torch.testing.assert_close(y8, x.double() @ (c8.double() * s8.double()).t(), rto
 @pytest.mark.slow
 def test_portable_build_gives_the_same_products(tmp_path):
     """The path without AVX2, forced through torch's ATEN_CPU_CAPABILITY, compiled into a fresh cache."""
-    env = {**os.environ, "DECODERKIT_CACHE": str(tmp_path), "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "DECODERKIT_CACHE_DIR": str(tmp_path), "ATEN_CPU_CAPABILITY": "default"}
     subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], check=True, env=env, timeout=600)
     assert list((tmp_path / "kernels").glob("qmatmul-*.so"))

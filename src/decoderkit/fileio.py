@@ -60,3 +60,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     save_file(dict(tensors), path, metadata=dict(metadata) if metadata is not None else None)
     os.chmod(path, 0o666 & ~current_umask())
     return path
+
+
+def cache_root() -> Path:
+    """decoderkit's cache directory (compiled kernels, decode-step packages, inductor's code):
+    `$DECODERKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/decoderkit` (`~/.cache/decoderkit`)."""
+    root = os.environ.get("DECODERKIT_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
+    return Path(root).expanduser()

@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from decoderkit.fileio import cache_root
+
 if TYPE_CHECKING:
     import torch
 
@@ -409,15 +411,6 @@ def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder,
 
     if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length)):
         _note(args, f"{PROG}: compiling the decode step in the background for the next start")
-
-
-def cache_root() -> Path:
-    """decoderkit's cache directory: `$DECODERKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/decoderkit`
-    (`~/.cache/decoderkit`)."""
-    root = os.environ.get("DECODERKIT_CACHE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
-    return Path(root).expanduser()
 
 
 def compile_cache_dir() -> Path:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from decoderkit.fileio import cache_root
+
 logger = logging.getLogger(__name__)
 
 _LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -29,10 +31,7 @@ _LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDiction
 
 def package_dir() -> Path:
     """Where AOTInductor packages live: ``$DECODERKIT_CACHE_DIR/aoti`` (default ``~/.cache/decoderkit/aoti``)."""
-    root = os.environ.get("DECODERKIT_CACHE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoderkit")
-    return Path(root).expanduser() / "aoti"
+    return cache_root() / "aoti"
 
 
 class _StepModule(nn.Module):

@@ -3,11 +3,11 @@
 `qmm` is a weight-only quantized matmul for decode-sized batches (see qmatmul.cpp for the formats), with float32
 activations (exact) or activations rounded to int8 per run of 32 inputs (``activations="int8"``, llama.cpp's way).
 The source is compiled once per (source, torch version, CPU capability) into a shared library under the cache
-directory (``$DECODERKIT_CACHE/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary name and
-renamed, so concurrent first uses never see half a file and later processes load it without compiling. The AVX2 / FMA
-/ F16C path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without a C++
-compiler (or with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized layers use
-torch's own int8 / int4 kernels instead.
+directory (``$DECODERKIT_CACHE_DIR/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary
+name and renamed, so concurrent first uses never see half a file and later processes load it without compiling. The
+AVX2 / FMA / F16C path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without
+a C++ compiler (or with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized
+layers use torch's own int8 / int4 kernels instead.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from decoderkit.fileio import atomic_path
+from decoderkit.fileio import atomic_path, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ _NAMESPACE = "decoderkit_kernels"
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels live: ``$DECODERKIT_CACHE/kernels`` or ``~/.cache/decoderkit/kernels``."""
-    root = os.environ.get("DECODERKIT_CACHE") or Path.home() / ".cache" / "decoderkit"
-    return Path(root) / "kernels"
+    """Where compiled kernels live: ``cache_root()/kernels`` (``$DECODERKIT_CACHE_DIR/kernels``, default
+    ``~/.cache/decoderkit/kernels``)."""
+    return cache_root() / "kernels"
 
 
 def _simd_flags() -> list[str]:
