@@ -80,30 +80,45 @@ def _build(compiler: str, target: Path, source: Path = _SOURCE) -> None:
 def available() -> bool:
     """Whether the compiled kernels are loaded (compiling them first if no cached build exists); False where
     ``DECODERKIT_KERNELS=0`` turns them off."""
-    if os.environ.get("DECODERKIT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return _load()
+    return enabled() and _load()
+
+
+def enabled() -> bool:
+    """False where ``DECODERKIT_KERNELS`` (0, false, no or off) turns decoderkit's kernels off."""
+    return os.environ.get("DECODERKIT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def build_and_load(source: Path, fallback: str | None) -> bool:
+    """Compile `source` (once per cache key, see `library_path`) and load its ops into torch; False where there is
+    no compiler or the build or load fails. `fallback` says what callers do instead: it is the text of one
+    RuntimeWarning, or with None the failure is only logged (for kernels whose fallback gives the same values)."""
+    compiler = _compiler()
+    if compiler is None:
+        problem = "no C++ compiler found (c++, g++, clang++ or $CXX)"
+    else:
+        target = library_path(compiler, source)
+        try:
+            if not target.is_file():
+                logger.info("compiling %s into %s", source.name, target)
+                _build(compiler, target, source)
+            torch.ops.load_library(str(target))
+            return True
+        except (OSError, RuntimeError) as err:
+            problem = f"{source.name} could not be built or loaded ({err})"
+    if fallback is None:
+        logger.warning("decoderkit: %s; using torch's kernels", problem)
+    else:
+        warnings.warn(f"decoderkit: {problem}: {fallback}", RuntimeWarning, stacklevel=3)
+    return False
 
 
 @functools.cache
 def _load() -> bool:
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn("decoderkit: no C++ compiler found (c++, g++, clang++ or $CXX): quantized layers use torch's "
-                      "int8 / int4 kernels, which are several times slower at batch 1", RuntimeWarning, stacklevel=2)
-        return False
-    target = library_path(compiler)
-    try:
-        if not target.is_file():
-            logger.info("compiling %s into %s", _SOURCE.name, target)
-            _build(compiler, target)
-        torch.ops.load_library(str(target))
-    except (OSError, RuntimeError) as err:
-        warnings.warn(f"decoderkit: the quantized matmul kernel could not be built or loaded ({err}); quantized "
-                      "layers use torch's int8 / int4 kernels instead", RuntimeWarning, stacklevel=2)
-        return False
-    _register_fake()
-    return True
+    loaded = build_and_load(_SOURCE, "quantized layers use torch's int8 / int4 kernels, which are several times "
+                                     "slower at batch 1")
+    if loaded:
+        _register_fake()
+    return loaded
 
 
 def _register_fake() -> None:
@@ -139,10 +154,9 @@ def decode_linear_available() -> bool:
     loaded (compiled at first use, like qmatmul.cpp; with ``DECODERKIT_KERNELS=cached`` only if a build is there
     already). False, with no warning, where it cannot: callers then use ``torch.nn.functional.linear``, which gives
     the same values up to float rounding, at a lower speed."""
-    setting = os.environ.get("DECODERKIT_KERNELS", "1").strip().lower()
-    if setting in ("0", "false", "no", "off"):
+    if not enabled():
         return False
-    if setting == "cached":
+    if os.environ.get("DECODERKIT_KERNELS", "1").strip().lower() == "cached":
         compiler = _compiler()
         if compiler is None or not library_path(compiler, _DECODE_SOURCE).is_file():
             return False
@@ -151,17 +165,7 @@ def decode_linear_available() -> bool:
 
 @functools.cache
 def _load_decode() -> bool:
-    compiler = _compiler()
-    if compiler is None:
-        return False
-    target = library_path(compiler, _DECODE_SOURCE)
-    try:
-        if not target.is_file():
-            logger.info("compiling %s into %s", _DECODE_SOURCE.name, target)
-            _build(compiler, target, _DECODE_SOURCE)
-        torch.ops.load_library(str(target))
-    except (OSError, RuntimeError) as err:
-        logger.warning("decoderkit: the decode linear kernel could not be built or loaded (%s); using torch's", err)
+    if not build_and_load(_DECODE_SOURCE, None):
         return False
 
     @torch.library.register_fake("decoderkit_decode::linear")

@@ -7,46 +7,24 @@ turns it off, and without a compiler `available` is False (with one warning) so 
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from decoderkit import kernels
 
-logger = logging.getLogger(__name__)
-
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
 
 
 def available() -> bool:
     """Whether the paged-attention kernel is loaded (compiling it first if no cached build exists)."""
-    if os.environ.get("DECODERKIT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return _load()
+    return kernels.enabled() and _load()
 
 
 @functools.cache
 def _load() -> bool:
-    compiler = kernels._compiler()
-    if compiler is None:
-        warnings.warn("decoderkit: no C++ compiler found (c++, g++, clang++ or $CXX): the server gathers each "
-                      "request's keys and values for attention instead of reading them in place", RuntimeWarning,
-                      stacklevel=2)
-        return False
-    target = kernels.library_path(compiler, _SOURCE)
-    try:
-        if not target.is_file():
-            logger.info("compiling %s into %s", _SOURCE.name, target)
-            kernels._build(compiler, target, _SOURCE)
-        torch.ops.load_library(str(target))
-    except (OSError, RuntimeError) as err:
-        warnings.warn(f"decoderkit: the paged-attention kernel could not be built or loaded ({err}); the server "
-                      "gathers keys and values for attention instead", RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    return kernels.build_and_load(_SOURCE, "the server gathers each request's keys and values for attention "
+                                           "instead of reading them in place")
 
 
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
