@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from torchrun import run_two_ranks
 
 from decoderkit import AutoModelForCausalLM, DecoderForCausalLM
 from decoderkit.training import PackedDataset, Trainer, TrainingArguments
@@ -49,14 +48,7 @@ def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     script = out / "worker.py"
     script.write_text(WORKER.format(here=os.path.dirname(os.path.abspath(__file__))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"torchrun did not finish in 120 s: {(err.stderr or b'')[-2000:]!r}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks(script, str(out), timeout=120)
     return out, json.loads((out / "results.json").read_text())
 
 

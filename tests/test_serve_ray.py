@@ -138,6 +138,11 @@ class RayServer:
                 pass
             time.sleep(0.5)
 
+    def client(self, deadline: Deadline) -> openai.OpenAI:
+        """An openai client of Ray's HTTP proxy whose requests give up no later than `deadline`."""
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
+                             timeout=max(1.0, min(30.0, deadline.left())))
+
     def replica_metrics(self, name: str) -> dict[str, float]:
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
         pattern = rf'^ray_decoderkit_replica_{name}\{{[^}}]*replica="([^"]+)"[^}}]*\}} (\S+)$'
@@ -180,10 +185,8 @@ def test_two_ray_replicas_serve_concurrent_openai_requests(tmp_path):
     server = RayServer(model_dir, replicas=2)
     problems: list[str] = []
     try:
-
         server.wait_ready(replicas=2, deadline=deadline)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
-                               timeout=max(1.0, min(30.0, deadline.left())))
+        client = server.client(deadline)
 
         def complete(prompt: str) -> tuple[str, str]:
             raw = client.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
@@ -224,8 +227,7 @@ def test_a_tensor_parallel_ray_replica_answers_as_one_process(tmp_path):
         server.wait_ready(replicas=1, deadline=deadline)
         followers = [cmd for pid, cmd in _ray_processes().items() if "spawn_main" in cmd]
         assert len(followers) == 1, f"the replica should have started one follower rank: {followers}"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
-                               timeout=max(1.0, min(30.0, deadline.left())))
+        client = server.client(deadline)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda p: client.completions.create(
                 model="m", prompt=p, max_tokens=4, temperature=0).choices[0].text, PROMPTS))

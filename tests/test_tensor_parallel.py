@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import oracle
 import pytest
 import torch
+from torchrun import run_two_ranks
 
 from decoderkit import AutoModelForCausalLM, DecoderConfig
 from decoderkit.parallel import partition
@@ -80,14 +79,7 @@ def two_ranks(checkpoints, tmp_path_factory):
     script = out / "worker.py"
     script.write_text(WORKER.format(here=os.path.dirname(os.path.abspath(__file__)), lengths=LENGTHS,
                                     new=NEW_TOKENS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), json.dumps(checkpoints)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"torchrun did not finish in 300 s: {(err.stderr or b'')[-2000:]!r}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks(script, str(out), json.dumps(checkpoints), timeout=300)
     return out
 
 

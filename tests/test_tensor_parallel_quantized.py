@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import oracle
@@ -15,6 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from test_gguf_model import write_tiny_llama
+from torchrun import run_two_ranks
 
 from decoderkit import AutoModelForCausalLM
 from decoderkit.layers.quantized import Int4Linear
@@ -79,14 +78,7 @@ def two_ranks(cases, tmp_path_factory):
     script = out / "worker.py"
     script.write_text(WORKER.format(here=os.path.dirname(os.path.abspath(__file__)), lengths=LENGTHS,
                                     new=NEW_TOKENS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), json.dumps(cases)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"torchrun did not finish in 170 s: {(err.stderr or b'')[-2000:]!r}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks(script, str(out), json.dumps(cases), timeout=170)
     return out
 
 
