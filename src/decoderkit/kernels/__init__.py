@@ -61,9 +61,12 @@ def _command(compiler: str, out: Path, source: Path = _SOURCE) -> list[str]:
 
 
 def library_path(compiler: str, source: Path = _SOURCE) -> Path:
-    """The shared library `source`, torch, compiler and CPU capability compile to (existing or not)."""
+    """The shared library `source` (with the headers beside it), torch, compiler and CPU capability compile to
+    (existing or not)."""
     key = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), compiler.encode(), " ".join(_simd_flags()).encode()):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, torch.__version__.encode(), compiler.encode(),
+                 " ".join(_simd_flags()).encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"

@@ -31,6 +31,8 @@
 #define DK_AVX2 1
 #endif
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t kGroup = 16;  // keys per online-softmax update
@@ -52,20 +54,6 @@ struct Problem {
 };
 
 #ifdef DK_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // exp for x <= 0 (Cephes' polynomial, about 1 ulp); inputs below -87 give 0 rather than a denormal.
 inline __m256 exp_nonpositive(__m256 x) {
   const __m256 low = _mm256_set1_ps(-87.0f);

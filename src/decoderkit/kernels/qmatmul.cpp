@@ -30,6 +30,8 @@
 #define DK_AVX2 1
 #endif
 
+#include "simd.h"
+
 namespace {
 
 struct Problem {
@@ -58,13 +60,6 @@ inline float scalar_at(const void* base, int64_t i) {
 }
 
 #ifdef DK_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 32 codes from one run as 4 x 8 floats, in input order.
 template <int BITS>
 inline void unpack32(const uint8_t* p, __m256 w[4]) {
@@ -211,13 +206,6 @@ struct QRows {
 };
 
 #ifdef DK_AVX2
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
 inline int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
