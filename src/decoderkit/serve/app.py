@@ -543,18 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def half_precision_is_native(model: Any) -> bool:
     """Whether the model's float weights are in a dtype this device multiplies at full speed: always on an
-    accelerator; on CPU float32, bfloat16 with AVX512_BF16 or AMX, float16 with AMX-FP16. Elsewhere (AVX2, such as the
-    2-core EPYC benchmarks/serve.py was measured on) torch converts half-precision operands in every matmul, which
-    made a 16-request decode step twice as slow as in float32; a quantized model keeps its own activation dtype."""
+    accelerator; on CPU float32, or a half precision `native_half_matmul` says the CPU has instructions for. A
+    quantized model keeps its own activation dtype."""
     import torch
 
     from decoderkit.cli.serve import quantization_summary
+    from decoderkit.serve.paged import native_half_matmul
 
     if model.device.type != "cpu" or model.dtype == torch.float32 or quantization_summary(model) != "none":
         return True
-    if model.dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return model.dtype == torch.float16 and torch.cpu._is_amx_fp16_supported()
+    return native_half_matmul(model.dtype)
 
 
 def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[Engine, str, Path]:
