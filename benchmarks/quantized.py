@@ -20,8 +20,10 @@ llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
 llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
 =================  ==================================================================================================
 
-decoderkit runs its fastest path: ``compile=True`` (the compiled decode step over a static cache); compilation
-happens in an untimed warm-up call and its time is printed separately. For each engine:
+decoderkit runs its fastest path: the AOTInductor-packaged decode step for quantized engines (``compile="aot"``,
+what the command line runs by default once the package is built), ``compile=True`` for the float ones (the
+compiled decode step over a static cache); compilation happens in an untimed warm-up call and its time is printed
+separately. For each engine:
 
 * decode tok/s at batch 1: (time for 128 greedy new tokens - time for 1) / 127, 32-token prompt, EOS ignored;
 * aggregate decode tok/s at batch 16 (16 different 32-token prompts), measured the same way (llama-cpp-python has no
@@ -166,7 +168,14 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     options: dict[str, Any] = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     if engine != "transformers":
-        options.update({"compile": True} if spec["compile"] else {"cache_implementation": "static"})
+        if not spec["compile"]:
+            options["cache_implementation"] = "static"
+        else:
+            from decoderkit.generation.aot_step import aot_unsupported, takes_weights
+
+            # The packaged step where it takes the weights as inputs (quantized models: what the command line runs
+            # by default), torch.compile otherwise
+            options["compile"] = "aot" if takes_weights(model) and aot_unsupported(model) is None else True
 
     def generate(ids: torch.Tensor, new: int) -> torch.Tensor:
         with torch.no_grad():
@@ -437,7 +446,8 @@ def main() -> None:
     print()
     print_table(results, spec)
     print(machine_line(args.threads) + " (after the run)")
-    path = "compile=True (compiled decode step, static cache)" if spec["compile"] else "static cache, NOT compiled"
+    path = ("compile='aot' (quantized) / compile=True (float), static cache" if spec["compile"]
+            else "static cache, NOT compiled")
     version = results.get("llamacpp", {}).get("version")
     print(f"decoderkit engines run {path}; transformers its default generate; llama.cpp via llama-cpp-python"
           + (f" {version}" if version else ""))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import decoderkit
+from decoderkit import kernels
 from decoderkit.generation import aot_step, decode_step
 
 oracle = pytest.importorskip("oracle")
@@ -95,3 +96,41 @@ def test_background_build_is_started_once(tmp_path, monkeypatch):
     package.unlink()
     assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
     assert "over the packaged step's" in aot_step.aot_unsupported(model)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not kernels.available(), reason="decoderkit's kernel did not build here")
+def test_quantized_package_takes_the_weights_as_inputs(tmp_path, monkeypatch):
+    from gguf import GGMLQuantizationType as Q
+    from test_gguf_model import write_tiny_llama
+
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    models = []
+    for seed in (0, 1):
+        write_tiny_llama(tmp_path / f"m{seed}.gguf", Q.Q4_1, tie=True, seed=seed)
+        models.append(decoderkit.AutoModelForCausalLM.from_pretrained(tmp_path / f"m{seed}.gguf",
+                                                                      dtype="float32").eval())
+    first, second = models
+    assert aot_step.aot_unsupported(first) is None and aot_step.takes_weights(first)
+    ids = torch.tensor([[3, 17, 5, 60]])
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+
+    def eager(model):
+        return model.generate(ids, cache_implementation="static", **kwargs)
+
+    with torch.no_grad():
+        assert torch.equal(first.generate(ids, compile="aot", **kwargs), eager(first))
+        packages = sorted(aot_step.package_dir().glob("*.pt2"))
+        assert len(packages) == 1
+        # Other weights of the same shapes run through the same package, and it computes with theirs: a package
+        # that had kept the first model's weights would give the first model's tokens
+        assert not torch.equal(eager(second), eager(first))
+        assert aot_step.cached_step(second, 1, 256)
+        with pytest.MonkeyPatch.context() as no_compiling:
+            no_compiling.setattr(torch._inductor, "aoti_compile_and_package", None)
+            assert torch.equal(second.generate(ids, compile="auto", **kwargs), eager(second))
+            # The package reads the model's tensors at every call: a change in place is seen
+            head = second.lm_head
+            head.scales.copy_(head.scales.flip(0))
+            assert torch.equal(second.generate(ids, compile="aot", **kwargs), eager(second))
+        assert sorted(aot_step.package_dir().glob("*.pt2")) == packages

@@ -376,9 +376,9 @@ def resolve_compile(args: argparse.Namespace) -> bool | str:
     """How to run the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else "auto".
 
     "auto" (the default) runs the AOTInductor-packaged step where a package for the model's weights and the
-    run's shapes is on disk (small float CPU models: see decoderkit.generation.aot_step), and the eager step
-    otherwise; after such an eager run `build_step_in_background` compiles the package for the next start, so
-    the first start is never made to wait minutes for a compilation. `--compile` (or `DECODERKIT_COMPILE=1`)
+    run's shapes is on disk (small float and all quantized CPU models: see decoderkit.generation.aot_step), and the
+    eager step otherwise; after such an eager run `build_step_in_background` compiles the package for the next
+    start, so the first start is never made to wait minutes for a compilation. `--compile` (or `DECODERKIT_COMPILE=1`)
     compiles with torch.compile in the foreground and points inductor's on-disk caches at decoderkit's cache
     directory; `--no-compile` (or `DECODERKIT_COMPILE=0`) is always eager and builds nothing."""
     wanted = getattr(args, "compile", None)
@@ -400,16 +400,18 @@ def resolve_compile(args: argparse.Namespace) -> bool | str:
 def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder, path: Path, rows: int,
                              max_length: int) -> None:
     """After a run with compile "auto": start the background build of the packaged step this model and these shapes
-    would use next time, where the model can have one, it was loaded as it is on disk (no adapter, no quantization)
-    and no package is there or being built."""
+    would use next time, where the model can have one, it was loaded as it is on disk (no adapter; `--quantize` is
+    passed on) and no package is there or being built."""
     if getattr(args, "resolved_compile", None) != "auto" or getattr(args, "adapter", None) is not None:
         return
-    if getattr(args, "quantize", None) not in (None, "none") or getattr(args, "tensor_parallel", 1) > 1:
+    if getattr(args, "tensor_parallel", 1) > 1:
         return
     from decoderkit.generation.aot_step import build_in_background
     from decoderkit.generation.decode_step import compile_slots
 
-    if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length)):
+    quantize = getattr(args, "quantize", None)
+    if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length),
+                           quantization=None if quantize in (None, "none") else quantize):
         _note(args, f"{PROG}: compiling the decode step in the background for the next start")
 
 

@@ -3,9 +3,14 @@
 `torch.compile` leaves Python on every step: dynamo's guards over the model's modules and parameters, and the AOT
 autograd wrappers around the compiled code; for the shipped 2.6M-parameter model they cost about as much as the step's
 own arithmetic. An AOTInductor package is the same inductor code behind a C++ runner: one call per token, no guards.
-It embeds the weights, so a package is keyed by everything it was built from (torch version, the model's config, the
-weights' content hash, dtype, rows and cache length) and stored under ``cache_root()/aoti``, written under a temporary
-name and renamed; a later process with the same model loads it in a fraction of a second instead of compiling.
+A package for a float model embeds its weights (frozen, as torch.compile's step has them), so it is keyed by
+everything it was built from (torch version, the model's config, the weights' content hash, dtype, rows and cache
+length). A package for a quantized model (GGUF files, ``quantization=``) takes the weights as inputs instead: its
+matmuls are decoderkit's kernels on the packed codes, which freezing would not change, so the package holds only
+code, is keyed by the weights' names, dtypes and shapes (not their contents: any checkpoint of the same shape shares
+it), reads the model's own tensors at every call (no copy, in-place changes seen) and has no size limit. Packages live
+under ``cache_root()/aoti``, written under a temporary name and renamed; a later process with the same model loads
+one in a fraction of a second instead of compiling.
 """
 
 from __future__ import annotations
@@ -46,6 +51,50 @@ class _StepModule(nn.Module):
         return self._forward(self.model, tokens, position_ids, cache_position, mask, None, alibi, keys, values)
 
 
+class _WeightsStepModule(nn.Module):
+    """`_StepModule` with the model's weights as its first input (a list, in `weight_inputs`' order), substituted
+    for the module's own tensors by `torch.func.functional_call` while the step is traced."""
+
+    def __init__(self, model: Any, forward: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.step = _StepModule(model, forward)
+        self.names = ["model." + name for name, _ in _weight_items(model)]
+
+    def forward(self, weights, tokens, position_ids, cache_position, mask, alibi, keys, values):  # noqa: ANN001, ANN201
+        return torch.func.functional_call(self.step, dict(zip(self.names, weights, strict=True)),
+                                          (tokens, position_ids, cache_position, mask, alibi, keys, values),
+                                          tie_weights=True, strict=False)
+
+
+def _weight_items(model: Any) -> list[tuple[str, torch.Tensor]]:
+    # Each tensor once (a tied head and embedding share theirs), parameters then buffers
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def takes_weights(model: Any) -> bool:
+    """Whether a package for `model` takes its weights as inputs rather than embedding them: models with quantized
+    layers (see the module's docstring)."""
+    from decoderkit.layers.quantized import QuantizedLinear
+
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def weight_inputs(model: Any) -> list[torch.Tensor]:
+    """The tensors a package that `takes_weights` is called with before the step's own inputs (none otherwise)."""
+    return [t.detach() for _, t in _weight_items(model)] if takes_weights(model) else []
+
+
+def step_identity(model: Any) -> tuple:
+    """What a package for `model` is keyed by: the weights' content (`weights_fingerprint`) for a package that
+    embeds them; for one that takes them as inputs, each tensor's name, dtype and shape and the module tree as
+    printed (layer classes, layouts, activation modes: the kernels the graph calls)."""
+    from decoderkit.generation.decode_step import weights_fingerprint
+
+    if not takes_weights(model):
+        return weights_fingerprint(model)
+    return ("inputs", repr(model), *((name, t.dtype, tuple(t.shape)) for name, t in _weight_items(model)))
+
+
 # Above this the package (which embeds the weights) and the content hash checked at every call stop being cheap, and
 # the weight reads, not the per-token overhead a package removes, set the decode speed
 AOT_MAX_WEIGHT_BYTES = 64 * 2**20
@@ -53,22 +102,24 @@ _LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
 
 
 def aot_unsupported(model: Any) -> str | None:
-    """Why `model` cannot run a packaged step (None when it can): float32 / bfloat16 weights on CPU, at most
-    `AOT_MAX_WEIGHT_BYTES` of them, no quantized or tensor-parallel layers, rope that does not depend on the length."""
+    """Why `model` cannot run a packaged step (None when it can): CPU weights, float32 / bfloat16 (at most
+    `AOT_MAX_WEIGHT_BYTES` of them) or quantized layers, no tensor-parallel layers, rope that does not depend on the
+    length."""
     params = list(model.parameters())
-    if any(p.device.type != "cpu" for p in params):
+    if any(t.device.type != "cpu" for t in (*params, *model.buffers())):
         return "the packaged step runs on CPU"
-    if any(p.dtype not in (torch.float32, torch.bfloat16) for p in params) or any(
-            b.dtype in (torch.int8, torch.uint8, torch.int32) for b in model.buffers()):
-        return "the packaged step takes float32 or bfloat16 weights, not quantized ones"
-    size = sum(p.numel() * p.element_size() for p in params)
-    if size > AOT_MAX_WEIGHT_BYTES:
-        return f"the weights take {size / 2**20:.0f} MiB, over the packaged step's {AOT_MAX_WEIGHT_BYTES // 2**20} MiB"
     if getattr(model, "tp", None) is not None:
         return "a tensor-parallel model cannot be packaged"
     rotary = model.model.rotary
     if rotary is not None and rotary.rope_type in _LENGTH_DEPENDENT_ROPE:
         return f"rope_type={rotary.rope_type!r} depends on the length, which a package cannot follow"
+    if takes_weights(model):
+        return None  # no size limit: the package holds no weights
+    if any(p.dtype not in (torch.float32, torch.bfloat16) for p in params):
+        return "the packaged step takes float32 or bfloat16 weights, or quantized layers"
+    size = sum(p.numel() * p.element_size() for p in params)
+    if size > AOT_MAX_WEIGHT_BYTES:
+        return f"the weights take {size / 2**20:.0f} MiB, over the packaged step's {AOT_MAX_WEIGHT_BYTES // 2**20} MiB"
     return None
 
 
@@ -85,10 +136,10 @@ def package_path(model: Any, fingerprint: tuple, rows: int, slots: int) -> Path:
 
 
 def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor], example: tuple) -> Any:
-    """The packaged step for `model` on inputs shaped like `example` (tokens, position ids, cache slot, mask, alibi,
-    keys, values): loaded from disk when a package for the same model and shapes exists, else compiled (minutes on a
-    small CPU) and stored first. Its ``boxed_run(tensors)`` takes the example's tensors in order (None left out)
-    and returns ``[logits]``."""
+    """The packaged step for `model` (of `step_identity` `fingerprint`) on inputs shaped like `example` (tokens,
+    position ids, cache slot, mask, alibi, keys, values): loaded from disk when a package for the same model and
+    shapes exists, else compiled (minutes on a small CPU) and stored first. Its ``boxed_run(tensors)`` takes
+    `weight_inputs(model)` then the example's tensors in order (None left out) and returns ``[logits]``."""
     path = package_path(model, fingerprint, example[0].shape[0], example[3].shape[-1])
     key = path.name
     loaded = _LOADED.setdefault(model, {})
@@ -98,7 +149,11 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
         logger.info("compiling the decode step with AOTInductor into %s", path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            exported = torch.export.export(_StepModule(model, forward), example, strict=False)
+            if takes_weights(model):
+                exported = torch.export.export(_WeightsStepModule(model, forward), (weight_inputs(model), *example),
+                                               strict=False)
+            else:
+                exported = torch.export.export(_StepModule(model, forward), example, strict=False)
             # The packager wants a name ending in .pt2: built in a private directory beside the target, then renamed
             with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
                 built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
@@ -127,19 +182,18 @@ def auto_compile(model: Any, config: Any, input_ids: Any) -> bool | str:
 def cached_step(model: Any, rows: int, slots: int) -> bool:
     """Whether a package for `model`'s current weights, `rows` rows and `slots` cache slots is on disk (what
     ``generate(compile="auto")`` asks before choosing the packaged step)."""
-    from decoderkit.generation.decode_step import weights_fingerprint
     from decoderkit.layers.linear import use_decode_linear
 
     if aot_unsupported(model) is not None:
         return False
     use_decode_linear(model)  # the classes the decode step will run with are part of the key
-    return package_path(model, weights_fingerprint(model), rows, slots).is_file()
+    return package_path(model, step_identity(model), rows, slots).is_file()
 
 
 def build_package(model: Any, rows: int, slots: int) -> Path:
     """Compile and store the package for `model`, `rows` rows and `slots` slots (as the decode step would)."""
     from decoderkit.cache import StaticCache
-    from decoderkit.generation.decode_step import _forward_one_static, weights_fingerprint
+    from decoderkit.generation.decode_step import _forward_one_static
     from decoderkit.layers.alibi import alibi_bias
     from decoderkit.layers.linear import use_decode_linear
 
@@ -151,7 +205,7 @@ def build_package(model: Any, rows: int, slots: int) -> Path:
     alibi = alibi_bias(stack.alibi_slopes, slots) if hasattr(stack, "alibi_slopes") else None
     example = (torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
                torch.zeros(1, dtype=torch.long), allowed, alibi, cache.keys, cache.values)
-    fingerprint = weights_fingerprint(model)
+    fingerprint = step_identity(model)
     aot_step(model, fingerprint, _forward_one_static, example)
     return package_path(model, fingerprint, rows, slots)
 
@@ -165,19 +219,18 @@ def _marker(fingerprint: tuple, rows: int, slots: int) -> Path:
     return package_dir() / f"{_weights_id(fingerprint)}-{rows}x{slots}.building"
 
 
-def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slots: int) -> bool:
+def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slots: int,
+                        quantization: str | None = None) -> bool:
     """Start a detached process (lowest priority) that builds the package this `model`, loaded from `model_path` in
-    `dtype`, would use, unless it is there or being built; True if one was started. The process loads the model
-    itself and gives up if its weights differ from `model`'s (an adapter merged after loading, say)."""
+    `dtype` (and with `quantization`), would use, unless it is there or being built; True if one was started. The
+    process loads the model itself and gives up if it differs from `model` (an adapter merged after loading, say)."""
     import subprocess
     import sys
     import time
 
-    from decoderkit.generation.decode_step import weights_fingerprint
-
     if aot_unsupported(model) is not None:
         return False
-    fingerprint = weights_fingerprint(model)
+    fingerprint = step_identity(model)
     package = package_path(model, fingerprint, rows, slots)
     marker = _marker(fingerprint, rows, slots)
     if package.is_file() or (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
@@ -187,6 +240,8 @@ def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slot
     command = [sys.executable, "-m", "decoderkit.generation.aot_step", model_path, "--dtype", dtype, "--rows",
                str(rows), "--slots", str(slots), "--expect", _weights_id(fingerprint), "--marker",
                str(marker)]
+    if quantization is not None:
+        command += ["--quantize", quantization]
     env = {**os.environ, "DECODERKIT_KERNELS": os.environ.get("DECODERKIT_KERNELS", "1").replace("cached", "1")}
     with open(package.with_suffix(".log"), "w") as log:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
@@ -204,20 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--expect", default=None, help="build only if the loaded weights have this id")
     parser.add_argument("--marker", default=None, help="a file the caller made, removed when this process ends")
+    parser.add_argument("--quantize", default=None, help="quantization= for from_pretrained")
     args = parser.parse_args(argv)
     os.nice(19)
     torch.set_num_threads(1)
     from decoderkit import AutoModelForCausalLM
-    from decoderkit.generation.decode_step import weights_fingerprint
     from decoderkit.layers.linear import use_decode_linear
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device="cpu", progress=False).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device="cpu", progress=False,
+                                                 quantization=args.quantize).eval()
     use_decode_linear(model)
-    fingerprint = weights_fingerprint(model)
+    fingerprint = step_identity(model)
     package = package_path(model, fingerprint, args.rows, args.slots)
     try:
         if args.expect is not None and _weights_id(fingerprint) != args.expect:
-            print(f"not built: {args.model} loads to other weights than the caller's")
+            print(f"not built: {args.model} loads to another model than the caller's")
             return 0
         if not package.is_file():
             print(f"built {build_package(model, args.rows, args.slots)}")

@@ -206,14 +206,15 @@ class DecodeStep:
             stack, "alibi_slopes") else None
         self.compiled = None
         if compile == "aot":
-            from decoderkit.generation.aot_step import aot_step
+            from decoderkit.generation.aot_step import aot_step, step_identity, weight_inputs
 
             example = (self.tokens, self.position_ids, self.cache_position, self.allowed, self.alibi, cache.keys,
                        cache.values)
-            package = aot_step(model, weights_fingerprint(model), _forward_one_static, example)
+            package = aot_step(model, step_identity(model), _forward_one_static, example)
             # The same tensors at every step, in the package's flat order: its loader runs them without the
             # per-call pytree flattening of the Python wrapper (which parses the call spec anew each time)
-            flat = [t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
+            flat = weight_inputs(model) + [t for t in torch.utils._pytree.tree_leaves(example)
+                                           if isinstance(t, torch.Tensor)]
             self.compiled = lambda: package.boxed_run(list(flat))[0]
         elif compile:
             self.compiled = _compiled_step(model)
