@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -45,6 +46,39 @@ struct Problem {
   int64_t group, groups;
   float* y;
 };
+
+// Rows in tiles of 4, then the 3, 2 or 1 left: tile(std::integral_constant<int, MR>{}, r0) for each, so that every
+// tile kernel is instantiated for its row count.
+template <typename Tile>
+inline void for_row_tiles(int64_t M, Tile&& tile) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= M; r0 += 4) tile(std::integral_constant<int, 4>{}, r0);
+  switch (M - r0) {
+    case 3: tile(std::integral_constant<int, 3>{}, r0); break;
+    case 2: tile(std::integral_constant<int, 2>{}, r0); break;
+    case 1: tile(std::integral_constant<int, 1>{}, r0); break;
+    default: break;
+  }
+}
+
+// Output columns in tiles of NR, shared among torch's intra-op threads in tasks of about 64K weights (enough work
+// per task that forking threads pays): cols(std::integral_constant<int, NR>{}, n0) for each whole tile, and
+// cols(std::integral_constant<int, 1>{}, n) for each column past the last one.
+template <int NR, typename Cols>
+void for_column_tiles(const Problem& p, Cols&& cols) {
+  const int64_t tiles = (p.N + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K * NR, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NR;
+      if (n0 + NR <= p.N) {
+        cols(std::integral_constant<int, NR>{}, n0);
+      } else {
+        for (int64_t n = n0; n < p.N; ++n) cols(std::integral_constant<int, 1>{}, n);
+      }
+    }
+  });
+}
 
 template <bool HALF>
 inline float scalar_at(const void* base, int64_t i) {
@@ -287,38 +321,17 @@ inline void ftile(const Problem& p, const float* xsum, int64_t n0, int64_t r0) {
   }
 }
 
-template <int BITS, bool HALF, bool OFFSET, int NR>
-inline void frows(const Problem& p, const float* xsum, int64_t n0) {
-  int64_t r0 = 0;
-  for (; r0 + 4 <= p.M; r0 += 4) ftile<BITS, HALF, OFFSET, 4, NR>(p, xsum, n0, r0);
-  switch (p.M - r0) {
-    case 3: ftile<BITS, HALF, OFFSET, 3, NR>(p, xsum, n0, r0); break;
-    case 2: ftile<BITS, HALF, OFFSET, 2, NR>(p, xsum, n0, r0); break;
-    case 1: ftile<BITS, HALF, OFFSET, 1, NR>(p, xsum, n0, r0); break;
-    default: break;
-  }
-}
-
 template <int BITS, bool HALF, bool OFFSET>
 void frun(const Problem& p) {
   const std::vector<float> xsum = OFFSET || BITS == 4 ? group_sums(p) : std::vector<float>();
+  const auto columns = [&](auto nr, int64_t n0) {
+    for_row_tiles(p.M, [&](auto mr, int64_t r0) {
+      ftile<BITS, HALF, OFFSET, decltype(mr)::value, decltype(nr)::value>(p, xsum.data(), n0, r0);
+    });
+  };
   // Four columns at a time for one row (four chains of sums in flight, one unpacking of the codes per column);
-  // with more rows, which make their own chains, two. Tasks of about 64K weights, as in `run`.
-  const int NR = p.M == 1 ? 4 : 2;
-  const int64_t tiles = (p.N + NR - 1) / NR;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K * NR, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NR;
-      if (n0 + NR > p.N) {
-        for (int64_t n = n0; n < p.N; ++n) frows<BITS, HALF, OFFSET, 1>(p, xsum.data(), n);
-      } else if (NR == 4) {
-        frows<BITS, HALF, OFFSET, 4>(p, xsum.data(), n0);
-      } else {
-        frows<BITS, HALF, OFFSET, 2>(p, xsum.data(), n0);
-      }
-    }
-  });
+  // with more rows, which make their own chains, two.
+  p.M == 1 ? for_column_tiles<4>(p, columns) : for_column_tiles<2>(p, columns);
 }
 #endif
 
@@ -327,19 +340,8 @@ void run(const Problem& p) {
 #ifdef DK_AVX2
   if (p.group % 32 == 0) return frun<BITS, HALF, OFFSET>(p);
 #endif
-  // Enough work per task that forking threads pays (about 64K weights).
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K, 1));
-  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      int64_t r0 = 0;
-      for (; r0 + 4 <= p.M; r0 += 4) tile<BITS, HALF, OFFSET, 4>(p, n, r0);
-      switch (p.M - r0) {
-        case 3: tile<BITS, HALF, OFFSET, 3>(p, n, r0); break;
-        case 2: tile<BITS, HALF, OFFSET, 2>(p, n, r0); break;
-        case 1: tile<BITS, HALF, OFFSET, 1>(p, n, r0); break;
-        default: break;
-      }
-    }
+  for_column_tiles<1>(p, [&](auto, int64_t n) {
+    for_row_tiles(p.M, [&](auto mr, int64_t r0) { tile<BITS, HALF, OFFSET, decltype(mr)::value>(p, n, r0); });
   });
 }
 
@@ -535,35 +537,14 @@ inline void itile(const Problem& p, const QRows& qa, int64_t n0, int64_t r0) {
   }
 }
 
-template <int BITS, bool HALF, bool OFFSET, int NR>
-inline void irows(const Problem& p, const QRows& qa, int64_t n0) {
-  int64_t r0 = 0;
-  for (; r0 + 4 <= p.M; r0 += 4) itile<BITS, HALF, OFFSET, 4, NR>(p, qa, n0, r0);
-  switch (p.M - r0) {
-    case 3: itile<BITS, HALF, OFFSET, 3, NR>(p, qa, n0, r0); break;
-    case 2: itile<BITS, HALF, OFFSET, 2, NR>(p, qa, n0, r0); break;
-    case 1: itile<BITS, HALF, OFFSET, 1, NR>(p, qa, n0, r0); break;
-    default: break;
-  }
-}
-
 template <int BITS, bool HALF, bool OFFSET>
 void irun(const Problem& p) {
   const QRows qa = quantize_rows(p, OFFSET);
-  // Four columns at a time share each run of activations and keep four chains of sums in flight; tasks of about
-  // 64K weights, as in `run`
-  constexpr int NR = 4;
-  const int64_t tiles = (p.N + NR - 1) / NR;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K * NR, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NR;
-      if (n0 + NR <= p.N) {
-        irows<BITS, HALF, OFFSET, NR>(p, qa, n0);
-      } else {
-        for (int64_t n = n0; n < p.N; ++n) irows<BITS, HALF, OFFSET, 1>(p, qa, n);
-      }
-    }
+  // Four columns at a time share each run of activations and keep four chains of sums in flight
+  for_column_tiles<4>(p, [&](auto nr, int64_t n0) {
+    for_row_tiles(p.M, [&](auto mr, int64_t r0) {
+      itile<BITS, HALF, OFFSET, decltype(mr)::value, decltype(nr)::value>(p, qa, n0, r0);
+    });
   });
 }
 
