@@ -52,6 +52,34 @@ def test_gguf_blocks_multiply_as_their_dequantized_values(qtype, n, k):
         assert ((layer(x).double() - want).abs() <= bound + 1e-30).all(), rows
 
 
+@pytest.mark.parametrize("bits, group, half", [(4, 64, False), (4, 128, True), (8, 32, True), (8, 1664, False)])
+def test_many_rows_and_long_rows_through_the_op(bits, group, half):
+    """The op itself (the layers stop at KERNEL_ROWS): rows past the panel GEMM's 24-row pass, inputs in three
+    uneven panels, output columns past its last whole tile, every group size and scale dtype."""
+    gen = torch.Generator().manual_seed(bits + group)
+    n, k = 13, 1664
+    scales = torch.rand(n, k // group, generator=gen) / 16
+    if bits == 4:
+        codes = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+        offsets = -8 * scales + torch.randn(n, k // group, generator=gen) / 64
+        q = torch.stack([codes.view(n, -1, 16) & 15, codes.view(n, -1, 16) >> 4], 2).reshape(n, k)
+    else:
+        codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        offsets, q = None, codes
+    if half:
+        scales = scales.half()
+        offsets = offsets.half() if offsets is not None else None
+    weight = q.double() * scales.double().repeat_interleave(group, 1)
+    if offsets is not None:
+        weight += offsets.double().repeat_interleave(group, 1)
+    for rows in (2, 7, 8, 25, 31):
+        x = torch.randn(rows, k, generator=gen)
+        want = x.double() @ weight.t()
+        bound = 4 * k * torch.finfo(torch.float32).eps * (x.abs().double() @ weight.abs().t())
+        got = kernels.qmm(x, codes, scales, offsets, bits, group).double()
+        assert ((got - want).abs() <= bound + 1e-30).all(), rows
+
+
 @pytest.mark.parametrize("k", [8, 40, 100, 576])
 def test_int8_per_channel_rows_of_any_length(k):
     gen = torch.Generator().manual_seed(k)

@@ -15,6 +15,7 @@ one in a fraction of a second instead of compiling.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -123,13 +124,29 @@ def aot_unsupported(model: Any) -> str | None:
     return None
 
 
+@functools.cache
+def _source_digest() -> str:
+    """A hash of decoderkit's Python source, and of whether its attention kernel is loaded: the step's graph is
+    traced from that code (a new version of a layer, or the kernel turned off, must not reuse an old package)."""
+    from decoderkit.kernels import attention as attention_kernel
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    digest.update(b"attention-kernel" if attention_kernel.available() else b"sdpa")
+    return digest.hexdigest()
+
+
 def package_path(model: Any, fingerprint: tuple, rows: int, slots: int) -> Path:
     """Where the package compiled from `model` (of weights `fingerprint`) for `rows` rows and a static cache of
     `slots` slots lives (whether or not it exists)."""
     key = hashlib.sha256()
     # The module classes say which kernels the graph calls (DecodeLinear or torch's linear)
     classes = sorted({type(m).__qualname__ for m in model.modules()})
-    for part in (torch.__version__, repr(model.decoder_config), repr(fingerprint), rows, slots, repr(classes)):
+    for part in (torch.__version__, _source_digest(), repr(model.decoder_config), repr(fingerprint), rows, slots,
+                 repr(classes)):
         key.update(str(part).encode())
         key.update(b"\0")
     return package_dir() / f"step-{key.hexdigest()[:24]}.pt2"

@@ -181,6 +181,10 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.aot = compile == "aot"
         use_decode_linear(model)
+        if device.type == "cpu" and compile:
+            from decoderkit.kernels import attention as attention_kernel
+
+            attention_kernel.available()  # built now: the compiled step cannot build it while being traced
         self.static = cache.is_static
         self.prompt_len = prompt_len
         self.filled = prompt_len  # tokens in the cache; the next one goes to slot `filled`

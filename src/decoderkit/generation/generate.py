@@ -34,10 +34,12 @@ position only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -181,11 +183,27 @@ def generate(
         steps = plan.beam_search() if config.num_beams > 1 else plan.sample()
     if stream:
         return GenerationStream(steps)
+    with _collector_paused():
+        try:
+            while True:
+                next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while the decode loop runs (vLLM freezes it for the same reason): each step
+    makes a few dozen short-lived objects, which set off collections that walk every tracked object, the model's
+    included: 6% of a packaged SmolLM2 step at batch 1 (perf, 2-core EPYC). Steps make no cycles, so nothing
+    accumulates; the collector is back on, as it was, when the loop ends or fails."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        while True:
-            next(steps)
-    except StopIteration as stop:
-        return stop.value
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:

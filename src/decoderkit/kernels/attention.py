@@ -1,4 +1,5 @@
-"""Paged attention: causal attention that reads keys and values through block tables (see paged_attention.cpp).
+"""Causal attention that reads keys and values in place (see paged_attention.cpp): through a paged pool's block
+tables (the server), or from a static cache up to the last written slot (generate's decode steps).
 
 Built and cached like the quantized matmul (`decoderkit.kernels`): compiled at first use, ``DECODERKIT_KERNELS=0``
 turns it off, and without a compiler `available` is False (with one warning) so callers keep their torch path.
@@ -14,6 +15,7 @@ import torch
 from decoderkit import kernels
 
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_loaded = False  # set by the first successful load (a plain flag: compiled code can read it)
 
 
 def available() -> bool:
@@ -21,10 +23,25 @@ def available() -> bool:
     return kernels.enabled() and _load()
 
 
+def ready() -> bool:
+    """`available()` where it can be answered without building: while torch compiles a graph (which cannot trace a
+    compiler run), False unless an earlier call has loaded the kernel. DecodeStep loads it before compiling."""
+    if torch.compiler.is_compiling():
+        return _loaded and kernels.enabled()
+    return available()
+
+
 @functools.cache
 def _load() -> bool:
-    return kernels.build_and_load(_SOURCE, "the server gathers each request's keys and values for attention "
-                                           "instead of reading them in place")
+    loaded = kernels.build_and_load(_SOURCE, "the server gathers each request's keys and values for attention "
+                                             "instead of reading them in place")
+    if loaded:
+        global _loaded
+        _loaded = True
+        # What compilation sees of the static-cache op: the output has the shape of the queries
+        torch.library.register_fake("decoderkit_paged::static_attention",
+                                    lambda q, k, v, cache_position, key_mask, slopes, scale: torch.empty_like(q))
+    return loaded
 
 
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
@@ -40,3 +57,14 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
         raise RuntimeError("the paged-attention kernel is not available (see decoderkit.kernels.attention)")
     return torch.ops.decoderkit_paged.paged_attention(q, keys, values, tables, row_starts, positions, slopes, scale,
                                                       block_size)
+
+
+def static_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache_position: torch.Tensor,
+                     key_mask: torch.Tensor | None, slopes: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Causal attention (B, T, H, D) float32 of query rows q (B, T, H, D) float32 at the consecutive slots
+    `cache_position` (T,) of a static cache's keys and values (B, H_kv, S, D) float32 or bfloat16, reading slots 0
+    .. cache_position[-1] only. key_mask: (B, S) bool, False for slots a row may not attend to (padding), or None.
+    slopes: (H,) float32 ALiBi slopes or None. `available()` must be True."""
+    if not (_loaded or _load()):  # the flag first: compiled code can read it, not the cached call
+        raise RuntimeError("the attention kernel is not available (see decoderkit.kernels.attention)")
+    return torch.ops.decoderkit_paged.static_attention(q, keys, values, cache_position, key_mask, slopes, scale)

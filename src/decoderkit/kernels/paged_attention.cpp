@@ -1,5 +1,6 @@
-// Causal attention of a flat batch of query rows over keys and values read in place from a paged KV pool.
+// Causal attention of a flat batch of query rows over keys and values read in place, in two layouts (two ops):
 //
+// paged_attention: a paged KV pool (the server)
 //   q        (N, H, D) float32: the step's query rows, sequence after sequence (row_starts[s] .. row_starts[s+1]-1)
 //   k, v     (R, H_kv, D) float32 or bfloat16: one layer of the pool; buffer row table[b] * block_size + i holds
 //            position b * block_size + i of a sequence whose block table is `table`
@@ -7,12 +8,19 @@
 //   row_starts (S + 1) int64; positions (S) int64: the position of each sequence's first query row
 //   slopes   (H) float32 or None: ALiBi, score += slope * (j - i) for key j and query position i
 //
+// static_attention: a static cache (generate's), every sequence T query rows at the same slots
+//   q        (B, T, H, D) float32; k, v (B, H_kv, S, D) float32 or bfloat16, slot j of sequence b at [b, :, j]
+//   cache_position (T) int64: the slots of the T query rows (consecutive)
+//   key_mask (B, S) bool or None: the slots each sequence may attend to (its prompt's padding is False)
+// Only slots up to the last query's are read, where SDPA over the whole cache reads all S of them.
+//
 // Query row r of sequence s sits at position i = positions[s] + r - row_starts[s] and attends keys 0..i; query head
 // h reads key head h / (H / H_kv). Every product and sum is float32, with an online softmax (flash attention's
 // recurrence) over groups of 16 keys, so no score matrix and no copy of a sequence's context is ever made.
 //
 // Work is split into (sequence, key head, tile of query rows) units over torch's intra-op threads; a unit converts
-// each group of keys and values to float32 once and reuses it for all of its rows and the query heads of its key head.
+// each group of keys and values to float32 once (or reads float32 rows in place where they are D apart) and reuses
+// it for all of its rows and the query heads of its key head.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -51,6 +59,10 @@ struct Problem {
   int64_t H, H_kv, D, block_size;
   float scale;
   float* out;
+  // Element offsets of a key row and of a key head: (H_kv * D, D) in the pool, (D, S * D) in a static cache
+  int64_t row_stride, head_stride;
+  const bool* key_mask = nullptr;  // (S, mask_width): False keys are skipped
+  int64_t mask_width = 0;
 };
 
 #ifdef DK_AVX2
@@ -95,13 +107,19 @@ inline float to_float(const void* base, int64_t i, bool bf16) {
   return static_cast<const float*>(base)[i];
 }
 
-// Copies keys or values of positions j0..j0+n-1 of one key head into dst (n rows of D floats).
-void gather(const Problem& p, const void* src, const int64_t* table, int64_t hk, int64_t j0, int64_t n, float* dst) {
+// Keys or values of positions j0..j0+n-1 of one key head as n rows of D floats: in place where they are float32
+// rows D apart within one block (always in a static cache), else copied into dst.
+const float* gather(const Problem& p, const void* src, const int64_t* table, int64_t hk, int64_t j0, int64_t n,
+                    float* dst) {
   const int64_t D = p.D;
+  if (!p.bf16 && p.row_stride == D && j0 / p.block_size == (j0 + n - 1) / p.block_size) {
+    const int64_t row = table[j0 / p.block_size] * p.block_size + j0 % p.block_size;
+    return static_cast<const float*>(src) + row * p.row_stride + hk * p.head_stride;
+  }
   for (int64_t j = 0; j < n; ++j) {
     int64_t pos = j0 + j;
     int64_t row = table[pos / p.block_size] * p.block_size + pos % p.block_size;
-    int64_t at = (row * p.H_kv + hk) * D;
+    int64_t at = row * p.row_stride + hk * p.head_stride;
     float* out = dst + j * D;
     if (!p.bf16) {
       std::memcpy(out, static_cast<const float*>(src) + at, D * sizeof(float));
@@ -117,11 +135,12 @@ void gather(const Problem& p, const void* src, const int64_t* table, int64_t hk,
 #endif
     for (; d < D; ++d) out[d] = to_float(src, at + d, true);
   }
+  return dst;
 }
 
 // One query vector's update over n keys (n <= kGroup) at positions j0..: scores, online softmax, weighted values.
-void update(const Problem& p, const float* qv, float slope, int64_t qpos, const float* keys, const float* vals,
-            int64_t j0, int64_t n, float& m, float& l, float* acc) {
+void update(const Problem& p, const float* qv, float slope, int64_t qpos, const bool* mask, const float* keys,
+            const float* vals, int64_t j0, int64_t n, float& m, float& l, float* acc) {
   const int64_t D = p.D;
   float s[kGroup];
   int64_t valid = std::min(n, qpos - j0 + 1);  // causal: keys past the query's position are skipped
@@ -140,8 +159,10 @@ void update(const Problem& p, const float* qv, float slope, int64_t qpos, const 
   float top = m;
   for (j = 0; j < valid; ++j) {
     s[j] = s[j] * p.scale + (p.slopes ? slope * static_cast<float>(j0 + j - qpos) : 0.f);
+    if (mask && !mask[j0 + j]) s[j] = -std::numeric_limits<float>::infinity();
     top = std::max(top, s[j]);
   }
+  if (top == -std::numeric_limits<float>::infinity()) return;  // every key so far masked: nothing to add
   float correction = std::exp(m - top);  // 0 on the first keys, where m is -inf
   float sum = 0.f;
   j = 0;
@@ -181,10 +202,11 @@ void run_unit(const Problem& p, int64_t seq, int64_t hk, int64_t r0, int64_t r1,
   const int64_t start = p.positions[seq] + (r0 - first_row);
   const int64_t last = p.positions[seq] + (r1 - 1 - first_row);  // the tile's latest query position
   const int64_t* table = p.tables + seq * p.table_width;
+  const bool* mask = p.key_mask ? p.key_mask + seq * p.mask_width : nullptr;
   scratch.resize(2 * kGroup * D + M * D + 2 * M);
-  float* keys = scratch.data();
-  float* vals = keys + kGroup * D;
-  float* acc = vals + kGroup * D;
+  float* key_buf = scratch.data();
+  float* val_buf = key_buf + kGroup * D;
+  float* acc = val_buf + kGroup * D;
   float* m = acc + M * D;
   float* l = m + M;
   std::fill(acc, acc + M * D, 0.f);
@@ -192,15 +214,15 @@ void run_unit(const Problem& p, int64_t seq, int64_t hk, int64_t r0, int64_t r1,
   std::fill(l, l + M, 0.f);
   for (int64_t j0 = 0; j0 <= last; j0 += kGroup) {
     int64_t n = std::min(kGroup, last + 1 - j0);
-    gather(p, p.k, table, hk, j0, n, keys);
-    gather(p, p.v, table, hk, j0, n, vals);
+    const float* keys = gather(p, p.k, table, hk, j0, n, key_buf);
+    const float* vals = gather(p, p.v, table, hk, j0, n, val_buf);
     for (int64_t t = 0; t < rows; ++t) {
       const int64_t row = r0 + t, qpos = start + t;
       if (qpos < j0) continue;
       for (int64_t r = 0; r < rep; ++r) {
         const int64_t h = hk * rep + r, u = t * rep + r;
-        update(p, p.q + (row * p.H + h) * D, p.slopes ? p.slopes[h] : 0.f, qpos, keys, vals, j0, n, m[u], l[u],
-               acc + u * D);
+        update(p, p.q + (row * p.H + h) * D, p.slopes ? p.slopes[h] : 0.f, qpos, mask, keys, vals, j0, n, m[u],
+               l[u], acc + u * D);
       }
     }
   }
@@ -208,11 +230,13 @@ void run_unit(const Problem& p, int64_t seq, int64_t hk, int64_t r0, int64_t r1,
     for (int64_t r = 0; r < rep; ++r) {
       const int64_t u = t * rep + r;
       float* out = p.out + ((r0 + t) * p.H + hk * rep + r) * D;
-      const float inv = 1.f / l[u];
+      const float inv = l[u] > 0.f ? 1.f / l[u] : 0.f;  // a row that may see no key gets zeros
       for (int64_t d = 0; d < D; ++d) out[d] = acc[u * D + d] * inv;
     }
   }
 }
+
+void run(const Problem& p, int64_t S);
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
                            const at::Tensor& row_starts, const at::Tensor& positions,
@@ -237,12 +261,59 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   Problem p{q.data_ptr<float>(), k.data_ptr(), v.data_ptr(), k.scalar_type() == at::kBFloat16,
             tables.data_ptr<int64_t>(), tables.size(1), rs.data_ptr<int64_t>(), ps.data_ptr<int64_t>(),
             slopes.has_value() ? slope_tensor.data_ptr<float>() : nullptr, q.size(1), k.size(1), q.size(2),
-            block_size, static_cast<float>(scale), out.data_ptr<float>()};
+            block_size, static_cast<float>(scale), out.data_ptr<float>(), k.size(1) * k.size(2), k.size(2)};
+  run(p, tables.size(0));
+  return out;
+}
+
+// The static cache as a pool: sequence b is one block of S rows starting at row b * H_kv * S, rows D apart and key
+// heads S * D apart, so that row b * H_kv * S + j of head hk is element ((b * H_kv + hk) * S + j) * D.
+at::Tensor static_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cache_position, const std::optional<at::Tensor>& key_mask,
+                            const std::optional<at::Tensor>& slopes, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be contiguous (B, T, H, D) float32");
+  TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() &&
+                  k.scalar_type() == v.scalar_type() && k.size(0) == q.size(0),
+              "k and v must be contiguous (B, H_kv, S, D) of one dtype, B as in q");
+  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16, "k and v must be float32 or bfloat16");
+  TORCH_CHECK(k.size(3) == q.size(3) && q.size(2) % k.size(1) == 0, "head sizes of q and k do not match");
+  const int64_t B = q.size(0), T = q.size(1), H_kv = k.size(1), S = k.size(2), D = k.size(3);
+  TORCH_CHECK(cache_position.scalar_type() == at::kLong && cache_position.numel() == T,
+              "cache_position must hold the T query rows' int64 slots");
+  const int64_t first = cache_position.reshape(-1)[0].item<int64_t>();
+  TORCH_CHECK(first >= 0 && first + T <= S, "query slots ", first, "..", first + T - 1, " are outside the cache's ", S);
+  at::Tensor mask;
+  if (key_mask.has_value()) {
+    mask = key_mask->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S,
+                "key_mask must be (B, S) bool");
+  }
+  at::Tensor slope_tensor;
+  if (slopes.has_value()) {
+    slope_tensor = slopes->contiguous();
+    TORCH_CHECK(slope_tensor.scalar_type() == at::kFloat && slope_tensor.numel() == q.size(2), "slopes: (H) float32");
+  }
+  std::vector<int64_t> tables(B), row_starts(B + 1), positions(B, first);
+  for (int64_t b = 0; b <= B; ++b) {
+    if (b < B) tables[b] = b * H_kv;
+    row_starts[b] = b * T;
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  Problem p{q.data_ptr<float>(), k.data_ptr(), v.data_ptr(), k.scalar_type() == at::kBFloat16,
+            tables.data(), 1, row_starts.data(), positions.data(),
+            slopes.has_value() ? slope_tensor.data_ptr<float>() : nullptr, q.size(2), H_kv, D, S,
+            static_cast<float>(scale), out.data_ptr<float>(), D, S * D,
+            key_mask.has_value() ? mask.data_ptr<bool>() : nullptr, S};
+  run(p, B);
+  return out;
+}
+
+void run(const Problem& p, int64_t S) {
   struct Unit {
     int64_t seq, hk, r0, r1;
   };
   std::vector<Unit> units;
-  const int64_t S = tables.size(0);
   for (int64_t s = 0; s < S; ++s) {
     for (int64_t r0 = p.row_starts[s]; r0 < p.row_starts[s + 1]; r0 += kTile) {
       for (int64_t hk = 0; hk < p.H_kv; ++hk) units.push_back({s, hk, r0, std::min(r0 + kTile, p.row_starts[s + 1])});
@@ -252,7 +323,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     std::vector<float> scratch;
     for (int64_t u = u0; u < u1; ++u) run_unit(p, units[u].seq, units[u].hk, units[u].r0, units[u].r1, scratch);
   });
-  return out;
 }
 
 }  // namespace
@@ -260,6 +330,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 TORCH_LIBRARY(decoderkit_paged, m) {
   m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor tables, Tensor row_starts, Tensor positions, "
         "Tensor? slopes, float scale, int block_size) -> Tensor");
+  m.def("static_attention(Tensor q, Tensor k, Tensor v, Tensor cache_position, Tensor? key_mask, Tensor? slopes, "
+        "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(decoderkit_paged, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(decoderkit_paged, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("static_attention", &static_attention);
+}
