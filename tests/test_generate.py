@@ -6,6 +6,7 @@ search must give identical token ids; sampling is checked for reproducibility, t
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -173,6 +174,40 @@ def test_compiled_static_decode_matches_eager(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_the_cycle_collector_is_paused_during_decoding_and_restored(llama, batch):
+    _, dk = llama
+    ids, mask = batch
+    seen = []
+
+    class Watch(decoderkit.generation.streamer.BaseStreamer):
+        def put(self, value):
+            seen.append(gc.isenabled())
+
+        def end(self):
+            pass
+
+    assert gc.isenabled()
+    dk.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=3, streamer=Watch())
+    assert seen and not any(seen) and gc.isenabled()
+
+    class Fail(Watch):
+        def put(self, value):
+            if len(seen) == 2:
+                raise KeyboardInterrupt  # a failure inside the loop, after a step
+            super().put(value)
+
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        dk.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=5, streamer=Fail())
+    assert len(seen) == 2 and gc.isenabled()
+    gc.disable()
+    try:  # a caller's own setting is left as it was
+        dk.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_sampling_is_reproducible_with_a_generator(llama, batch):
