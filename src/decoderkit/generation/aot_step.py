@@ -126,16 +126,18 @@ def aot_unsupported(model: Any) -> str | None:
 
 @functools.cache
 def _source_digest() -> str:
-    """A hash of decoderkit's Python source, and of whether its attention kernel is loaded: the step's graph is
-    traced from that code (a new version of a layer, or the kernel turned off, must not reuse an old package)."""
-    from decoderkit.kernels import attention as attention_kernel
+    """A hash of decoderkit's Python source, and of whether its kernels are turned on: the step's graph is traced
+    from that code (a new version of a layer, or the attention kernel turned off, must not reuse an old package).
+    `kernels.enabled()`, not a build: looking a package up must not compile the attention kernel (a float model's
+    first start would wait for it), and where packages can be built at all a C++ compiler exists for the kernel."""
+    from decoderkit import kernels
 
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
-    digest.update(b"attention-kernel" if attention_kernel.available() else b"sdpa")
+    digest.update(b"kernels" if kernels.enabled() else b"no kernels")
     return digest.hexdigest()
 
 
