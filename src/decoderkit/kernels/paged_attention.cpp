@@ -279,9 +279,11 @@ at::Tensor static_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16, "k and v must be float32 or bfloat16");
   TORCH_CHECK(k.size(3) == q.size(3) && q.size(2) % k.size(1) == 0, "head sizes of q and k do not match");
   const int64_t B = q.size(0), T = q.size(1), H_kv = k.size(1), S = k.size(2), D = k.size(3);
+  TORCH_CHECK(T > 0, "q has no query rows (T = 0)");
   TORCH_CHECK(cache_position.scalar_type() == at::kLong && cache_position.numel() == T,
               "cache_position must hold the T query rows' int64 slots");
-  const int64_t first = cache_position.reshape(-1)[0].item<int64_t>();
+  // Read in place: three tensor ops a call (reshape, select, item) would be paid in every layer of every step
+  const int64_t first = cache_position.contiguous().data_ptr<int64_t>()[0];
   TORCH_CHECK(first >= 0 && first + T <= S, "query slots ", first, "..", first + T - 1, " are outside the cache's ", S);
   at::Tensor mask;
   if (key_mask.has_value()) {

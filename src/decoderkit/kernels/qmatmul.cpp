@@ -47,8 +47,8 @@ struct Problem {
   float* y;
 };
 
-// Rows in tiles of 4, then the 3, 2 or 1 left: tile(std::integral_constant<int, MR>{}, r0) for each, so that every
-// tile kernel is instantiated for its row count.
+// Rows in tiles of MR, then one tile of the MR - 1 .. 1 left: tile(std::integral_constant<int, R>{}, r0) for each,
+// so that every tile kernel is instantiated for its row count.
 template <int R, typename Tile>
 inline void last_row_tile(int64_t left, int64_t r0, Tile& tile) {
   if constexpr (R > 0) {
