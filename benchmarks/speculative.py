@@ -18,6 +18,7 @@ matmul against a 1-row one can flip a near-tie).
     python benchmarks/speculative.py                 # bf16, 128 new tokens
     python benchmarks/speculative.py --dtype float32 --new-tokens 64 --threads 1 --clock cpu
     python benchmarks/speculative.py --quantization int4 --threads 1 --clock cpu
+    python benchmarks/speculative.py --quantization gguf --dtype float32 --compile aot   # the packaged steps
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=8)
     parser.add_argument("--draft-tokens", type=int, default=5)
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
+    parser.add_argument("--compile", default="none", choices=["none", "aot", "true"],
+                        help="the decode path of every mode: eager, the AOTInductor-packaged steps (plain decode "
+                             "step and verify step; built in an untimed warm-up), or torch.compile'd plain steps")
     parser.add_argument("--quantization", default="none", choices=["none", "gguf", "int4", "int8"])
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     parser.add_argument("--tasks", default="grounded,open")
@@ -108,6 +112,7 @@ def main() -> None:
     # Plain decoding first: the others are compared with it
     modes = {name: modes[name] for name in dict.fromkeys(["plain", *args.modes.split(",")]) if name in modes}
     print(f"SmolLM2-135M-Instruct {args.dtype}, weights {args.quantization}, {args.clock} clock, {args.cache} cache, "
+          f"compile {args.compile}, "
           f"{torch.get_num_threads()} threads, {cpu}, load average {os.getloadavg()[0]:.1f}; draft: first "
           f"{args.draft_layers} of {model.config.num_hidden_layers} layers")
     print(f"{'task':9} {'mode':7} {'prompt':>6} {'new':>4} {'tok/s':>7} {'ratio':>6} {'accept':>7}  ids")
@@ -119,6 +124,10 @@ def main() -> None:
         plain_rate = None
         for mode, extra in modes.items():
             kwargs = dict(do_sample=False, cache_implementation=args.cache, return_dict_in_generate=True, **extra)
+            if args.compile != "none":
+                kwargs.update(compile="aot" if args.compile == "aot" else True, cache_implementation="static")
+                # Untimed: builds (or loads) the packages, or compiles the step, for this prompt's cache length
+                timed(model, prompt, args.new_tokens, kwargs, 1, clock)
             t1, _ = timed(model, prompt, 1, kwargs, args.repeats, clock)
             tn, out = timed(model, prompt, args.new_tokens, kwargs, args.repeats, clock)
             new = out.sequences.shape[1] - L

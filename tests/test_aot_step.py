@@ -134,3 +134,25 @@ def test_quantized_package_takes_the_weights_as_inputs(tmp_path, monkeypatch):
             head.scales.copy_(head.scales.flip(0))
             assert torch.equal(second.generate(ids, compile="aot", **kwargs), eager(second))
         assert sorted(aot_step.package_dir().glob("*.pt2")) == packages
+
+
+def test_packages_are_keyed_by_the_code_a_step_is_traced_from(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "decoderkit"
+    shutil.copytree(Path(decoderkit.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    first = aot_step._digest_of(root, True)
+    assert aot_step._digest_of(root, False) != first
+    # The loops around the step, the server and the command line are not traced: a change there keeps the packages
+    for name in ("cli/common.py", "serve/app.py", "generation/speculative.py", "generation/generate.py"):
+        (root / name).write_text((root / name).read_text() + "\n# changed\n")
+    assert aot_step._digest_of(root, True) == first
+    # The layers, the steps and the models are
+    for name in ("layers/attention.py", "generation/decode_step.py", "generation/verify_step.py", "model.py"):
+        path = root / name
+        original = path.read_text()
+        path.write_text(original + "\n# changed\n")
+        assert aot_step._digest_of(root, True) != first, name
+        path.write_text(original)
+    assert aot_step._digest_of(root, True) == first

@@ -381,5 +381,3 @@ def test_bad_speculative_input(trio, tmp_path):
         dk.generate(prompt, assistant_model=draft, num_assistant_tokens=0)
     with pytest.raises(ValueError, match="streams one sequence"):
         dk.generate(torch.cat([prompt, prompt]), prompt_lookup_num_tokens=3, stream=True)
-    with pytest.raises(ValueError, match="compile=True does not support speculative decoding"):
-        dk.generate(prompt, prompt_lookup_num_tokens=3, compile=True)

@@ -400,8 +400,9 @@ def resolve_compile(args: argparse.Namespace) -> bool | str:
 def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder, path: Path, rows: int,
                              max_length: int) -> None:
     """After a run with compile "auto": start the background build of the packaged step this model and these shapes
-    would use next time, where the model can have one, it was loaded as it is on disk (no adapter; `--quantize` is
-    passed on) and no package is there or being built."""
+    would use next time (with `--speculative`, of one sequence, also the packaged verify step), where the model can
+    have one, it was loaded as it is on disk (no adapter; `--quantize` is passed on) and no package is there or
+    being built."""
     if getattr(args, "resolved_compile", None) != "auto" or getattr(args, "adapter", None) is not None:
         return
     if getattr(args, "tensor_parallel", 1) > 1:
@@ -410,8 +411,9 @@ def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder,
     from decoderkit.generation.decode_step import compile_slots
 
     quantize = getattr(args, "quantize", None)
+    verify = getattr(args, "speculative", None) is not None and rows == 1
     if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length),
-                           quantization=None if quantize in (None, "none") else quantize):
+                           quantization=None if quantize in (None, "none") else quantize, verify=verify):
         _note(args, f"{PROG}: compiling the decode step in the background for the next start")
 
 

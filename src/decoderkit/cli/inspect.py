@@ -57,11 +57,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if compiled:
         kwargs["compile"] = compiled
     step = "torch.compile" if compiled is True else "eager"
-    if compiled == "auto" and not speculative:
+    if compiled == "auto":
         from decoderkit.generation.aot_step import cached_step
         from decoderkit.generation.decode_step import compile_slots
+        from decoderkit.generation.verify_step import verify_package_path
 
-        if cached_step(model, args.batch_size, compile_slots(args.prompt_tokens + args.new_tokens)):
+        slots = compile_slots(args.prompt_tokens + args.new_tokens)
+        if cached_step(model, args.batch_size, slots) and (
+                not speculative or verify_package_path(model, slots).is_file()):
             step = "aot"
     acceptance: list[float | None] = [None]
 

@@ -80,18 +80,21 @@ def takes_weights(model: Any) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def weight_inputs(model: Any) -> list[torch.Tensor]:
-    """The tensors a package that `takes_weights` is called with before the step's own inputs (none otherwise)."""
-    return [t.detach() for _, t in _weight_items(model)] if takes_weights(model) else []
+def weight_inputs(model: Any, as_inputs: bool | None = None) -> list[torch.Tensor]:
+    """The tensors a package is called with before the step's own inputs: the weights where the package takes them
+    as inputs (`as_inputs`, by default `takes_weights`), none where it embeds them."""
+    inputs = takes_weights(model) if as_inputs is None else as_inputs
+    return [t.detach() for _, t in _weight_items(model)] if inputs else []
 
 
-def step_identity(model: Any) -> tuple:
+def step_identity(model: Any, as_inputs: bool | None = None) -> tuple:
     """What a package for `model` is keyed by: the weights' content (`weights_fingerprint`) for a package that
-    embeds them; for one that takes them as inputs, each tensor's name, dtype and shape and the module tree as
-    printed (layer classes, layouts, activation modes: the kernels the graph calls)."""
+    embeds them; for one that takes them as inputs (`as_inputs`, by default `takes_weights`), each tensor's name,
+    dtype and shape and the module tree as printed (layer classes, layouts, activation modes: the kernels the graph
+    calls)."""
     from decoderkit.generation.decode_step import weights_fingerprint
 
-    if not takes_weights(model):
+    if not (takes_weights(model) if as_inputs is None else as_inputs):
         return weights_fingerprint(model)
     return ("inputs", repr(model), *((name, t.dtype, tuple(t.shape)) for name, t in _weight_items(model)))
 
@@ -124,55 +127,91 @@ def aot_unsupported(model: Any) -> str | None:
     return None
 
 
+# decoderkit's code that a step is never traced through: the loops around the step, the tokenizer, the command line,
+# the server, training. Everything else (layers, families, caches, kernels' Python side, the steps themselves) keys
+# the packages
+_UNTRACED = ("cli/", "serve/", "training/", "parallel/", "tokenizer.py", "chat_template.py", "gguf_vocab.py",
+             "gguf_vocab_writer.py", "gguf_writer.py", "saving.py", "generation/")
+_TRACED_GENERATION = ("generation/decode_step.py", "generation/verify_step.py", "generation/aot_step.py")
+
+
 @functools.cache
 def _source_digest() -> str:
-    """A hash of decoderkit's Python source, and of whether its kernels are turned on: the step's graph is traced
-    from that code (a new version of a layer, or the attention kernel turned off, must not reuse an old package).
-    `kernels.enabled()`, not a build: looking a package up must not compile the attention kernel (a float model's
-    first start would wait for it), and where packages can be built at all a C++ compiler exists for the kernel."""
+    """A hash of the decoderkit Python source a step is traced from (all but `_UNTRACED`), and of whether its kernels
+    are turned on: a new version of a layer, or the attention kernel turned off, must not reuse an old package; a
+    change to the server or to speculative decoding's loop need not rebuild one. `kernels.enabled()`, not a build:
+    looking a package up must not compile the attention kernel (a float model's first start would wait for it), and
+    where packages can be built at all a C++ compiler exists for the kernel."""
     from decoderkit import kernels
 
-    root = Path(__file__).resolve().parents[1]
+    return _digest_of(Path(__file__).resolve().parents[1], kernels.enabled())
+
+
+def _digest_of(root: Path, kernels_on: bool) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
+        name = path.relative_to(root).as_posix()
+        if name.startswith(_UNTRACED) and name not in _TRACED_GENERATION:
+            continue
+        digest.update(name.encode())
         digest.update(path.read_bytes())
-    digest.update(b"kernels" if kernels.enabled() else b"no kernels")
+    digest.update(b"kernels" if kernels_on else b"no kernels")
     return digest.hexdigest()
 
 
-def package_path(model: Any, fingerprint: tuple, rows: int, slots: int) -> Path:
-    """Where the package compiled from `model` (of weights `fingerprint`) for `rows` rows and a static cache of
-    `slots` slots lives (whether or not it exists)."""
+def package_path(model: Any, fingerprint: tuple, rows: int, slots: int, queries: int | tuple[int, int] = 1) -> Path:
+    """Where the package compiled from `model` (of weights `fingerprint`) for `rows` rows, a static cache of `slots`
+    slots and `queries` tokens per row lives (whether or not it exists): 1 for the decode step (``step-*.pt2``), a
+    range (lo, hi) for a verify step of any number of tokens in it (``verify-*.pt2``)."""
     key = hashlib.sha256()
     # The module classes say which kernels the graph calls (DecodeLinear or torch's linear)
     classes = sorted({type(m).__qualname__ for m in model.modules()})
-    for part in (torch.__version__, _source_digest(), repr(model.decoder_config), repr(fingerprint), rows, slots,
-                 repr(classes)):
+    parts = [torch.__version__, _source_digest(), repr(model.decoder_config), repr(fingerprint), rows, slots,
+             repr(classes)]
+    if queries != 1:
+        parts.append(repr(queries))
+    for part in parts:
         key.update(str(part).encode())
         key.update(b"\0")
-    return package_dir() / f"step-{key.hexdigest()[:24]}.pt2"
+    kind = "step" if queries == 1 else "verify"
+    return package_dir() / f"{kind}-{key.hexdigest()[:24]}.pt2"
 
 
-def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor], example: tuple) -> Any:
+def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor], example: tuple,
+             queries: int | tuple[int, int] = 1, as_inputs: bool | None = None) -> Any:
     """The packaged step for `model` (of `step_identity` `fingerprint`) on inputs shaped like `example` (tokens,
     position ids, cache slot, mask, alibi, keys, values): loaded from disk when a package for the same model and
     shapes exists, else compiled (minutes on a small CPU) and stored first. Its ``boxed_run(tensors)`` takes
-    `weight_inputs(model)` then the example's tensors in order (None left out) and returns ``[logits]``."""
-    path = package_path(model, fingerprint, example[0].shape[0], example[3].shape[-1])
+    `weight_inputs(model, as_inputs)` then the example's tensors in order (None left out) and returns ``[logits]``.
+
+    `queries` is the number of tokens per row (the example's), or a range (lo, hi) for a package that takes any
+    number in it (the verify step of speculative decoding; `example` then has one of them): the tokens' and
+    position ids' second axis, the cache slots' only one and the mask's third are then dynamic. `as_inputs`
+    (default `takes_weights`): the package takes the weights as inputs rather than embedding them."""
+    path = package_path(model, fingerprint, example[0].shape[0], example[3].shape[-1], queries)
     key = path.name
     loaded = _LOADED.setdefault(model, {})
     if key in loaded:
         return loaded[key]
+    inputs = takes_weights(model) if as_inputs is None else as_inputs
     if not path.is_file():
         logger.info("compiling the decode step with AOTInductor into %s", path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        dynamic = None
+        if isinstance(queries, tuple):
+            tokens = torch.export.Dim("queries", min=queries[0], max=queries[1])
+            layers = len(example[5])
+            dynamic = ({1: tokens}, {1: tokens}, {0: tokens}, {2: tokens}, None, [None] * layers, [None] * layers)
         with torch.no_grad():
-            if takes_weights(model):
-                exported = torch.export.export(_WeightsStepModule(model, forward), (weight_inputs(model), *example),
-                                               strict=False)
+            if inputs:
+                weights = weight_inputs(model, True)
+                if dynamic is not None:
+                    dynamic = ([None] * len(weights), *dynamic)
+                exported = torch.export.export(_WeightsStepModule(model, forward), (weights, *example),
+                                               dynamic_shapes=dynamic, strict=False)
             else:
-                exported = torch.export.export(_StepModule(model, forward), example, strict=False)
+                exported = torch.export.export(_StepModule(model, forward), example, dynamic_shapes=dynamic,
+                                               strict=False)
             # The packager wants a name ending in .pt2: built in a private directory beside the target, then renamed
             with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
                 built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
@@ -180,22 +219,36 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
     # The C++ loader itself: torch._inductor.aoti_load_package would first import inductor's Python side, seconds
     # of a warm start's time to the first token. (path, model name, single-threaded, runners, device index)
     runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
-    loaded.clear()  # a package of older weights is never run again
+    # A package of the same kind for older weights (or other shapes) is not kept: one decode step and one verify
+    # step per model
+    kind = key.split("-", 1)[0]
+    for name in [name for name in loaded if name.split("-", 1)[0] == kind]:
+        del loaded[name]
     loaded[key] = runner
     return runner
 
 
-def auto_compile(model: Any, config: Any, input_ids: Any) -> bool | str:
-    """``generate(compile="auto")``: "aot" where a package for these weights and shapes is on disk, else False."""
+def auto_compile(model: Any, config: Any, input_ids: Any, speculative: bool = False) -> bool | str:
+    """``generate(compile="auto")``: "aot" where a package for these weights and shapes is on disk (with
+    `speculative` decoding, of one sequence, also the verify step's), else False."""
     from decoderkit.generation.decode_step import compile_slots
 
     if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0):
         return False
-    if config.prompt_lookup_num_tokens is not None or model.decoder_config.attn_implementation == "flash_attention_2":
+    if model.decoder_config.attn_implementation == "flash_attention_2":
         return False
     rows = input_ids.shape[0] * max(config.num_beams, config.num_return_sequences)
+    if speculative and rows > 1:
+        return False  # a batch speculates eagerly (speculative_batch)
     max_length = config.max_length_for(input_ids.shape[1], model.decoder_config.max_position_embeddings)
-    return "aot" if cached_step(model, rows, compile_slots(max_length)) else False
+    slots = compile_slots(max_length)
+    if not cached_step(model, rows, slots):
+        return False
+    if speculative:
+        from decoderkit.generation.verify_step import verify_package_path
+
+        return "aot" if verify_package_path(model, slots).is_file() else False
+    return "aot"
 
 
 def cached_step(model: Any, rows: int, slots: int) -> bool:
@@ -239,20 +292,25 @@ def _marker(fingerprint: tuple, rows: int, slots: int) -> Path:
 
 
 def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slots: int,
-                        quantization: str | None = None) -> bool:
+                        quantization: str | None = None, verify: bool = False) -> bool:
     """Start a detached process (lowest priority) that builds the package this `model`, loaded from `model_path` in
-    `dtype` (and with `quantization`), would use, unless it is there or being built; True if one was started. The
-    process loads the model itself and gives up if it differs from `model` (an adapter merged after loading, say)."""
+    `dtype` (and with `quantization`), would use (and with `verify`, for one row, speculative decoding's verify
+    package), unless they are there or being built; True if one was started. The process loads the model itself and
+    gives up if it differs from `model` (an adapter merged after loading, say)."""
     import subprocess
     import sys
     import time
+
+    from decoderkit.generation.verify_step import verify_package_path
 
     if aot_unsupported(model) is not None:
         return False
     fingerprint = step_identity(model)
     package = package_path(model, fingerprint, rows, slots)
     marker = _marker(fingerprint, rows, slots)
-    if package.is_file() or (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
+    verify = verify and rows == 1
+    missing = not package.is_file() or (verify and not verify_package_path(model, slots).is_file())
+    if not missing or (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
         return False
     package.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()  # now, so that a start right after this one does not start a second build
@@ -261,6 +319,8 @@ def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slot
                str(marker)]
     if quantization is not None:
         command += ["--quantize", quantization]
+    if verify:
+        command.append("--verify")
     env = {**os.environ, "DECODERKIT_KERNELS": os.environ.get("DECODERKIT_KERNELS", "1").replace("cached", "1")}
     with open(package.with_suffix(".log"), "w") as log:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
@@ -279,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect", default=None, help="build only if the loaded weights have this id")
     parser.add_argument("--marker", default=None, help="a file the caller made, removed when this process ends")
     parser.add_argument("--quantize", default=None, help="quantization= for from_pretrained")
+    parser.add_argument("--verify", action="store_true", help="also build speculative decoding's verify step")
     args = parser.parse_args(argv)
     os.nice(19)
     torch.set_num_threads(1)
@@ -296,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not package.is_file():
             print(f"built {build_package(model, args.rows, args.slots)}")
+        if args.verify:
+            from decoderkit.generation.verify_step import build_verify_package
+
+            print(f"built {build_verify_package(model, args.slots)}")
     finally:
         if args.marker is not None:
             Path(args.marker).unlink(missing_ok=True)

@@ -61,8 +61,10 @@ class _SlotCache(Cache):
 def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
                  mask: torch.Tensor | None, padding_mask: torch.Tensor | None,
                  rope: tuple[torch.Tensor, torch.Tensor] | None, alibi: torch.Tensor | None,
-                 cache: Cache, filled: int | None = None) -> torch.Tensor:
-    """One token per row through the stack, given the per-step inputs `DecoderStack.forward` would build.
+                 cache: Cache, filled: int | None = None, last: bool = True) -> torch.Tensor:
+    """One token per row through the stack, given the per-step inputs `DecoderStack.forward` would build: the fp32
+    logits (rows, V) of each row's last token, or with ``last=False`` (rows * T, V) of all T tokens of each row (the
+    verify step of speculative decoding feeds several).
 
     `filled` (tokens in the cache, this one included) is left out of the compiled step, which would specialise on it;
     the flash kernels, which take no dense mask, need it to ignore a static cache's unwritten slots.
@@ -80,7 +82,8 @@ def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, c
                              cache_position=cache_position, padding_mask=padding_mask, filled=filled)
     for layer in stack.layers:
         x, _ = layer(x, inputs, cache)
-    return model.lm_head(stack.norm(x)[:, -1]).float()
+    x = stack.norm(x)
+    return model.lm_head(x[:, -1] if last else x.reshape(-1, x.shape[-1])).float()
 
 
 def _forward_one_static(model, tokens, position_ids, cache_position, mask, rope, alibi, keys, values):

@@ -140,9 +140,10 @@ def generate(
     if compile == "auto":
         from decoderkit.generation.aot_step import auto_compile
 
-        plain = (all(x is None for x in (assistant_model, inputs_embeds, past_key_values))
+        plain = (all(x is None for x in (inputs_embeds, past_key_values))
                  and kwargs.get("use_cache") is not False and config.cache_implementation in _STATIC_CACHES | {None})
-        compile = auto_compile(model, config, input_ids) if plain else False
+        speculative = assistant_model is not None or config.prompt_lookup_num_tokens is not None
+        compile = auto_compile(model, config, input_ids, speculative) if plain else False
     if compile == "aot":
         from decoderkit.generation.aot_step import aot_unsupported
 

@@ -25,10 +25,15 @@ Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSche
 misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
 are rarely kept, decodes at about the plain rate.
 
+Compiled: with ``compile="aot"`` the plain steps are the packaged decode step and the verify forwards the packaged
+verify step (:mod:`decoderkit.generation.verify_step`: any number of proposals up to ``MAX_VERIFY_TOKENS - 1``, to
+which the proposals are then capped); with ``compile=True`` the plain steps are compiled and the verify forwards
+eager.
+
 Batches: a batch, or a padded prompt, decodes through :mod:`decoderkit.generation.speculative_batch`, where rows
 keep different numbers of tokens per step (no streaming, no ``output_scores`` / ``output_logits``, no
-``repetition_penalty`` with padding there). Greedy or sampling (beam search with speculation is not defined), no
-``compile=True`` (see :func:`build_proposer`).
+``repetition_penalty`` with padding there; eager, whatever ``compile`` says). Greedy or sampling (beam search with
+speculation is not defined).
 
 bf16: greedy speculation verifies k + 1 tokens in one forward, whose matmuls round differently from the one-token
 forwards of plain decoding, so a near-tie between the two best tokens can flip and the ids then diverge from plain
@@ -50,6 +55,7 @@ from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList
 from decoderkit.generation.speculative_batch import batched_speculative_steps
+from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep
 
 __all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer",
            "check_draft", "greedy_accept", "sampled_accept", "speculative_steps"]
@@ -225,8 +231,8 @@ def build_proposer(model: Any, config: GenerationConfig, assistant_model: Any, c
     """The proposer ``generate``'s arguments ask for (None: plain decoding), after checking they can speculate.
 
     Raises:
-        ValueError: both proposers at once, beam search, ``compile=True``, or a draft model with another vocabulary
-            or on another device than the model.
+        ValueError: both proposers at once, beam search, or a draft model with another vocabulary or on another
+            device than the model.
     """
     lookup = config.prompt_lookup_num_tokens
     if assistant_model is None and lookup is None:
@@ -237,8 +243,6 @@ def build_proposer(model: Any, config: GenerationConfig, assistant_model: Any, c
     if config.num_beams > 1:
         raise ValueError(f"speculative decoding (assistant_model / prompt_lookup_num_tokens) is defined for greedy "
                          f"decoding and sampling, not beam search (num_beams={config.num_beams}); set num_beams=1")
-    if compile:
-        raise ValueError("compile=True does not support speculative decoding yet; leave compile unset")
     if lookup is not None:
         return PromptLookupProposer(lookup, config.max_matching_ngram_size or 2)
     proposer = DraftModelProposer(assistant_model, config.num_assistant_tokens, config.num_assistant_tokens_schedule)
@@ -307,6 +311,10 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
             logits = plan.prefill()  # (1, V): the first token is chosen with nothing proposed
         # Steps with nothing proposed go through the plain decode step, so they cost what plain decoding costs
         plain_step = plan.stepper()
+        # The packaged decode step has a packaged verify step beside it (any k up to its limit); otherwise, and
+        # for longer proposals, the model's own forward verifies
+        verify = VerifyStep(plan.model, cache) if plan.compile == "aot" else None
+        most = MAX_VERIFY_TOKENS - 1 if verify is not None else plan.max_length
         proposed = ids.new_empty(0)
         draft_probs: torch.Tensor | None = None
         # What a verify forward costs against a plain step, timed where the work is done when the call returns (an
@@ -360,11 +368,14 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
             with torch.no_grad():
                 # The model's own token is emitted with every step, so at most (room - 1) proposals can be used
                 began, cost = time.perf_counter(), None
-                want = schedule.next(plan.max_length - cur - 1)
+                want = schedule.next(min(plan.max_length - cur - 1, most))
                 proposed, draft_probs = proposer.propose(ids[:, :cur], want) if want else (ids.new_empty(0), None)
                 if proposed.numel():
                     tokens = torch.cat([ids[0, cur - 1: cur], proposed])[None]
-                    logits = _verify_forward(plan.model, cache, tokens, cur - 1)
+                    if verify is not None:
+                        logits = verify(tokens, cur - 1)
+                    else:
+                        logits = _verify_forward(plan.model, cache, tokens, cur - 1)
                 else:
                     if plain_step.filled != cur - 1:
                         plain_step.seek(cur - 1)
