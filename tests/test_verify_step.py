@@ -12,7 +12,7 @@ import torch
 
 import decoderkit
 from decoderkit.cache import StaticCache
-from decoderkit.generation import aot_step, verify_step
+from decoderkit.generation import aot_step, speculative, verify_step
 from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep
 
 oracle = pytest.importorskip("oracle")
@@ -113,14 +113,25 @@ def test_verify_logits_equal_the_eager_forward(pair, cache_dir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_plain_steps_speculate_too(tmp_path):
-    """compile=True: the plain steps are compiled, the verify forwards eager; the ids are plain greedy's."""
+def test_compiled_plain_steps_speculate_too(tmp_path, monkeypatch):
+    """compile=True: the plain steps are torch.compile'd, the verify forwards the packaged verify step; where the
+    model cannot have one, its eager forward. The ids are plain greedy's either way."""
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
     hf = oracle.build("mpt")
     dk = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path / "m"), dtype=torch.float32).eval()
     prompt = repetitive_prompt(dk.config.vocab_size)
     kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=None)
+    calls = []
+    real_call = VerifyStep.__call__
+    monkeypatch.setattr(VerifyStep, "__call__", lambda self, tokens, filled: calls.append(tokens.shape[1]) or
+                        real_call(self, tokens, filled))
     with torch.no_grad():
         plain = dk.generate(prompt, **kwargs)
         got = dk.generate(prompt, compile=True, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
-    assert torch.equal(got.sequences, plain)
-    assert 0 < got.num_accepted_tokens < got.num_proposed_tokens
+        assert torch.equal(got.sequences, plain)
+        assert 0 < got.num_accepted_tokens < got.num_proposed_tokens
+        assert sum(calls) - len(calls) == got.num_proposed_tokens
+        calls.clear()
+        monkeypatch.setattr(speculative, "verify_unsupported", lambda model: "not here")
+        again = dk.generate(prompt, compile=True, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(again.sequences, plain) and not calls and again.num_proposed_tokens

@@ -477,9 +477,6 @@ def speculative_kwargs(args: argparse.Namespace, model: PreTrainedDecoder) -> di
         if tokens is not None:
             raise UsageError("--num-speculative-tokens needs --speculative lookup|draft:PATH")
         return {}
-    if getattr(args, "num_return_sequences", 1) > 1:
-        raise UsageError(f"--speculative decodes one sequence: drop --num-return-sequences "
-                         f"{args.num_return_sequences}")
     if mode == "lookup":
         return {"prompt_lookup_num_tokens": tokens or 10}
     from decoderkit import AutoModelForCausalLM
@@ -521,13 +518,23 @@ def fit_new_tokens(args: argparse.Namespace, model: PreTrainedDecoder, prompt_to
 
 def run_generate(model: PreTrainedDecoder, prompt_ids: list[int], kwargs: dict[str, Any],
                  streamer: TokenStreamer) -> bool:
-    """Generate with `streamer`; return False when interrupted by Ctrl-C (what was generated is in the streamer)."""
+    """Generate with `streamer`; return False when interrupted by Ctrl-C (what was generated is in the streamer).
+
+    Several sequences with speculative decoding decode as a batch whose rows keep different numbers of tokens per
+    step, which streams nothing: the streamer then gets the finished rows at the end."""
     import torch
 
     input_ids = torch.tensor([prompt_ids], device=model.device)
+    speculative = "prompt_lookup_num_tokens" in kwargs or "assistant_model" in kwargs
     try:
         with torch.inference_mode():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+            if speculative and kwargs.get("num_return_sequences", 1) > 1:
+                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+                streamer.put(input_ids)
+                streamer.put(out[:, input_ids.shape[1]:])
+                streamer.end()
+            else:
+                model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
     except KeyboardInterrupt:
         streamer.flush()
         return False

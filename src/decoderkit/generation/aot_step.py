@@ -105,10 +105,11 @@ AOT_MAX_WEIGHT_BYTES = 64 * 2**20
 _LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
 
 
-def aot_unsupported(model: Any) -> str | None:
+def aot_unsupported(model: Any, as_inputs: bool | None = None) -> str | None:
     """Why `model` cannot run a packaged step (None when it can): CPU weights, float32 / bfloat16 (at most
     `AOT_MAX_WEIGHT_BYTES` of them) or quantized layers, no tensor-parallel layers, rope that does not depend on the
-    length."""
+    length. A package that takes the weights as inputs (`as_inputs`, by default `takes_weights`: the verify step
+    always does) has no limit on their dtype or size."""
     params = list(model.parameters())
     if any(t.device.type != "cpu" for t in (*params, *model.buffers())):
         return "the packaged step runs on CPU"
@@ -117,7 +118,7 @@ def aot_unsupported(model: Any) -> str | None:
     rotary = model.model.rotary
     if rotary is not None and rotary.rope_type in _LENGTH_DEPENDENT_ROPE:
         return f"rope_type={rotary.rope_type!r} depends on the length, which a package cannot follow"
-    if takes_weights(model):
+    if takes_weights(model) if as_inputs is None else as_inputs:
         return None  # no size limit: the package holds no weights
     if any(p.dtype not in (torch.float32, torch.bfloat16) for p in params):
         return "the packaged step takes float32 or bfloat16 weights, or quantized layers"

@@ -25,10 +25,11 @@ Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSche
 misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
 are rarely kept, decodes at about the plain rate.
 
-Compiled: with ``compile="aot"`` the plain steps are the packaged decode step and the verify forwards the packaged
-verify step (:mod:`decoderkit.generation.verify_step`: any number of proposals up to ``MAX_VERIFY_TOKENS - 1``, to
-which the proposals are then capped); with ``compile=True`` the plain steps are compiled and the verify forwards
-eager.
+Compiled: with ``compile="aot"`` the plain steps are the packaged decode step, with ``compile=True`` the
+``torch.compile``'d one; the verify forwards are then the packaged verify step
+(:mod:`decoderkit.generation.verify_step`: any number of proposals up to ``MAX_VERIFY_TOKENS - 1``, to which the
+proposals are capped) where the model can have one (CPU, no tensor parallelism, rope that does not depend on the
+length), else the model's eager forward.
 
 Batches: a batch, or a padded prompt, decodes through :mod:`decoderkit.generation.speculative_batch`, where rows
 keep different numbers of tokens per step (no streaming, no ``output_scores`` / ``output_logits``, no
@@ -55,7 +56,7 @@ from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList
 from decoderkit.generation.speculative_batch import batched_speculative_steps
-from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep
+from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep, verify_unsupported
 
 __all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer",
            "check_draft", "greedy_accept", "sampled_accept", "speculative_steps"]
@@ -311,9 +312,9 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
             logits = plan.prefill()  # (1, V): the first token is chosen with nothing proposed
         # Steps with nothing proposed go through the plain decode step, so they cost what plain decoding costs
         plain_step = plan.stepper()
-        # The packaged decode step has a packaged verify step beside it (any k up to its limit); otherwise, and
-        # for longer proposals, the model's own forward verifies
-        verify = VerifyStep(plan.model, cache) if plan.compile == "aot" else None
+        # Compiled plain steps have a packaged verify step beside them (any k up to its limit) where the model can
+        # have one (it takes the weights as inputs: any size); otherwise the model's own forward verifies
+        verify = VerifyStep(plan.model, cache) if plan.compile and verify_unsupported(plan.model) is None else None
         most = MAX_VERIFY_TOKENS - 1 if verify is not None else plan.max_length
         proposed = ids.new_empty(0)
         draft_probs: torch.Tensor | None = None

@@ -2,8 +2,9 @@
 the model over a static cache in one call, with the logits at every position.
 
 Eagerly, a verify forward costs what an eager decode step costs in Python (module calls, mask building), which on a
-small CPU model is more than its arithmetic: against the packaged decode step (`compile="aot"`), speculation then
-gains little. This step is an AOTInductor package like the decode step (:mod:`decoderkit.generation.aot_step`), built
+small CPU model is more than its arithmetic: against a compiled decode step (``compile="aot"`` or ``True``),
+speculation then gains little. This step is an AOTInductor package like the decode step
+(:mod:`decoderkit.generation.aot_step`), built
 once for any number of tokens from 2 to `MAX_VERIFY_TOKENS` (the tokens' axis is dynamic), so a proposal of any
 length runs the same compiled code. The package always takes the weights as inputs (a float model's decode step
 embeds them; a second embedded copy would double the memory) and is keyed by their names, dtypes and shapes.
@@ -28,11 +29,20 @@ from decoderkit.layers.alibi import alibi_bias
 from decoderkit.layers.linear import DecodeLinear, use_decode_linear
 from decoderkit.layers.quantized import KERNEL_ROWS
 
-__all__ = ["MAX_VERIFY_TOKENS", "VerifyStep", "build_verify_package", "verify_package_path", "verify_queries"]
+__all__ = ["MAX_VERIFY_TOKENS", "VerifyStep", "build_verify_package", "verify_package_path", "verify_queries",
+           "verify_unsupported"]
 
 # Tokens per verify call (the chosen token and up to 15 proposals): the quantized kernels run up to KERNEL_ROWS rows,
 # past which a layer would multiply by its dequantized weight, a float copy made at every call
 MAX_VERIFY_TOKENS = KERNEL_ROWS
+
+
+def verify_unsupported(model: Any) -> str | None:
+    """Why `model` cannot have a packaged verify step (None when it can): the packaged step's conditions, without
+    its limits on a float model's size (the verify package takes the weights as inputs)."""
+    from decoderkit.generation.aot_step import aot_unsupported
+
+    return aot_unsupported(model, as_inputs=True)
 
 
 def verify_queries() -> tuple[int, int]:
