@@ -90,3 +90,38 @@ def test_static_decode_runs_the_kernel_and_matches_transformers(family, tmp_path
     for a, b in zip(got.logits, want.logits):
         # padding rows' logits are the models' business, real rows must agree
         assert oracle.rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt_bigcode", "mpt"])
+def test_several_query_rows_run_the_kernel_and_match_the_dynamic_cache(family, tmp_path, monkeypatch):
+    """A speculative verify forward: a few tokens at once over a static cache after the prompt. Oracle: the same
+    tokens over a dynamic cache (SDPA over exactly the cached keys), itself checked against transformers."""
+    from decoderkit.cache import DynamicCache, StaticCache
+
+    hf = oracle.build(family)
+    dk = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path), dtype=torch.float32).eval()
+    calls = []
+    original = layers.static_cache_attention
+    monkeypatch.setattr(layers, "static_cache_attention", lambda *a: calls.append(a[0].shape[2]) or original(*a))
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(1, hf.config.vocab_size, (1, 9), generator=gen)
+    with torch.no_grad():
+        for T in (2, 5, layers.STATIC_KERNEL_ROWS):
+            chunk = torch.randint(1, hf.config.vocab_size, (1, T), generator=gen)
+            positions = torch.arange(9, 9 + T)[None]
+            static = StaticCache(dk.decoder_config, 1, 64, dtype=torch.float32)
+            dynamic = DynamicCache()
+            dk(prompt, past_key_values=static, use_cache=True)
+            dk(prompt, past_key_values=dynamic, use_cache=True)
+            calls.clear()
+            got = dk(chunk, position_ids=positions, past_key_values=static, use_cache=True).logits
+            assert calls == [T] * hf.config.num_hidden_layers
+            want = dk(chunk, position_ids=positions, past_key_values=dynamic, use_cache=True).logits
+            assert oracle.rel_err(got, want) < 1e-4
+        # With an attention mask (query rows that may be padding) SDPA runs instead
+        static = StaticCache(dk.decoder_config, 1, 64, dtype=torch.float32)
+        dk(prompt, past_key_values=static, use_cache=True)
+        calls.clear()
+        dk(chunk[:, :3], attention_mask=torch.ones(1, 12, dtype=torch.long), position_ids=torch.arange(9, 12)[None],
+           past_key_values=static, use_cache=True)
+        assert calls == []

@@ -105,12 +105,22 @@ class Attention(nn.Module):
         return self.o_proj(out), (weights if output_attentions else None)
 
 
+# Query rows per sequence up to which attention over a static cache's filled slots runs decoderkit's kernel: a decode
+# step's one, or a speculative verify step's few (verify_step.MAX_VERIFY_TOKENS)
+STATIC_KERNEL_ROWS = 16
+
+
 def reads_filled_slots(q: torch.Tensor, cache: Cache | None, inputs: AttentionInputs, dropout: float,
                        cross: bool) -> bool:
-    """Whether a decode step's attention runs decoderkit's kernel over a static cache's filled slots only: one
-    float32 query row per sequence on CPU, causal, no dropout. SDPA there reads every slot of the cache (all 256 of a
-    compiled step's bucket at the first generated token): at batch 16 on SmolLM2 a quarter of a step's time."""
-    if cross or dropout or q.shape[2] != 1 or cache is None or not cache.is_static or not inputs.causal:
+    """Whether attention over a static cache runs decoderkit's kernel over its filled slots only: float32 on CPU,
+    causal, no dropout, one query row per sequence (a decode step) or up to `STATIC_KERNEL_ROWS` of an unpadded
+    batch (a speculative verify step; padded query rows would attend to nothing). SDPA there reads every slot of the
+    cache (all 256 of a compiled step's bucket at the first generated token): at batch 16 on SmolLM2 a quarter of a
+    step's time, and at batch 1 most of a verify step's cost above a decode step's."""
+    rows = q.shape[2]
+    if cross or dropout or rows > STATIC_KERNEL_ROWS or cache is None or not cache.is_static or not inputs.causal:
+        return False
+    if rows > 1 and inputs.padding_mask is not None:
         return False
     if q.device.type != "cpu" or q.dtype != torch.float32 or inputs.cache_position is None:
         return False
@@ -121,8 +131,8 @@ def reads_filled_slots(q: torch.Tensor, cache: Cache | None, inputs: AttentionIn
 
 def static_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs,
                            scale: float) -> torch.Tensor:
-    """(B, H, T, D) attention of q over a static cache's (B, H_kv, S, D) keys and values up to the query's slot,
-    with the key padding of `inputs.mask` ((B, 1, 1, S) for one query row) and ALiBi from its slopes."""
+    """(B, H, T, D) attention of q over a static cache's (B, H_kv, S, D) keys and values, each query row up to its own
+    slot, with the key padding of the last query row's `inputs.mask` ((B, 1, T, S)) and ALiBi from its slopes."""
     from decoderkit.kernels import attention as kernel
 
     B, H, T, D = q.shape
