@@ -107,7 +107,9 @@ def generate(
         compile: compile the decode step (implies ``cache_implementation="static"``): True with ``torch.compile``,
             ``"aot"`` (small float or quantized CPU models) as an AOTInductor package kept on disk
             (:mod:`decoderkit.generation.aot_step`), built now unless a package for the same weights and shapes
-            is there already; ``"auto"`` the package if it is there, else eager.
+            is there already; ``"auto"`` the package if it is there, else eager. Speculative decoding of one
+            sequence with a compiled step on CPU verifies through a packaged verify step
+            (:mod:`decoderkit.generation.verify_step`), built likewise (``"auto"``: used once both are there).
         kwargs: any :class:`GenerationConfig` field (``max_new_tokens``, ``do_sample``, ``num_beams``, ...), and
             ``assistant_model`` (a draft model): with it or ``prompt_lookup_num_tokens``, decoding is speculative
             (:mod:`decoderkit.generation.speculative`), with the same output.
