@@ -91,11 +91,6 @@ def test_background_build_is_started_once(tmp_path, monkeypatch):
     package.touch()
     assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
     assert len(started) == 1
-    # A bigger model than a package pays for is never built
-    monkeypatch.setattr(aot_step, "AOT_MAX_WEIGHT_BYTES", 1000)
-    package.unlink()
-    assert not aot_step.build_in_background(model, directory, "float32", 1, 256)
-    assert "over the packaged step's" in aot_step.aot_unsupported(model)
 
 
 @pytest.mark.slow
@@ -156,3 +151,32 @@ def test_packages_are_keyed_by_the_code_a_step_is_traced_from(tmp_path):
         assert aot_step._digest_of(root, True) != first, name
         path.write_text(original)
     assert aot_step._digest_of(root, True) == first
+
+
+@pytest.mark.slow
+def test_a_large_float_model_package_takes_the_weights_as_inputs(tmp_path, monkeypatch):
+    """Past AOT_MAX_WEIGHT_BYTES a float model's package holds only code: the same package runs other weights of the
+    same shapes, and computes with them."""
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(aot_step, "AOT_MAX_WEIGHT_BYTES", 1000)
+    hf = oracle.build("gpt_bigcode")
+    first = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path / "m"), dtype=torch.float32)
+    first.eval()
+    second = decoderkit.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(1.3)
+    assert aot_step.aot_unsupported(first) is None and aot_step.takes_weights(first)
+    ids = torch.tensor([[3, 17, 5, 60]])
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        want = hf.generate(ids, **kwargs)
+        assert torch.equal(first.generate(ids, compile="aot", **kwargs), want)
+        assert len(list(aot_step.package_dir().glob("*.pt2"))) == 1
+        plain_second = second.generate(ids, cache_implementation="static", **kwargs)
+        assert not torch.equal(plain_second, want)
+        assert aot_step.cached_step(second, 1, 256)
+        with pytest.MonkeyPatch.context() as no_compiling:
+            no_compiling.setattr(torch._inductor, "aoti_compile_and_package", None)
+            assert torch.equal(second.generate(ids, compile="auto", **kwargs), plain_second)
+    assert len(list(aot_step.package_dir().glob("*.pt2"))) == 1

@@ -3,12 +3,13 @@
 `torch.compile` leaves Python on every step: dynamo's guards over the model's modules and parameters, and the AOT
 autograd wrappers around the compiled code; for the shipped 2.6M-parameter model they cost about as much as the step's
 own arithmetic. An AOTInductor package is the same inductor code behind a C++ runner: one call per token, no guards.
-A package for a float model embeds its weights (frozen, as torch.compile's step has them), so it is keyed by
-everything it was built from (torch version, the model's config, the weights' content hash, dtype, rows and cache
-length). A package for a quantized model (GGUF files, ``quantization=``) takes the weights as inputs instead: its
-matmuls are decoderkit's kernels on the packed codes, which freezing would not change, so the package holds only
-code, is keyed by the weights' names, dtypes and shapes (not their contents: any checkpoint of the same shape shares
-it), reads the model's own tensors at every call (no copy, in-place changes seen) and has no size limit. Packages live
+A package for a small float model (`AOT_MAX_WEIGHT_BYTES`) embeds its weights (frozen, as torch.compile's step has
+them), so it is keyed by everything it was built from (torch version, the model's config, the weights' content hash,
+dtype, rows and cache length). A package for a quantized model (GGUF files, ``quantization=``), or a larger float
+one, takes the weights as inputs instead: its matmuls are decoderkit's kernels on the packed codes or the float
+weights as they are, which freezing would not change, so the package holds only code, is keyed by the weights'
+names, dtypes and shapes (not their contents: any checkpoint of the same shape shares it), reads the model's own
+tensors at every call (no copy, in-place changes seen) and has no size limit. Packages live
 under ``cache_root()/aoti``, written under a temporary name and renamed; a later process with the same model loads
 one in a fraction of a second instead of compiling.
 """
@@ -72,12 +73,20 @@ def _weight_items(model: Any) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
 
-def takes_weights(model: Any) -> bool:
-    """Whether a package for `model` takes its weights as inputs rather than embedding them: models with quantized
-    layers (see the module's docstring)."""
+def _quantized(model: Any) -> bool:
     from decoderkit.layers.quantized import QuantizedLinear
 
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def takes_weights(model: Any) -> bool:
+    """Whether a package for `model` takes its weights as inputs rather than embedding them: models with quantized
+    layers (see the module's docstring), and float models over `AOT_MAX_WEIGHT_BYTES`, for which an embedded copy
+    and its content hash at every call stop being cheap (their matmuls at decode sizes are decoderkit's GEMV on the
+    weights as they are, which freezing would not speed up)."""
+    if _quantized(model):
+        return True
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > AOT_MAX_WEIGHT_BYTES
 
 
 def weight_inputs(model: Any, as_inputs: bool | None = None) -> list[torch.Tensor]:
@@ -99,17 +108,16 @@ def step_identity(model: Any, as_inputs: bool | None = None) -> tuple:
     return ("inputs", repr(model), *((name, t.dtype, tuple(t.shape)) for name, t in _weight_items(model)))
 
 
-# Above this the package (which embeds the weights) and the content hash checked at every call stop being cheap, and
-# the weight reads, not the per-token overhead a package removes, set the decode speed
+# Float weights up to this are embedded in the package (frozen: prepacked for the GEMM libraries); above it the
+# package and the content hash checked at every call stop being cheap, and the package takes the weights as inputs
 AOT_MAX_WEIGHT_BYTES = 64 * 2**20
 _LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
 
 
-def aot_unsupported(model: Any, as_inputs: bool | None = None) -> str | None:
-    """Why `model` cannot run a packaged step (None when it can): CPU weights, float32 / bfloat16 (at most
-    `AOT_MAX_WEIGHT_BYTES` of them) or quantized layers, no tensor-parallel layers, rope that does not depend on the
-    length. A package that takes the weights as inputs (`as_inputs`, by default `takes_weights`: the verify step
-    always does) has no limit on their dtype or size."""
+def aot_unsupported(model: Any) -> str | None:
+    """Why `model` cannot run a packaged step (None when it can): CPU weights, float32 / bfloat16 weights or quantized
+    layers, no tensor-parallel layers, rope that does not depend on the length. There is no size limit: a package
+    for a large model takes its weights as inputs (`takes_weights`)."""
     params = list(model.parameters())
     if any(t.device.type != "cpu" for t in (*params, *model.buffers())):
         return "the packaged step runs on CPU"
@@ -118,13 +126,10 @@ def aot_unsupported(model: Any, as_inputs: bool | None = None) -> str | None:
     rotary = model.model.rotary
     if rotary is not None and rotary.rope_type in _LENGTH_DEPENDENT_ROPE:
         return f"rope_type={rotary.rope_type!r} depends on the length, which a package cannot follow"
-    if takes_weights(model) if as_inputs is None else as_inputs:
-        return None  # no size limit: the package holds no weights
+    if _quantized(model):
+        return None
     if any(p.dtype not in (torch.float32, torch.bfloat16) for p in params):
         return "the packaged step takes float32 or bfloat16 weights, or quantized layers"
-    size = sum(p.numel() * p.element_size() for p in params)
-    if size > AOT_MAX_WEIGHT_BYTES:
-        return f"the weights take {size / 2**20:.0f} MiB, over the packaged step's {AOT_MAX_WEIGHT_BYTES // 2**20} MiB"
     return None
 
 

@@ -38,11 +38,10 @@ MAX_VERIFY_TOKENS = KERNEL_ROWS
 
 
 def verify_unsupported(model: Any) -> str | None:
-    """Why `model` cannot have a packaged verify step (None when it can): the packaged step's conditions, without
-    its limits on a float model's size (the verify package takes the weights as inputs)."""
+    """Why `model` cannot have a packaged verify step (None when it can): the packaged decode step's conditions."""
     from decoderkit.generation.aot_step import aot_unsupported
 
-    return aot_unsupported(model, as_inputs=True)
+    return aot_unsupported(model)
 
 
 def verify_queries() -> tuple[int, int]:
