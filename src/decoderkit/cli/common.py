@@ -376,7 +376,7 @@ def resolve_compile(args: argparse.Namespace) -> bool | str:
     """How to run the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else "auto".
 
     "auto" (the default) runs the AOTInductor-packaged step where a package for the model's weights and the
-    run's shapes is on disk (small float and all quantized CPU models: see decoderkit.generation.aot_step), and the
+    run's shapes is on disk (float32 / bfloat16 and quantized CPU models: see decoderkit.generation.aot_step), and the
     eager step otherwise; after such an eager run `build_step_in_background` compiles the package for the next
     start, so the first start is never made to wait minutes for a compilation. `--compile` (or `DECODERKIT_COMPILE=1`)
     compiles with torch.compile in the foreground and points inductor's on-disk caches at decoderkit's cache

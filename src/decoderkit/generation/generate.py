@@ -105,7 +105,7 @@ def generate(
         tokenizer: needed for ``stop_strings``.
         logits_processor, stopping_criteria: extra processors / criteria, applied after the built-in ones.
         compile: compile the decode step (implies ``cache_implementation="static"``): True with ``torch.compile``,
-            ``"aot"`` (small float or quantized CPU models) as an AOTInductor package kept on disk
+            ``"aot"`` (float32 / bfloat16 or quantized CPU models) as an AOTInductor package kept on disk
             (:mod:`decoderkit.generation.aot_step`), built now unless a package for the same weights and shapes
             is there already; ``"auto"`` the package if it is there, else eager. Speculative decoding of one
             sequence with a compiled step on CPU verifies through a packaged verify step
