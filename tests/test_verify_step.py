@@ -40,16 +40,22 @@ def pair(request, tmp_path_factory):
     return hf, dk.eval()
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """The token count of every call of the packaged verify step, in order."""
+    seen = []
+    real_call = VerifyStep.__call__
+    monkeypatch.setattr(VerifyStep, "__call__", lambda self, tokens, filled: seen.append(tokens.shape[1]) or
+                        real_call(self, tokens, filled))
+    return seen
+
+
 @pytest.mark.slow
-def test_packaged_speculation_gives_plain_greedy_ids(pair, cache_dir, monkeypatch):
+def test_packaged_speculation_gives_plain_greedy_ids(pair, cache_dir, monkeypatch, calls):
     monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(cache_dir))
     hf, dk = pair
     prompt = repetitive_prompt(dk.config.vocab_size)
     kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=None)
-    calls = []
-    real_call = VerifyStep.__call__
-    monkeypatch.setattr(VerifyStep, "__call__", lambda self, tokens, filled: calls.append(tokens.shape[1]) or
-                        real_call(self, tokens, filled))
     with torch.no_grad():
         plain = dk.generate(prompt, **kwargs)
         got = dk.generate(prompt, compile="aot", prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
@@ -113,7 +119,7 @@ def test_verify_logits_equal_the_eager_forward(pair, cache_dir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_plain_steps_speculate_too(tmp_path, monkeypatch):
+def test_compiled_plain_steps_speculate_too(tmp_path, monkeypatch, calls):
     """compile=True: the plain steps are torch.compile'd, the verify forwards the packaged verify step; where the
     model cannot have one, its eager forward. The ids are plain greedy's either way."""
     monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -121,10 +127,6 @@ def test_compiled_plain_steps_speculate_too(tmp_path, monkeypatch):
     dk = decoderkit.AutoModelForCausalLM.from_pretrained(oracle.save(hf, tmp_path / "m"), dtype=torch.float32).eval()
     prompt = repetitive_prompt(dk.config.vocab_size)
     kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=None)
-    calls = []
-    real_call = VerifyStep.__call__
-    monkeypatch.setattr(VerifyStep, "__call__", lambda self, tokens, filled: calls.append(tokens.shape[1]) or
-                        real_call(self, tokens, filled))
     with torch.no_grad():
         plain = dk.generate(prompt, **kwargs)
         got = dk.generate(prompt, compile=True, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
@@ -132,6 +134,6 @@ def test_compiled_plain_steps_speculate_too(tmp_path, monkeypatch):
         assert 0 < got.num_accepted_tokens < got.num_proposed_tokens
         assert sum(calls) - len(calls) == got.num_proposed_tokens
         calls.clear()
-        monkeypatch.setattr(speculative, "verify_unsupported", lambda model: "not here")
+        monkeypatch.setattr(speculative, "aot_unsupported", lambda model: "not here")
         again = dk.generate(prompt, compile=True, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
     assert torch.equal(again.sequences, plain) and not calls and again.num_proposed_tokens

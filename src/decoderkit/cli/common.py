@@ -411,7 +411,7 @@ def build_step_in_background(args: argparse.Namespace, model: PreTrainedDecoder,
     from decoderkit.generation.decode_step import compile_slots
 
     quantize = getattr(args, "quantize", None)
-    verify = getattr(args, "speculative", None) is not None and rows == 1
+    verify = getattr(args, "speculative", None) is not None
     if build_in_background(model, str(path), args.dtype, rows, compile_slots(max_length),
                            quantization=None if quantize in (None, "none") else quantize, verify=verify):
         _note(args, f"{PROG}: compiling the decode step in the background for the next start")

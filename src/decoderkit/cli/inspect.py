@@ -58,13 +58,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kwargs["compile"] = compiled
     step = "torch.compile" if compiled is True else "eager"
     if compiled == "auto":
-        from decoderkit.generation.aot_step import cached_step
+        from decoderkit.generation.aot_step import packages_cached
         from decoderkit.generation.decode_step import compile_slots
-        from decoderkit.generation.verify_step import verify_package_path
 
-        slots = compile_slots(args.prompt_tokens + args.new_tokens)
-        if cached_step(model, args.batch_size, slots) and (
-                not speculative or verify_package_path(model, slots).is_file()):
+        if packages_cached(model, args.batch_size, compile_slots(args.prompt_tokens + args.new_tokens),
+                           bool(speculative)):
             step = "aot"
     acceptance: list[float | None] = [None]
 

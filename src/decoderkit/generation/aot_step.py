@@ -247,14 +247,19 @@ def auto_compile(model: Any, config: Any, input_ids: Any, speculative: bool = Fa
     if speculative and rows > 1:
         return False  # a batch speculates eagerly (speculative_batch)
     max_length = config.max_length_for(input_ids.shape[1], model.decoder_config.max_position_embeddings)
-    slots = compile_slots(max_length)
+    return "aot" if packages_cached(model, rows, compile_slots(max_length), speculative) else False
+
+
+def packages_cached(model: Any, rows: int, slots: int, speculative: bool = False) -> bool:
+    """Whether the packages a run of `rows` rows over `slots` cache slots would use are on disk: the decode step's
+    (`cached_step`), and with `speculative` decoding (of one row) the verify step's too."""
     if not cached_step(model, rows, slots):
         return False
-    if speculative:
-        from decoderkit.generation.verify_step import verify_package_path
+    if not speculative:
+        return True
+    from decoderkit.generation.verify_step import verify_package_path
 
-        return "aot" if verify_package_path(model, slots).is_file() else False
-    return "aot"
+    return rows == 1 and verify_package_path(model, slots).is_file()
 
 
 def cached_step(model: Any, rows: int, slots: int) -> bool:
@@ -271,16 +276,14 @@ def cached_step(model: Any, rows: int, slots: int) -> bool:
 def build_package(model: Any, rows: int, slots: int) -> Path:
     """Compile and store the package for `model`, `rows` rows and `slots` slots (as the decode step would)."""
     from decoderkit.cache import StaticCache
-    from decoderkit.generation.decode_step import _forward_one_static
-    from decoderkit.layers.alibi import alibi_bias
+    from decoderkit.generation.decode_step import _forward_one_static, alibi_over
     from decoderkit.layers.linear import use_decode_linear
 
     use_decode_linear(model)
-    stack = model.model
     cache = StaticCache(model.decoder_config, rows, slots, dtype=model.dtype)
     allowed = torch.zeros(rows, 1, 1, slots, dtype=torch.bool)
     allowed[..., 0] = True
-    alibi = alibi_bias(stack.alibi_slopes, slots) if hasattr(stack, "alibi_slopes") else None
+    alibi = alibi_over(model, slots)
     example = (torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
                torch.zeros(1, dtype=torch.long), allowed, alibi, cache.keys, cache.values)
     fingerprint = step_identity(model)

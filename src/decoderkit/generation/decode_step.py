@@ -86,6 +86,13 @@ def _forward_one(model: Any, tokens: torch.Tensor, position_ids: torch.Tensor, c
     return model.lm_head(x[:, -1] if last else x.reshape(-1, x.shape[-1])).float()
 
 
+def alibi_over(model: Any, keys: int) -> torch.Tensor | None:
+    """`model`'s ALiBi bias over `keys` keys (a static cache's slots, or the tokens so far), None for a model
+    without ALiBi."""
+    stack = model.model
+    return alibi_bias(stack.alibi_slopes, keys) if hasattr(stack, "alibi_slopes") else None
+
+
 def _forward_one_static(model, tokens, position_ids, cache_position, mask, rope, alibi, keys, values):
     return _forward_one(model, tokens, position_ids, cache_position, mask, None, rope, alibi, _SlotCache(keys, values))
 
@@ -209,8 +216,7 @@ class DecodeStep:
             future = next_position[:, None] + torch.arange(steps, device=device)
             cos, sin = stack.rotary(future, model.dtype)
             self.rope_table = (cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous())  # (steps, rows, R)
-        self.alibi = alibi_bias(stack.alibi_slopes, cache.max_cache_len) if self.static and hasattr(
-            stack, "alibi_slopes") else None
+        self.alibi = alibi_over(model, cache.max_cache_len) if self.static else None
         self.compiled = None
         if compile == "aot":
             from decoderkit.generation.aot_step import aot_step, step_identity, weight_inputs
@@ -284,7 +290,7 @@ class DecodeStep:
         else:
             mask = self.visible[:, None, None, : slot + 1] if self.padded else None
             padding_mask = self.visible[:, : slot + 1] if self.padded else None
-            alibi = alibi_bias(stack.alibi_slopes, slot + 1) if hasattr(stack, "alibi_slopes") else None
+            alibi = alibi_over(self.model, slot + 1)
         logits = _forward_one(self.model, self.tokens, self.position_ids, self.cache_position, mask, padding_mask,
                               self._rope(slot - self.prompt_len), alibi, self.cache, filled=slot + 1)
         self.filled += 1

@@ -52,11 +52,12 @@ import torch
 
 from decoderkit.cache import DynamicCache
 from decoderkit.generation.acceptance import greedy_accept, sampled_accept
+from decoderkit.generation.aot_step import aot_unsupported
 from decoderkit.generation.config import GenerationConfig
 from decoderkit.generation.decode_step import forward_full
 from decoderkit.generation.logits_process import LogitsProcessorList
 from decoderkit.generation.speculative_batch import batched_speculative_steps
-from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep, verify_unsupported
+from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep
 
 __all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer",
            "check_draft", "greedy_accept", "sampled_accept", "speculative_steps"]
@@ -314,7 +315,7 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
         plain_step = plan.stepper()
         # Compiled plain steps have a packaged verify step beside them (any k up to its limit) where the model can
         # have one (it takes the weights as inputs: any size); otherwise the model's own forward verifies
-        verify = VerifyStep(plan.model, cache) if plan.compile and verify_unsupported(plan.model) is None else None
+        verify = VerifyStep(plan.model, cache) if plan.compile and aot_unsupported(plan.model) is None else None
         most = MAX_VERIFY_TOKENS - 1 if verify is not None else plan.max_length
         proposed = ids.new_empty(0)
         draft_probs: torch.Tensor | None = None

@@ -24,29 +24,17 @@ import torch
 from torch import nn
 
 from decoderkit.cache import Cache
-from decoderkit.generation.decode_step import _forward_one, _SlotCache
-from decoderkit.layers.alibi import alibi_bias
+from decoderkit.generation.decode_step import _forward_one, _SlotCache, alibi_over
 from decoderkit.layers.linear import DecodeLinear, use_decode_linear
 from decoderkit.layers.quantized import KERNEL_ROWS
 
-__all__ = ["MAX_VERIFY_TOKENS", "VerifyStep", "build_verify_package", "verify_package_path", "verify_queries",
-           "verify_unsupported"]
+__all__ = ["MAX_VERIFY_TOKENS", "VERIFY_QUERIES", "VerifyStep", "build_verify_package", "verify_package_path"]
 
 # Tokens per verify call (the chosen token and up to 15 proposals): the quantized kernels run up to KERNEL_ROWS rows,
 # past which a layer would multiply by its dequantized weight, a float copy made at every call
 MAX_VERIFY_TOKENS = KERNEL_ROWS
-
-
-def verify_unsupported(model: Any) -> str | None:
-    """Why `model` cannot have a packaged verify step (None when it can): the packaged decode step's conditions."""
-    from decoderkit.generation.aot_step import aot_unsupported
-
-    return aot_unsupported(model)
-
-
-def verify_queries() -> tuple[int, int]:
-    """The range of tokens per call a verify package takes."""
-    return (2, MAX_VERIFY_TOKENS)
+# The range of tokens per call a verify package takes
+VERIFY_QUERIES = (2, MAX_VERIFY_TOKENS)
 
 
 def _forward_all_static(model, tokens, position_ids, cache_position, mask, rope, alibi, keys, values):
@@ -71,11 +59,9 @@ def _torch_linears(model: nn.Module) -> Iterator[None]:
 
 def _example(model: Any, cache: Cache, tokens: int) -> tuple:
     slots = cache.max_cache_len
-    stack = model.model
     mask = torch.ones(1, 1, tokens, slots, dtype=torch.bool).tril()
-    alibi = alibi_bias(stack.alibi_slopes, slots) if hasattr(stack, "alibi_slopes") else None
-    return (torch.zeros(1, tokens, dtype=torch.long), torch.arange(tokens)[None], torch.arange(tokens), mask, alibi,
-            cache.keys, cache.values)
+    return (torch.zeros(1, tokens, dtype=torch.long), torch.arange(tokens)[None], torch.arange(tokens), mask,
+            alibi_over(model, slots), cache.keys, cache.values)
 
 
 def verify_package(model: Any, cache: Cache) -> Any:
@@ -85,7 +71,7 @@ def verify_package(model: Any, cache: Cache) -> Any:
     use_decode_linear(model)
     with _torch_linears(model):
         return aot_step(model, step_identity(model, as_inputs=True), _forward_all_static,
-                        _example(model, cache, MAX_VERIFY_TOKENS), queries=verify_queries(), as_inputs=True)
+                        _example(model, cache, MAX_VERIFY_TOKENS), queries=VERIFY_QUERIES, as_inputs=True)
 
 
 def build_verify_package(model: Any, slots: int) -> Path:
@@ -102,7 +88,7 @@ def verify_package_path(model: Any, slots: int) -> Path:
 
     use_decode_linear(model)
     with _torch_linears(model):  # as the package is keyed when it is built
-        return package_path(model, step_identity(model, as_inputs=True), 1, slots, verify_queries())
+        return package_path(model, step_identity(model, as_inputs=True), 1, slots, VERIFY_QUERIES)
 
 
 class VerifyStep:
@@ -119,10 +105,8 @@ class VerifyStep:
             raise ValueError("VerifyStep runs one sequence over a static cache")
         self.model, self.cache = model, cache
         self.package = verify_package(model, cache)
-        slots = cache.max_cache_len
-        self.slots = torch.arange(slots)
-        stack = model.model
-        self.alibi = alibi_bias(stack.alibi_slopes, slots) if hasattr(stack, "alibi_slopes") else None
+        self.slots = torch.arange(cache.max_cache_len)
+        self.alibi = alibi_over(model, cache.max_cache_len)
         self.head = weight_inputs(model, True)
         self.tail = [*cache.keys, *cache.values]
 
