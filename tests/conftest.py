@@ -27,6 +27,16 @@ def single_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def untimed_schedule(monkeypatch):
+    """Speculative decoding's schedule from the acceptance alone, not the clock: a test's proposals then do not
+    depend on how fast this machine runs its model (on a tiny test model a verify forward can cost more plain steps
+    than it keeps tokens, and the timed schedule pauses it)."""
+    from decoderkit.generation.speculative import ProposalSchedule
+
+    monkeypatch.setattr(ProposalSchedule, "timed", False)
+
+
 @dataclass(frozen=True)
 class FlashBackend:
     """Where the flash_attention_2 tests run: the CPU double in fp32, or the real kernel on CUDA in bf16."""

@@ -28,6 +28,8 @@ oracle = pytest.importorskip("oracle")
 
 FAMILIES = ["llama", "gemma", "gpt_bigcode", "mpt"]
 NEW = 24
+# The schedule from the acceptance alone, not the clock (see conftest.untimed_schedule)
+pytestmark = pytest.mark.usefixtures("untimed_schedule")
 # chi2.ppf(0.999, df) for df = 1..7: a correct sampler fails a test at this level once in a thousand seeds
 CHI2_999 = [10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322]
 
@@ -57,13 +59,24 @@ def repetitive_prompt(vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([base, base, base[:4]])[None]
 
 
+_SCHEDULE_INIT = ProposalSchedule.__init__
+
+
+def unwatched_init(self, *args, **kwargs):
+    """ProposalSchedule.__init__ with watching off, as the schedule of a proposer too costly to ask at every step."""
+    _SCHEDULE_INIT(self, *args, **{**kwargs, "watch": False})
+
+
 # ---------------------------------------------------------------------------------------------- greedy
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("proposer", ["lookup", "draft"])
-def test_greedy_speculation_gives_plain_greedy_ids(trio, cache, proposer):
+def test_greedy_speculation_gives_plain_greedy_ids(trio, cache, proposer, monkeypatch):
     hf, dk, draft = trio
+    # Every family must run both verify paths (proposals kept and rejected): watching would skip the proposals that
+    # one family's text rejects from its first token
+    monkeypatch.setattr(speculative.ProposalSchedule, "__init__", unwatched_init)
     prompt = repetitive_prompt(dk.config.vocab_size)
     kwargs = dict(max_new_tokens=NEW, eos_token_id=None, cache_implementation=cache)
     plain = dk.generate(prompt, **kwargs)
@@ -166,6 +179,37 @@ def test_schedule_backs_off_pauses_and_probes():
         assert fixed.next(100) == 5
 
 
+def test_schedule_watches_guesses_and_times_plain_steps(monkeypatch):
+    watch = ProposalSchedule(6, patience=2, pause=2, watch=True)
+    assert watch.next(100) == 0 and watch.watching  # a run starts watching
+    watch.watched(False)
+    assert [watch.next(100) for _ in range(5)] == [0] * 5 and watch.watching  # wrong guesses: no countdown
+    watch.watched(True)
+    assert watch.next(100) == 6 and not watch.watching  # a right guess: propose at the next step
+    watch.update(6, 0)
+    watch.update(1, 0)  # two misses, nothing kept: watching again
+    assert watch.next(100) == 0 and watch.watching
+    watch.watched(True)
+    assert watch.next(100) == 1
+    watch.update(1, 1)  # kept: the misses and the pause start afresh
+    watch.update(3, 1, cost=3.0)
+    watch.update(2, 1, cost=3.0)  # kept tokens, too few for the cost: a counted pause, not watched
+    assert [watch.next(100) for _ in range(3)] == [0, 0, 2] and not watch.watching
+    # The clock: a plain step's time is the unit; verify steps before any plain one are unpriced, and after
+    # calibrate_after of them one plain step is taken to time one
+    monkeypatch.setattr(ProposalSchedule, "timed", True)
+    timed = ProposalSchedule(4, calibrate_after=2)
+    assert timed.record(3, 0.5) is None and timed.record(3, 0.5) is None
+    assert timed.next(100) == 0
+    assert timed.record(0, 0.25) is None and timed.next(100) == 4
+    assert timed.record(4, 0.5) == 2.0
+    timed.record(0, 0.5)  # a moving average of the plain steps
+    assert timed.record(4, 0.6) == pytest.approx(0.6 / 0.3)
+    monkeypatch.setattr(ProposalSchedule, "timed", False)
+    untimed = ProposalSchedule(4, calibrate_after=0)
+    assert untimed.record(0, 1.0) is None and untimed.next(100) == 4
+
+
 class Forbid(LogitsProcessor):
     """Never lets the model choose `token`, so a proposal of it is always rejected."""
 
@@ -178,8 +222,10 @@ class Forbid(LogitsProcessor):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_rejected_proposals_stop_costing_verify_forwards(trio, cache, monkeypatch):
-    """Open-ended text: when nothing proposed is kept, speculation must fall back to plain steps (no verify forward)
-    after a couple of misses, probing only now and then; with nothing to propose it never verifies at all."""
+    """Open-ended text: when nothing proposed is kept, speculation must fall back to plain steps (no verify forward).
+    Prompt lookup is watched: its guesses are compared with the plain steps' tokens, and as none is right it never
+    verifies at all. Unwatched (a draft model, too costly to ask at every step), it falls back after a couple of
+    misses and probes only now and then. With nothing to propose it never verifies either way."""
     _, dk, _ = trio
     prompt = repetitive_prompt(dk.config.vocab_size)
     verifies = []
@@ -190,7 +236,14 @@ def test_rejected_proposals_stop_costing_verify_forwards(trio, cache, monkeypatc
     kwargs = dict(max_new_tokens=40, eos_token_id=None, cache_implementation=cache,
                   logits_processor=LogitsProcessorList([Forbid(5)]))
     plain = dk.generate(prompt, **kwargs)
-    monkeypatch.setattr(PromptLookupProposer, "propose", lambda self, ids, limit: (torch.full((limit,), 5), None))
+    asked = []
+    monkeypatch.setattr(PromptLookupProposer, "propose",
+                        lambda self, ids, limit: asked.append(limit) or (torch.full((limit,), 5), None))
+    got = dk.generate(prompt, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(got.sequences, plain)
+    assert verifies == [] and got.num_proposed_tokens == 0
+    assert asked == [1] * 39  # one guess at each plain step after the first token (chosen by the prefill)
+    monkeypatch.setattr(speculative.ProposalSchedule, "__init__", unwatched_init)
     got = dk.generate(prompt, prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
     assert torch.equal(got.sequences, plain)
     # 4 then 1 proposed and missed, then probes after pauses of 4, 8, 16 steps
@@ -200,6 +253,71 @@ def test_rejected_proposals_stop_costing_verify_forwards(trio, cache, monkeypatc
     monkeypatch.setattr(PromptLookupProposer, "propose", lambda self, ids, limit: (ids[0, :0], None))
     assert torch.equal(dk.generate(prompt, prompt_lookup_num_tokens=4, **kwargs), plain)
     assert verifies == []
+
+
+def test_a_right_guess_starts_speculation_at_once(trio, monkeypatch):
+    """Watched prompt lookup: the first step is plain, and the step after the first right guess proposes."""
+    _, dk, _ = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    kwargs = dict(max_new_tokens=12, eos_token_id=None)
+    plain = dk.generate(prompt, **kwargs)[0, prompt.shape[1]:]
+    right_from = 5  # guesses are wrong until the model's 5th new token, then always the model's own next tokens
+    events = []
+
+    def propose(self, ids, limit):
+        n = ids.shape[1] - prompt.shape[1]  # new tokens so far
+        events.append((n, limit))
+        if n < right_from - 1:
+            return torch.full((limit,), (int(plain[n]) + 1) % dk.config.vocab_size), None
+        return plain[n: n + limit], None
+
+    monkeypatch.setattr(PromptLookupProposer, "propose", propose)
+    got = dk.generate(prompt, prompt_lookup_num_tokens=3, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(got.sequences[0, prompt.shape[1]:], plain)
+    # Guesses (limit 1) at new tokens 1 .. 4; the guess at 4 is right, so the step after proposes 3, all kept
+    assert events[:5] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 3)], events
+    assert got.num_accepted_tokens == got.num_proposed_tokens > 0
+
+
+def test_verify_steps_slower_than_their_tokens_are_paused(trio, monkeypatch):
+    """The tiny-model case: every proposal is partly kept, but a verify step costs more plain steps than it emits
+    tokens. The schedule times a plain step (taking one when speculation never pauses by itself) and then pauses."""
+    _, dk, _ = trio
+    prompt = repetitive_prompt(dk.config.vocab_size)
+    kwargs = dict(max_new_tokens=40, eos_token_id=None, cache_implementation="static")
+    plain = dk.generate(prompt, **kwargs)[0, prompt.shape[1]:]
+
+    def propose(self, ids, limit):  # the model's next token, then a wrong one: one of every two kept
+        n = ids.shape[1] - prompt.shape[1]
+        return torch.cat([plain[n: n + 1], (plain[n: n + 1] + 1) % dk.config.vocab_size])[:limit], None
+
+    clock = [0.0]  # every reading advances it by 0.5 s: a plain step takes 0.5 s, a verify forward 10 s more
+    real_verify = speculative._verify_forward
+
+    def slow_verify(*args):
+        clock[0] += 10.0
+        return real_verify(*args)
+
+    monkeypatch.setattr(PromptLookupProposer, "propose", propose)
+    monkeypatch.setattr(speculative, "_verify_forward", slow_verify)
+    monkeypatch.setattr(speculative, "_clock", lambda: clock.__setitem__(0, clock[0] + 0.5) or clock[0])
+
+    def proposed(timed: bool, watch: bool) -> int:
+        monkeypatch.setattr(speculative.ProposalSchedule, "timed", timed)
+        if not watch:
+            monkeypatch.setattr(speculative.ProposalSchedule, "__init__", unwatched_init)
+        got = dk.generate(prompt, prompt_lookup_num_tokens=2, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(got.sequences[0, prompt.shape[1]:], plain)
+        return got.num_proposed_tokens
+
+    # Untimed, one kept of two pays by the count: after the first (watched, plain) step every step proposes, 2 at a
+    # time (1 where one token of room is left)
+    assert proposed(timed=False, watch=True) == 37
+    # Timed: the watched plain step is timed, so the first two verify steps already miss; then probes after
+    # pauses of 4, 8, 16 plain steps (2 + 2 + 2 + 2 + 1 proposed)
+    assert proposed(timed=True, watch=True) == 9
+    # Unwatched: 4 verify steps go unpriced, then one plain step is taken to time it; then as above
+    assert proposed(timed=True, watch=False) == 16
 
 
 # ---------------------------------------------------------------------------------------------- cache rollback

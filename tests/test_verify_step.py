@@ -19,6 +19,8 @@ oracle = pytest.importorskip("oracle")
 
 FAMILIES = ["llama", "gemma", "gpt_bigcode", "mpt"]
 NEW = 30
+# The schedule from the acceptance alone, not the clock (see conftest.untimed_schedule)
+pytestmark = pytest.mark.usefixtures("untimed_schedule")
 
 
 def repetitive_prompt(vocab: int, seed: int = 0) -> torch.Tensor:

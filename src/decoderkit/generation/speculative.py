@@ -23,7 +23,10 @@ The output does not change:
 
 Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSchedule` pausing after repeated
 misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
-are rarely kept, decodes at about the plain rate.
+are rarely kept, decodes at about the plain rate. Prompt lookup is *watched* while paused (and at the start): its guess
+for each plain step is compared with the token the model chooses, and proposing resumes only after a right one, so
+where the text copies nothing no verify forward is spent at all. On CPU every step is timed, and steps whose kept
+tokens do not pay for their forward (a model so small that a step is mostly per-call overhead) pause speculation too.
 
 Compiled: with ``compile="aot"`` the plain steps are the packaged decode step, with ``compile=True`` the
 ``torch.compile``'d one; the verify forwards are then the packaged verify step
@@ -59,6 +62,9 @@ from decoderkit.generation.logits_process import LogitsProcessorList
 from decoderkit.generation.speculative_batch import batched_speculative_steps
 from decoderkit.generation.verify_step import MAX_VERIFY_TOKENS, VerifyStep
 
+# What the schedule's timings read (process-wide wall time; a test replaces it with a clock it drives)
+_clock = time.perf_counter
+
 __all__ = ["ProposalSchedule", "Proposer", "PromptLookupProposer", "DraftModelProposer", "build_proposer",
            "check_draft", "greedy_accept", "sampled_accept", "speculative_steps"]
 
@@ -69,29 +75,74 @@ class ProposalSchedule:
     Verifying k proposals costs one forward over k + 1 tokens: more than a plain step (on a CPU, a GEMM over two
     rows already costs much more than the GEMV of one), and wasted when they are rejected. So the number follows
     the acceptance: after a step that kept all k proposals, k + 2 (at most ``max_tokens``); after one that kept
-    some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when the
-    caller passes its ``cost`` (its time over a plain step's), when it emitted fewer tokens than that cost: it was
-    slower than plain decoding. After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain
-    decoding steps, which cost exactly what plain decoding costs. Then one probe; a probe that misses doubles the
-    pause (up to ``max_pause``), a step that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
+    some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when its
+    ``cost`` is known (its time over a plain step's), when it emitted fewer tokens than that cost: it was slower
+    than plain decoding. After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain decoding
+    steps, which cost exactly what plain decoding costs. Then one probe; a probe that misses doubles the pause (up to
+    ``max_pause``), a step that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
+
+    Watching (``watch=True``, for a proposer that is cheap to ask, such as prompt lookup's scan of the ids): while
+    paused, the caller asks the proposer for one token at each plain step (`watching`) and reports whether it was
+    the token the model then chose (`watched`); that is exactly whether a verify step would have kept anything. A
+    run starts so paused, and a pause after rejected proposals lasts until a guess is right rather than a number of
+    steps, so text that does not copy (open-ended writing) spends no verify steps on proposals that would all be
+    rejected. A pause after steps that kept tokens but too few to pay for them counts down as without watching: a
+    right guess says nothing about the cost.
+
+    Cost: the caller times every step (`record`); a plain step's time is the unit. When no plain step has been
+    timed after ``calibrate_after`` verify steps (proposals always partly kept, so the schedule never pauses), one
+    plain step is taken to time one. ``timed = False`` (a class attribute) ignores the clock: the schedule then
+    depends on the acceptance alone, as tests need to pin it.
     """
 
+    timed = True
+
     def __init__(self, max_tokens: int, adaptive: bool = True, patience: int = 2, pause: int = 4,
-                 max_pause: int = 64) -> None:
-        self.max_tokens, self.adaptive = max_tokens, adaptive
+                 max_pause: int = 64, watch: bool = False, calibrate_after: int = 4) -> None:
+        self.max_tokens, self.adaptive, self.watch = max_tokens, adaptive, watch and adaptive
         self.patience, self.first_pause, self.max_pause = patience, pause, max_pause
+        self.calibrate_after = calibrate_after
         self.reset()
 
     def reset(self) -> None:
-        """Start afresh (a new ``generate`` call): ``max_tokens`` at the first step."""
-        self.tokens, self.misses, self.pause, self.waiting = self.max_tokens, 0, self.first_pause, 0
+        """Start afresh (a new ``generate`` call): ``max_tokens`` at the first proposal, which is the first step
+        unless watching (then the step after the first right guess)."""
+        self.tokens, self.misses, self.pause = self.max_tokens, 0, self.first_pause
+        self.waiting, self.priced_out, self.watching = (1 if self.watch else 0), False, False
+        self.plain_time: float | None = None
+        self.unpriced = 0  # verify steps since the start with no plain step timed
 
     def next(self, room: int) -> int:
-        """Tokens to propose now (0: take a plain step), at most ``room``; called once per step."""
+        """Tokens to propose now (0: take a plain step), at most ``room``; called once per step. After a 0,
+        `watching` says whether to report the proposer's guess for this step (`watched`)."""
+        self.watching = False
         if self.waiting:
-            self.waiting -= 1
+            if self.watch and not self.priced_out:
+                self.watching = True  # until a guess is right
+            else:
+                self.waiting -= 1
+            return 0
+        if self.timed and self.adaptive and self.plain_time is None and self.unpriced >= self.calibrate_after:
             return 0
         return max(0, min(self.tokens, room))
+
+    def watched(self, right: bool) -> None:
+        """Whether the proposer's guess at a watched plain step was the model's token: a right one ends the pause."""
+        if right and not self.priced_out:
+            self.waiting = 0
+
+    def record(self, proposed: int, seconds: float) -> float | None:
+        """A step that verified ``proposed`` tokens (0: a plain step) took ``seconds``; returns a verify step's
+        cost in plain steps (None: no plain step timed yet, or ``timed`` is off)."""
+        if not self.timed:
+            return None
+        if not proposed:
+            self.plain_time = seconds if self.plain_time is None else 0.8 * self.plain_time + 0.2 * seconds
+            return None
+        if self.plain_time is None:
+            self.unpriced += 1
+            return None
+        return seconds / self.plain_time
 
     def update(self, proposed: int, accepted: int, cost: float | None = None) -> None:
         """The model kept ``accepted`` of the ``proposed`` (>= 1) tokens, in a step that took ``cost`` plain steps'
@@ -107,7 +158,7 @@ class ProposalSchedule:
             return
         self.misses += 1
         if self.misses >= self.patience:
-            self.waiting = self.pause
+            self.waiting, self.priced_out = self.pause, accepted > 0
             self.pause = min(2 * self.pause, self.max_pause)
 
 
@@ -146,7 +197,8 @@ class PromptLookupProposer(Proposer):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.num_tokens = num_tokens
         self.max_matching_ngram_size = max_matching_ngram_size
-        self.schedule = ProposalSchedule(num_tokens)
+        # A scan of the ids costs next to nothing beside a model step: the schedule can watch its guesses
+        self.schedule = ProposalSchedule(num_tokens, watch=True)
 
     def start(self, prompt, processors, do_sample, generator) -> None:
         self.schedule.reset()
@@ -322,8 +374,8 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
         # What a verify forward costs against a plain step, timed where the work is done when the call returns (an
         # asynchronous device would time the launch); the schedule pauses speculation that does not pay for itself
         synchronous = ids.device.type == "cpu"
-        plain_time: float | None = None
         cost: float | None = None  # of the last step, in plain steps, proposing included
+        guess: int | None = None  # the proposer's token for a watched plain step
         while True:
             with torch.no_grad():
                 k = proposed.shape[0]
@@ -338,6 +390,8 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                 else:
                     emitted = greedy_accept(scores, proposed)
             accepted = emitted.shape[0] - 1
+            if guess is not None:
+                schedule.watched(guess == int(emitted[0]))
             done = False
             for i, token in enumerate(emitted.tolist()):
                 ids[0, cur] = token
@@ -369,9 +423,12 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                 break
             with torch.no_grad():
                 # The model's own token is emitted with every step, so at most (room - 1) proposals can be used
-                began, cost = time.perf_counter(), None
+                began, cost, guess = _clock(), None, None
                 want = schedule.next(min(plan.max_length - cur - 1, most))
                 proposed, draft_probs = proposer.propose(ids[:, :cur], want) if want else (ids.new_empty(0), None)
+                if schedule.watching:
+                    first = proposer.propose(ids[:, :cur], 1)[0]
+                    guess = int(first[0]) if first.numel() else None
                 if proposed.numel():
                     tokens = torch.cat([ids[0, cur - 1: cur], proposed])[None]
                     if verify is not None:
@@ -383,11 +440,7 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                         plain_step.seek(cur - 1)
                     logits = plain_step(ids[:, cur - 1])
                 if synchronous:
-                    took = time.perf_counter() - began
-                    if not proposed.numel():
-                        plain_time = took if plain_time is None else 0.8 * plain_time + 0.2 * took
-                    elif plain_time:
-                        cost = took / plain_time
+                    cost = schedule.record(proposed.numel(), _clock() - began)
     finally:
         if streamer is not None:
             streamer.end()

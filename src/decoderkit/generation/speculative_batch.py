@@ -74,6 +74,7 @@ def _run(plan: Any, proposers: list) -> Generator[list[torch.Tensor], None, Any]
         logits = plan._feed_prompt(cache)[:, None]  # (B, 1, V)
     proposed = [ids.new_empty(0) for _ in range(B)]
     draft_probs: list[torch.Tensor | None] = [None] * B
+    guesses: list[int | None] = [None] * B  # a watching row's proposer's token for its plain step
     while True:
         emitted_now: list[torch.Tensor] = []
         kept = torch.zeros(B, logits.shape[1], dtype=torch.bool, device=device)  # fed slots that stay in the cache
@@ -92,6 +93,8 @@ def _run(plan: Any, proposers: list) -> Generator[list[torch.Tensor], None, Any]
                     emitted = sampled_accept(row.softmax(-1), draft_probs[b], proposed[b], plan.generator)
                 else:
                     emitted = greedy_accept(row, proposed[b])
+                if guesses[b] is not None:
+                    proposers[b].schedule.watched(guesses[b] == int(emitted[0]))
                 taken = 0
                 for token in emitted.tolist():
                     ids[b, cur[b]] = token
@@ -118,11 +121,15 @@ def _run(plan: Any, proposers: list) -> Generator[list[torch.Tensor], None, Any]
             valid = _relayout(cache, torch.cat([valid, kept], dim=1))
         with torch.no_grad():
             for b in range(B):
-                proposed[b], draft_probs[b] = ids.new_empty(0), None
+                proposed[b], draft_probs[b], guesses[b] = ids.new_empty(0), None, None
                 if not done[b]:
-                    want = proposers[b].schedule.next(plan.max_length - cur[b] - 1)
+                    schedule = proposers[b].schedule
+                    want = schedule.next(plan.max_length - cur[b] - 1)
                     if want:
                         proposed[b], draft_probs[b] = proposers[b].propose(ids[b:b + 1, pads[b]:cur[b]], want)
+                    elif schedule.watching:
+                        guess = proposers[b].propose(ids[b:b + 1, pads[b]:cur[b]], 1)[0]
+                        guesses[b] = int(guess[0]) if guess.numel() else None
             width = 1 + max(p.shape[0] for p in proposed)
             feed = torch.full((B, width), plan.pad_token_id or 0, dtype=torch.long, device=device)
             fed = torch.zeros(B, width, dtype=torch.bool, device=device)

@@ -112,17 +112,19 @@ STATIC_KERNEL_ROWS = 16
 
 def reads_filled_slots(q: torch.Tensor, cache: Cache | None, inputs: AttentionInputs, dropout: float,
                        cross: bool) -> bool:
-    """Whether attention over a static cache runs decoderkit's kernel over its filled slots only: float32 on CPU,
-    causal, no dropout, one query row per sequence (a decode step) or up to `STATIC_KERNEL_ROWS` of an unpadded
-    batch (a speculative verify step; padded query rows would attend to nothing). SDPA there reads every slot of the
-    cache (all 256 of a compiled step's bucket at the first generated token): at batch 16 on SmolLM2 a quarter of a
-    step's time, and at batch 1 most of a verify step's cost above a decode step's."""
+    """Whether attention over a static cache runs decoderkit's kernel over its filled slots only: float32 or
+    bfloat16 on CPU (the kernel computes in float32: bf16 queries are widened and the output rounded once), causal,
+    no dropout, one query row per sequence (a decode step) or up to `STATIC_KERNEL_ROWS` of an unpadded batch (a
+    speculative verify step; padded query rows would attend to nothing). SDPA there reads every slot of the cache
+    (all 256 of a compiled step's bucket at the first generated token): at batch 16 on SmolLM2 a quarter of a
+    step's time, at batch 1 most of a verify step's cost above a decode step's, and in a bf16 step on a CPU without
+    bf16 instructions (decoderkit's shipped model) more than half of it."""
     rows = q.shape[2]
     if cross or dropout or rows > STATIC_KERNEL_ROWS or cache is None or not cache.is_static or not inputs.causal:
         return False
     if rows > 1 and inputs.padding_mask is not None:
         return False
-    if q.device.type != "cpu" or q.dtype != torch.float32 or inputs.cache_position is None:
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or inputs.cache_position is None:
         return False
     from decoderkit.kernels import attention as kernel
 
@@ -138,8 +140,10 @@ def static_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
     B, H, T, D = q.shape
     mask = inputs.mask[:, 0, -1].expand(B, -1) if inputs.mask is not None else None  # (B, S)
     slopes = inputs.alibi_slopes.float() if inputs.alibi is not None else None
-    out = kernel.static_attention(q.transpose(1, 2).contiguous(), k, v, inputs.cache_position, mask, slopes, scale)
-    return out.transpose(1, 2)
+    # The kernel's queries and output are float32 (its products and sums are, whatever the cache's dtype)
+    out = kernel.static_attention(q.transpose(1, 2).float().contiguous(), k, v, inputs.cache_position, mask, slopes,
+                                  scale)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

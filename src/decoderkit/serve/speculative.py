@@ -40,6 +40,7 @@ class Speculation:
     proposed: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None  # (k, V) the draft's distributions the proposals were drawn from
     started: bool = False
+    guess: tuple[int, int] | None = None  # (length, token): the proposer's guess for a watched plain step
 
 
 class Speculator:
@@ -92,10 +93,19 @@ class Speculator:
         if not spec.started:
             spec.proposer.start(torch.tensor([req.prompt_ids]), *self._draft_sampling(req))
             spec.started = True
+        schedule = spec.proposer.schedule
+        if spec.guess is not None:  # the last step was plain and watched: was the guess the token it emitted?
+            at, token = spec.guess
+            if len(req.tokens) == at + 1:
+                schedule.watched(req.tokens[-1] == token)
+            spec.guess = None
         # Every step emits the model's own token too: proposals fill the room left after it
         room = min(req.params.max_tokens - req.num_generated, max_context - len(req.tokens)) - 1
-        wanted = spec.proposer.schedule.next(room)
+        wanted = schedule.next(room)
         if wanted <= 0:
+            if schedule.watching:
+                guess = spec.proposer.propose(torch.tensor([req.tokens], device=self._device()), 1)[0]
+                spec.guess = (len(req.tokens), int(guess[0])) if guess.numel() else None
             return
         proposed, draft_probs = spec.proposer.propose(torch.tensor([req.tokens], device=self._device()), wanted)
         need = pool.blocks_for(end + proposed.shape[0]) - len(req.blocks)
