@@ -167,11 +167,17 @@ def test_schedule_backs_off_pauses_and_probes():
     assert schedule.next(100) == 3
     schedule.update(3, 0)
     assert schedule.next(100) == 1  # one miss after a hit does not pause
-    # With the step's cost known (its time over a plain step's), a step that kept too few to pay for it misses too
+    # With the steps' cost known (a step's time over a plain step's), steps that keep too few to pay for themselves
+    # miss too, judged by the moving average of tokens per cost
     timed = ProposalSchedule(8, patience=1, pause=2)
-    timed.update(8, 3, cost=2.0)  # 4 tokens in the time of 2 plain steps: paid
+    timed.update(8, 3, cost=2.0)  # 4 tokens in the time of 2 plain steps: paid (2 per plain step's time)
     assert timed.next(100) == 4
-    timed.update(4, 1, cost=2.5)  # 2 tokens in the time of 2.5: slower than plain decoding
+    timed.update(4, 1, cost=2.5)  # 2 tokens in the time of 2.5: the average, 0.7 * 2 + 0.3 * 0.8, still pays
+    assert timed.next(100) == 2
+    timed.update(2, 1, cost=4.0)  # 2 in the time of 4: the average falls to 1.3
+    timed.update(2, 1, cost=4.0)  # ... to 1.06
+    assert timed.next(100) == 2
+    timed.update(2, 1, cost=4.0)  # ... to 0.89: slower than plain decoding, a miss
     assert [timed.next(100) for _ in range(3)] == [0, 0, 2]
     fixed = ProposalSchedule(5, adaptive=False)
     for accepted in (0, 0, 0, 2):

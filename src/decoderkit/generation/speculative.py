@@ -75,9 +75,10 @@ class ProposalSchedule:
     Verifying k proposals costs one forward over k + 1 tokens: more than a plain step (on a CPU, a GEMM over two
     rows already costs much more than the GEMV of one), and wasted when they are rejected. So the number follows
     the acceptance: after a step that kept all k proposals, k + 2 (at most ``max_tokens``); after one that kept
-    some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when its
-    ``cost`` is known (its time over a plain step's), when it emitted fewer tokens than that cost: it was slower
-    than plain decoding. After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain decoding
+    some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when the
+    steps' ``cost`` is known (a step's time over a plain step's), when the recent verify steps emitted fewer tokens
+    than they cost (a moving average of tokens per cost below 1: they were slower than plain decoding; one slow
+    step among fast ones is not a miss, since how many are kept varies from step to step). After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain decoding
     steps, which cost exactly what plain decoding costs. Then one probe; a probe that misses doubles the pause (up to
     ``max_pause``), a step that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
 
@@ -111,6 +112,7 @@ class ProposalSchedule:
         self.waiting, self.priced_out, self.watching = (1 if self.watch else 0), False, False
         self.plain_time: float | None = None
         self.unpriced = 0  # verify steps since the start with no plain step timed
+        self.gain: float | None = None  # moving average of the verify steps' tokens per plain step's time
 
     def next(self, room: int) -> int:
         """Tokens to propose now (0: take a plain step), at most ``room``; called once per step. After a 0,
@@ -153,7 +155,10 @@ class ProposalSchedule:
             self.tokens = min(self.max_tokens, self.tokens + 2)
         else:
             self.tokens = accepted + 1
-        if accepted and (cost is None or 1 + accepted >= cost):
+        if cost is not None:  # tokens emitted per plain step's time, over the recent verify steps
+            gain = (1 + accepted) / cost
+            self.gain = gain if self.gain is None else 0.7 * self.gain + 0.3 * gain
+        if accepted and (self.gain is None or self.gain >= 1):
             self.misses, self.pause = 0, self.first_pause
             return
         self.misses += 1
