@@ -191,10 +191,15 @@ def test_schedule_watches_guesses_and_times_plain_steps(monkeypatch):
     watch.watched(False)
     assert [watch.next(100) for _ in range(5)] == [0] * 5 and watch.watching  # wrong guesses: no countdown
     watch.watched(True)
-    assert watch.next(100) == 6 and not watch.watching  # a right guess: propose at the next step
+    watch.watched(False)
+    watch.watched(True)
+    assert watch.next(100) == 0 and watch.watching  # right guesses, but not two in a row
+    watch.watched(True)
+    assert watch.next(100) == 6 and not watch.watching  # two in a row: propose at the next step
     watch.update(6, 0)
     watch.update(1, 0)  # two misses, nothing kept: watching again
     assert watch.next(100) == 0 and watch.watching
+    watch.watched(True)
     watch.watched(True)
     assert watch.next(100) == 1
     watch.update(1, 1)  # kept: the misses and the pause start afresh
@@ -261,8 +266,8 @@ def test_rejected_proposals_stop_costing_verify_forwards(trio, cache, monkeypatc
     assert verifies == []
 
 
-def test_a_right_guess_starts_speculation_at_once(trio, monkeypatch):
-    """Watched prompt lookup: the first step is plain, and the step after the first right guess proposes."""
+def test_right_guesses_start_speculation_at_once(trio, monkeypatch):
+    """Watched prompt lookup: the first step is plain, and the step after two right guesses in a row proposes."""
     _, dk, _ = trio
     prompt = repetitive_prompt(dk.config.vocab_size)
     kwargs = dict(max_new_tokens=12, eos_token_id=None)
@@ -280,8 +285,8 @@ def test_a_right_guess_starts_speculation_at_once(trio, monkeypatch):
     monkeypatch.setattr(PromptLookupProposer, "propose", propose)
     got = dk.generate(prompt, prompt_lookup_num_tokens=3, return_dict_in_generate=True, **kwargs)
     assert torch.equal(got.sequences[0, prompt.shape[1]:], plain)
-    # Guesses (limit 1) at new tokens 1 .. 4; the guess at 4 is right, so the step after proposes 3, all kept
-    assert events[:5] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 3)], events
+    # Guesses (limit 1) at new tokens 1 .. 5; those at 4 and 5 are right, so the step after proposes 3, all kept
+    assert events[:6] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 3)], events
     assert got.num_accepted_tokens == got.num_proposed_tokens > 0
 
 
@@ -316,12 +321,12 @@ def test_verify_steps_slower_than_their_tokens_are_paused(trio, monkeypatch):
         assert torch.equal(got.sequences[0, prompt.shape[1]:], plain)
         return got.num_proposed_tokens
 
-    # Untimed, one kept of two pays by the count: after the first (watched, plain) step every step proposes, 2 at a
-    # time (1 where one token of room is left)
-    assert proposed(timed=False, watch=True) == 37
-    # Timed: the watched plain step is timed, so the first two verify steps already miss; then probes after
-    # pauses of 4, 8, 16 plain steps (2 + 2 + 2 + 2 + 1 proposed)
-    assert proposed(timed=True, watch=True) == 9
+    # Untimed, one kept of two pays by the count: after the first two (watched, plain) steps every step proposes
+    # 2 and emits 2, until no room is left for the 40th token
+    assert proposed(timed=False, watch=True) == 36
+    # Timed: the watched plain steps are timed, so the first two verify steps already miss; then probes after
+    # pauses of 4, 8, 16 plain steps (2 + 2 + 2 + 2 proposed)
+    assert proposed(timed=True, watch=True) == 8
     # Unwatched: 4 verify steps go unpriced, then one plain step is taken to time it; then as above
     assert proposed(timed=True, watch=False) == 16
 

@@ -77,18 +77,19 @@ class ProposalSchedule:
     the acceptance: after a step that kept all k proposals, k + 2 (at most ``max_tokens``); after one that kept
     some, one more than were kept; after one that kept none, 1. A step *misses* when it kept nothing or, when the
     steps' ``cost`` is known (a step's time over a plain step's), when the recent verify steps emitted fewer tokens
-    than they cost (a moving average of tokens per cost below 1: they were slower than plain decoding; one slow
-    step among fast ones is not a miss, since how many are kept varies from step to step). After ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain decoding
-    steps, which cost exactly what plain decoding costs. Then one probe; a probe that misses doubles the pause (up to
-    ``max_pause``), a step that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
+    than they cost (a moving average of tokens per cost, over the steps that kept any, below 1: they were slower
+    than plain decoding; one slow step among fast ones is not a miss, since how many are kept varies). After
+    ``patience`` misses in a row nothing is proposed for ``pause`` steps: plain decoding steps, which cost exactly
+    what plain decoding costs. Then one probe; a probe that misses doubles the pause (up to ``max_pause``), a step
+    that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
 
     Watching (``watch=True``, for a proposer that is cheap to ask, such as prompt lookup's scan of the ids): while
     paused, the caller asks the proposer for one token at each plain step (`watching`) and reports whether it was
-    the token the model then chose (`watched`); that is exactly whether a verify step would have kept anything. A
-    run starts so paused, and a pause after rejected proposals lasts until a guess is right rather than a number of
-    steps, so text that does not copy (open-ended writing) spends no verify steps on proposals that would all be
-    rejected. A pause after steps that kept tokens but too few to pay for them counts down as without watching: a
-    right guess says nothing about the cost.
+    the token the model then chose (`watched`), which is whether a verify step there would have kept anything. A
+    run starts so paused, and a pause after rejected proposals lasts until `WATCH_STREAK` guesses in a row are right
+    rather than a number of steps, so text that does not copy (open-ended writing) spends almost no verify steps on
+    proposals that would all be rejected. A pause after steps that kept tokens, but too few to pay for them, counts
+    down as without watching: right guesses say nothing about the cost.
 
     Cost: the caller times every step (`record`); a plain step's time is the unit. When no plain step has been
     timed after ``calibrate_after`` verify steps (proposals always partly kept, so the schedule never pauses), one
@@ -109,7 +110,7 @@ class ProposalSchedule:
         """Start afresh (a new ``generate`` call): ``max_tokens`` at the first proposal, which is the first step
         unless watching (then the step after the first right guess)."""
         self.tokens, self.misses, self.pause = self.max_tokens, 0, self.first_pause
-        self.waiting, self.priced_out, self.watching = (1 if self.watch else 0), False, False
+        self.waiting, self.priced_out, self.watching, self.streak = (1 if self.watch else 0), False, False, 0
         self.plain_time: float | None = None
         self.unpriced = 0  # verify steps since the start with no plain step timed
         self.gain: float | None = None  # moving average of the verify steps' tokens per plain step's time
@@ -128,10 +129,16 @@ class ProposalSchedule:
             return 0
         return max(0, min(self.tokens, room))
 
+    # Right guesses in a row that end a watched pause. One is not enough: a guess is right by chance now and then
+    # (a common word after another), and the proposals after it, for the tokens that follow, are then rejected
+    WATCH_STREAK = 2
+
     def watched(self, right: bool) -> None:
-        """Whether the proposer's guess at a watched plain step was the model's token: a right one ends the pause."""
-        if right and not self.priced_out:
-            self.waiting = 0
+        """Whether the proposer's guess at a watched plain step was the model's token: `WATCH_STREAK` right ones in
+        a row end the pause."""
+        self.streak = self.streak + 1 if right else 0
+        if self.streak >= self.WATCH_STREAK and not self.priced_out:
+            self.waiting, self.streak = 0, 0
 
     def record(self, proposed: int, seconds: float) -> float | None:
         """A step that verified ``proposed`` tokens (0: a plain step) took ``seconds``; returns a verify step's
@@ -155,7 +162,9 @@ class ProposalSchedule:
             self.tokens = min(self.max_tokens, self.tokens + 2)
         else:
             self.tokens = accepted + 1
-        if cost is not None:  # tokens emitted per plain step's time, over the recent verify steps
+        if cost is not None and accepted:
+            # Tokens emitted per plain step's time, over the recent steps that kept any (the rejected ones are
+            # misses anyway): whether keeping tokens pays for the forward that checks them
             gain = (1 + accepted) / cost
             self.gain = gain if self.gain is None else 0.7 * self.gain + 0.3 * gain
         if accepted and (self.gain is None or self.gain >= 1):
