@@ -21,8 +21,10 @@ pytest.importorskip("fastapi")
 
 import test_serve  # noqa: E402
 from test_serve import API_KEY, MODEL_NAME, RunningServer, generate_concurrently, reference_greedy  # noqa: E402
+from test_speculative import unwatched_init  # noqa: E402  (a sibling test module)
 
 import decoderkit  # noqa: E402
+from decoderkit.generation.speculative import ProposalSchedule  # noqa: E402
 from decoderkit.serve import speculative as speculative_module  # noqa: E402
 from decoderkit.serve.app import ServerSettings, build_parser, build_speculator, load_engine, serve_on_ray  # noqa: E402
 from decoderkit.serve.engine import Engine, SamplingParams  # noqa: E402
@@ -68,9 +70,16 @@ def run_all(engine: Engine, prompts: list[list[int]]) -> list[tuple]:
 
 
 @pytest.mark.parametrize("method", ["lookup", "draft"])
-def test_speculative_engine_gives_the_plain_greedy_text(model, tokenizer, draft, method):
+def test_speculative_engine_gives_the_plain_greedy_text(model, tokenizer, draft, method, monkeypatch):
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     plain = run_all(Engine(model, tokenizer, block_size=4, max_prefill_tokens=16).start(), prompts)
+    if method == "lookup":
+        # Watched (the default: proposals only after right guesses), then unwatched, so that proposals of every
+        # length are made and the metrics of each position show
+        watched = Engine(model, tokenizer, block_size=4, max_prefill_tokens=16,
+                         speculative=Speculator(method, 4, model=model)).start()
+        assert run_all(watched, prompts) == plain
+        monkeypatch.setattr(ProposalSchedule, "__init__", unwatched_init)
     speculator = Speculator(method, 4, draft_model=draft if method == "draft" else None, model=model)
     engine = Engine(model, tokenizer, block_size=4, max_prefill_tokens=16, speculative=speculator).start()
     assert run_all(engine, prompts) == plain
