@@ -140,6 +140,33 @@ def test_prompt_lookup_proposes_the_continuation_of_the_first_match():
     assert PromptLookupProposer(3, 2).propose(torch.tensor([[1, 2, 3, 4]]), limit=5)[0].numel() == 0
 
 
+def scan_lookup(seq: torch.Tensor, max_ngram: int, limit: int) -> list[int]:
+    """Prompt lookup by a scan of the whole sequence (transformers' way): the reference for the indexed proposer."""
+    n_ids = seq.shape[0]
+    for n in range(min(max_ngram, n_ids - 1), 0, -1):
+        windows = seq[: n_ids - 1].unfold(0, n, 1)
+        starts = (windows == seq[n_ids - n:]).all(dim=1).nonzero().flatten()
+        if starts.numel():
+            begin = int(starts[0]) + n
+            return seq[begin: begin + limit].tolist()
+    return []
+
+
+@pytest.mark.parametrize("max_ngram", [1, 2, 3])
+def test_indexed_prompt_lookup_equals_a_scan_as_the_sequence_grows(max_ngram):
+    gen = torch.Generator().manual_seed(max_ngram)
+    seq = torch.randint(0, 6, (60,), generator=gen)  # a small vocabulary: many repeated n-grams
+    proposer = PromptLookupProposer(4, max_ngram)
+    found = 0
+    for n in [1, 2, 3, *range(5, 61, 3)]:  # grown by one or several tokens per call
+        got = proposer.propose(seq[None, :n], 4)[0].tolist()
+        assert got == scan_lookup(seq[:n], max_ngram, 4), n
+        found += bool(got)
+    assert found > 10
+    other = torch.randint(0, 6, (30,), generator=gen)  # another sequence without start(): the index is rebuilt
+    assert proposer.propose(other[None], 3)[0].tolist() == scan_lookup(other, max_ngram, 3)
+
+
 def test_greedy_accept_keeps_the_agreeing_prefix():
     scores = torch.eye(5)[[1, 2, 3, 4]]  # argmax per row: 1, 2, 3, 4
     assert greedy_accept(scores, torch.tensor([1, 2, 0])).tolist() == [1, 2, 3]
