@@ -73,6 +73,16 @@ def test_bench_uses_and_reports_the_thread_count(tiny):
     assert re.search(r"threads\s*│\s*2\b", table.stdout), table.stdout
 
 
+def test_a_small_model_decodes_on_one_thread_unless_a_count_is_chosen(tiny):
+    def run(*extra, env={"DECODERKIT_THREADS": "", "OMP_NUM_THREADS": ""}):  # noqa: B006 - read only
+        return json.loads(run_cli("bench", "--model", str(tiny), "-p", "4", "-n", "2", "--json", *extra,
+                                  env=env).stdout)
+
+    assert run()["torch_threads"] == 1  # the default would be one per core
+    assert run("-t", "2")["torch_threads"] == 2
+    assert run(env={"DECODERKIT_THREADS": "2", "OMP_NUM_THREADS": ""})["torch_threads"] == 2
+
+
 def test_the_default_is_one_thread_per_usable_core_unless_the_environment_says(monkeypatch):
     monkeypatch.delenv("DECODERKIT_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -38,7 +38,7 @@ from decoderkit.cli.common import (
 from decoderkit.cli.inspect import _has_chat_template, cmd_bench, cmd_info
 from decoderkit.cli.manage import cmd_convert, cmd_serve, cmd_train
 from decoderkit.cli.text import cmd_generate
-from decoderkit.cli.threads import add_threads_arg, configure_threads
+from decoderkit.cli.threads import add_threads_arg, configure_threads, threads_from_environment
 
 __all__ = ["_has_chat_template", "build_parser", "default_model_path", "main"]
 
@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _cli_logging(verbose, quiet):
             if hasattr(args, "threads"):
+                args.threads_chosen = args.threads is not None or threads_from_environment() is not None
                 args.threads = configure_threads(args.threads)
             return args.handler(args)
     except KeyboardInterrupt:

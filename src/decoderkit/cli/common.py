@@ -305,6 +305,10 @@ def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTra
     model = AutoModelForCausalLM.from_pretrained(path, **options)
     if adapter is not None:
         model = apply_adapter(model, adapter)
+    if getattr(args, "threads", None) is not None:
+        from decoderkit.cli.threads import fit_threads
+
+        args.threads = fit_threads(model, args.threads, getattr(args, "threads_chosen", True))
     return model, tok, path
 
 

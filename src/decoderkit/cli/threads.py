@@ -27,15 +27,41 @@ def usable_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def default_threads() -> int:
-    """`DECODERKIT_THREADS`, else `OMP_NUM_THREADS`, when set; else the usable cores."""
+def threads_from_environment() -> int | None:
+    """`DECODERKIT_THREADS`, else `OMP_NUM_THREADS`, when set."""
     for name in (THREADS_ENV, "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
         if value:
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer number of threads")
             return int(value)
-    return len(usable_cores())
+    return None
+
+
+def default_threads() -> int:
+    """`DECODERKIT_THREADS`, else `OMP_NUM_THREADS`, when set; else the usable cores."""
+    return threads_from_environment() or len(usable_cores())
+
+
+# Weights up to which a CPU model decodes faster on one thread than on several when nobody chose a thread count:
+# a step is then mostly per-call work, and each parallel region of a second thread adds a wake-up (passive waits).
+# The shipped 5 MiB model decodes about twice as fast on one thread as on two on the project's 2-core CPU
+# (`decoderkit bench -t 1` against `-t 2`); SmolLM2-135M (270 MB) is faster on two.
+SMALL_MODEL_BYTES = 16 * 2**20
+
+
+def fit_threads(model: object, threads: int, chosen: bool) -> int:
+    """The thread count for `model` (a loaded CPU model): 1 for a model of at most `SMALL_MODEL_BYTES` of weights
+    unless the count was `chosen` (`-t`, or the environment), else `threads`; applied to torch's pool."""
+    import torch
+
+    params = list(model.parameters())  # type: ignore[attr-defined]
+    small = sum(p.numel() * p.element_size() for p in params) <= SMALL_MODEL_BYTES
+    if chosen or threads == 1 or not small or any(p.device.type != "cpu" for p in params[:1]):
+        return threads
+    torch.set_num_threads(1)
+    logger.info("1 CPU thread for a model this small (-t N to choose)")
+    return 1
 
 
 def thread_count(text: str) -> int:
