@@ -83,6 +83,23 @@ def test_a_small_model_decodes_on_one_thread_unless_a_count_is_chosen(tiny):
     assert run(env={"DECODERKIT_THREADS": "2", "OMP_NUM_THREADS": ""})["torch_threads"] == 2
 
 
+def test_packed_weights_count_toward_a_models_size():
+    """A quantized model keeps its weights in buffers: SmolLM2's Q4_1 file has 0.13 MiB of parameters and 92 MiB of
+    packed codes, and must keep its threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    quantized = torch.nn.Module()
+    quantized.register_buffer("codes", torch.zeros(cli_threads.SMALL_MODEL_BYTES + 1, dtype=torch.uint8))
+    tiny = torch.nn.Linear(4, 4)
+    try:
+        assert cli_threads.fit_threads(quantized, 2, chosen=False) == 2
+        assert cli_threads.fit_threads(tiny, 2, chosen=True) == 2
+        assert cli_threads.fit_threads(tiny, 2, chosen=False) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_default_is_one_thread_per_usable_core_unless_the_environment_says(monkeypatch):
     monkeypatch.delenv("DECODERKIT_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

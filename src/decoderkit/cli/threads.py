@@ -52,12 +52,13 @@ SMALL_MODEL_BYTES = 16 * 2**20
 
 def fit_threads(model: object, threads: int, chosen: bool) -> int:
     """The thread count for `model` (a loaded CPU model): 1 for a model of at most `SMALL_MODEL_BYTES` of weights
-    unless the count was `chosen` (`-t`, or the environment), else `threads`; applied to torch's pool."""
+    unless the count was `chosen` (`-t`, or the environment), else `threads`; applied to torch's pool. Buffers
+    count: a quantized layer keeps its packed weights there."""
     import torch
 
-    params = list(model.parameters())  # type: ignore[attr-defined]
-    small = sum(p.numel() * p.element_size() for p in params) <= SMALL_MODEL_BYTES
-    if chosen or threads == 1 or not small or any(p.device.type != "cpu" for p in params[:1]):
+    tensors = [*model.parameters(), *model.buffers()]  # type: ignore[attr-defined]
+    small = sum(t.numel() * t.element_size() for t in tensors) <= SMALL_MODEL_BYTES
+    if chosen or threads == 1 or not small or any(t.device.type != "cpu" for t in tensors[:1]):
         return threads
     torch.set_num_threads(1)
     logger.info("1 CPU thread for a model this small (-t N to choose)")
