@@ -58,7 +58,7 @@ def fit_threads(model: object, threads: int, chosen: bool) -> int:
 
     tensors = [*model.parameters(), *model.buffers()]  # type: ignore[attr-defined]
     small = sum(t.numel() * t.element_size() for t in tensors) <= SMALL_MODEL_BYTES
-    if chosen or threads == 1 or not small or any(t.device.type != "cpu" for t in tensors[:1]):
+    if chosen or threads == 1 or not small or (tensors and tensors[0].device.type != "cpu"):
         return threads
     torch.set_num_threads(1)
     logger.info("1 CPU thread for a model this small (-t N to choose)")

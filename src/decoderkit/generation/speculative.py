@@ -24,9 +24,10 @@ The output does not change:
 Cost: a step with nothing proposed (no lookup match, or the :class:`ProposalSchedule` pausing after repeated
 misses) is a plain decoding step through the same decode step plain decoding uses, so open-ended text, where proposals
 are rarely kept, decodes at about the plain rate. Prompt lookup is *watched* while paused (and at the start): its guess
-for each plain step is compared with the token the model chooses, and proposing resumes only after a right one, so
-where the text copies nothing no verify forward is spent at all. On CPU every step is timed, and steps whose kept
-tokens do not pay for their forward (a model so small that a step is mostly per-call overhead) pause speculation too.
+for each plain step is compared with the token the model chooses, and proposing resumes only after two right ones in
+a row, so where the text copies nothing almost no verify forward is spent. On CPU every step is timed, and steps whose
+kept tokens do not pay for their forward (a model so small that a step is mostly per-call overhead) pause speculation
+too.
 
 Compiled: with ``compile="aot"`` the plain steps are the packaged decode step, with ``compile=True`` the
 ``torch.compile``'d one; the verify forwards are then the packaged verify step
@@ -83,9 +84,10 @@ class ProposalSchedule:
     what plain decoding costs. Then one probe; a probe that misses doubles the pause (up to ``max_pause``), a step
     that pays resets it. With ``adaptive=False`` it is always ``max_tokens``.
 
-    Watching (``watch=True``, for a proposer that is cheap to ask, such as prompt lookup's scan of the ids): while
-    paused, the caller asks the proposer for one token at each plain step (`watching`) and reports whether it was
-    the token the model then chose (`watched`), which is whether a verify step there would have kept anything. A
+    Watching (``watch=True``, for a proposer that is cheap to ask, such as prompt lookup's n-gram index): while
+    paused, the caller asks the proposer for one token at each plain step (`watching`; `Proposer.guess`) and
+    reports whether it was the token the model then chose (`watched`), which is whether a verify step there would
+    have kept anything. A
     run starts so paused, and a pause after rejected proposals lasts until `WATCH_STREAK` guesses in a row are right
     rather than a number of steps, so text that does not copy (open-ended writing) spends almost no verify steps on
     proposals that would all be rejected. A pause after steps that kept tokens, but too few to pay for them, counts
@@ -108,7 +110,7 @@ class ProposalSchedule:
 
     def reset(self) -> None:
         """Start afresh (a new ``generate`` call): ``max_tokens`` at the first proposal, which is the first step
-        unless watching (then the step after the first right guess)."""
+        unless watching (then the step after `WATCH_STREAK` right guesses in a row)."""
         self.tokens, self.misses, self.pause = self.max_tokens, 0, self.first_pause
         self.waiting, self.priced_out, self.watching, self.streak = (1 if self.watch else 0), False, False, 0
         self.plain_time: float | None = None
@@ -194,6 +196,11 @@ class Proposer:
 
     def feedback(self, proposed: int, accepted: int) -> None:
         """How many of the last proposals the model kept."""
+
+    def guess(self, ids: torch.Tensor) -> int | None:
+        """The one token this proposer would propose after ``ids`` (1, n), for a watched plain step (None: none)."""
+        first = self.propose(ids, 1)[0]
+        return int(first[0]) if first.numel() else None
 
 
 class PromptLookupProposer(Proposer):
@@ -459,8 +466,7 @@ def _run(plan: Any, proposer: Proposer) -> Generator[torch.Tensor, None, Any]:
                 want = schedule.next(min(plan.max_length - cur - 1, most))
                 proposed, draft_probs = proposer.propose(ids[:, :cur], want) if want else (ids.new_empty(0), None)
                 if schedule.watching:
-                    first = proposer.propose(ids[:, :cur], 1)[0]
-                    guess = int(first[0]) if first.numel() else None
+                    guess = proposer.guess(ids[:, :cur])
                 if proposed.numel():
                     tokens = torch.cat([ids[0, cur - 1: cur], proposed])[None]
                     if verify is not None:

@@ -128,8 +128,7 @@ def _run(plan: Any, proposers: list) -> Generator[list[torch.Tensor], None, Any]
                     if want:
                         proposed[b], draft_probs[b] = proposers[b].propose(ids[b:b + 1, pads[b]:cur[b]], want)
                     elif schedule.watching:
-                        guess = proposers[b].propose(ids[b:b + 1, pads[b]:cur[b]], 1)[0]
-                        guesses[b] = int(guess[0]) if guess.numel() else None
+                        guesses[b] = proposers[b].guess(ids[b:b + 1, pads[b]:cur[b]])
             width = 1 + max(p.shape[0] for p in proposed)
             feed = torch.full((B, width), plan.pad_token_id or 0, dtype=torch.long, device=device)
             fed = torch.zeros(B, width, dtype=torch.bool, device=device)

@@ -104,8 +104,8 @@ class Speculator:
         wanted = schedule.next(room)
         if wanted <= 0:
             if schedule.watching:
-                guess = spec.proposer.propose(torch.tensor([req.tokens], device=self._device()), 1)[0]
-                spec.guess = (len(req.tokens), int(guess[0])) if guess.numel() else None
+                token = spec.proposer.guess(torch.tensor([req.tokens], device=self._device()))
+                spec.guess = (len(req.tokens), token) if token is not None else None
             return
         proposed, draft_probs = spec.proposer.propose(torch.tensor([req.tokens], device=self._device()), wanted)
         need = pool.blocks_for(end + proposed.shape[0]) - len(req.blocks)
