@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 from decoderkit import gguf_model as gm
 from decoderkit import kernels
+from decoderkit.layers import quantized as qmod
 from decoderkit.layers.quantized import Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="decoderkit's kernel did not build here")
@@ -44,7 +45,7 @@ def test_gguf_blocks_multiply_as_their_dequantized_values(qtype, n, k):
     layer, weight = _gguf_layer(qtype, n, k, seed=n + k)
     assert torch.equal(layer.dequantize(), weight)  # the layer holds the file's values exactly
     gen = torch.Generator().manual_seed(k)
-    for rows in range(1, 18):  # every remainder of the kernel's 4-row tiles, and one past KERNEL_ROWS
+    for rows in range(1, 18):  # every remainder of the kernel's 4-row tiles, one- and several-row paths
         x = torch.randn(rows, k, generator=gen)
         want = x.double() @ weight.double().t()
         # float32 sums of k products, in another order than float64's: a few ulps of sum |w x| each
@@ -54,7 +55,7 @@ def test_gguf_blocks_multiply_as_their_dequantized_values(qtype, n, k):
 
 @pytest.mark.parametrize("bits, group, half", [(4, 64, False), (4, 128, True), (8, 32, True), (8, 1664, False)])
 def test_many_rows_and_long_rows_through_the_op(bits, group, half):
-    """The op itself (the layers stop at KERNEL_ROWS): rows past the panel GEMM's 24-row pass, inputs in three
+    """The op itself: rows past the panel GEMM's 24-row pass, inputs in three
     uneven panels, output columns past its last whole tile, every group size and scale dtype."""
     gen = torch.Generator().manual_seed(bits + group)
     n, k = 13, 1664
@@ -78,6 +79,31 @@ def test_many_rows_and_long_rows_through_the_op(bits, group, half):
         bound = 4 * k * torch.finfo(torch.float32).eps * (x.abs().double() @ weight.abs().t())
         got = kernels.qmm(x, codes, scales, offsets, bits, group).double()
         assert ((got - want).abs() <= bound + 1e-30).all(), rows
+
+
+@pytest.mark.parametrize("qtype, limit", [(Q.Q4_1, qmod.INT4_KERNEL_ROWS), (Q.Q8_0, qmod.INT8_KERNEL_ROWS)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_prefill_sized_inputs_run_the_kernel_up_to_the_layers_limit(qtype, limit, monkeypatch):
+    """A prefill chunk of up to `limit` rows multiplies by the codes (the kernel's panel GEMM), one row more by the
+    dequantized weight; both to float rounding of the float64 product."""
+    layer, weight = _gguf_layer(qtype, 40, 320, seed=limit)
+    assert layer.kernel_rows() == limit
+    calls = []
+    qmm = kernels.qmm
+    monkeypatch.setattr(kernels, "qmm", lambda x, *args: calls.append(x.shape[0]) or qmm(x, *args))
+    gen = torch.Generator().manual_seed(limit)
+    for rows in (limit, limit + 1):
+        x = torch.randn(rows, 320, generator=gen)
+        want = x.double() @ weight.double().t()
+        bound = 4 * 320 * torch.finfo(torch.float32).eps * (x.abs().double() @ weight.abs().double().t())
+        assert ((layer(x).double() - want).abs() <= bound + 1e-30).all(), rows
+    assert calls == [limit]
+
+
+def test_int8_rows_of_other_lengths_stop_at_the_decode_limit():
+    """Without runs of 32 inputs there is no panel GEMM: past KERNEL_ROWS the dequantized weight multiplies."""
+    assert Int8Linear(100, 8, dtype=torch.float32, layout="kernel").kernel_rows() == qmod.KERNEL_ROWS
+    assert Int8Linear(576, 8, dtype=torch.float32, layout="kernel").kernel_rows() == qmod.INT8_KERNEL_ROWS
 
 
 @pytest.mark.parametrize("k", [8, 40, 100, 576])

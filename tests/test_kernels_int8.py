@@ -88,7 +88,7 @@ def test_layers_use_int8_activations_for_every_row_count(bits):
     layer.activations = "int8"
     codes = qmod.unpack_nibbles(layer.weight_int4) if bits == 4 else layer.weight_int8
     offsets = layer.offsets if bits == 4 else None
-    for rows in (1, 5, qmod.KERNEL_ROWS + 1, 40):  # prefill-sized inputs too: what perplexity measures is decoding
+    for rows in (1, 5, qmod.INT8_KERNEL_ROWS + 1, 40):  # prefill-sized inputs too: what perplexity measures is decoding
         x = torch.randn(2, rows, k, generator=gen)
         want, size = reference(x.reshape(-1, k), codes, layer.scales, offsets, layer.group_size or k)
         got = layer(x).double().reshape(-1, n)

@@ -72,14 +72,16 @@ def _assert_same_step(quantized: torch.nn.Module, floats: torch.nn.Module, ids: 
         torch.testing.assert_close(grads_q[name], grads_f[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-# 7 rows run the packed kernels, 2 x 12 rows the dequantized GEMM (layers/quantized.py KERNEL_ROWS)
+# 7 rows run the packed kernels (one-row and few-row paths), 2 x 12 rows the panel GEMM
 IDS = [torch.tensor([[3, 14, 15, 9, 26, 5, 35]]),
        torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(2))]
+# 2 x 150 rows: past every layer's kernel rows (layers/quantized.py INT4_KERNEL_ROWS), the dequantized GEMM
+LONG_IDS = torch.randint(3, 96, (2, 150), generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-@pytest.mark.parametrize("ids", IDS, ids=["kernel-rows", "gemm-rows"])
+@pytest.mark.parametrize("ids", IDS, ids=["kernel-rows", "panel-rows"])
 def test_lora_step_on_a_quantized_base_equals_lora_on_its_dequantized_float_model(llama_dir, quantization, layout,
                                                                                    ids, monkeypatch):
     monkeypatch.setenv("DECODERKIT_KERNELS", "1" if layout == "kernel" else "0")
@@ -98,7 +100,7 @@ def test_lora_step_on_a_gguf_packed_base_equals_lora_on_the_dequantized_file(tmp
     quantized = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     assert isinstance(quantized.model.layers[0].mlp.up_proj, QuantizedLinear)
     floats = AutoModelForCausalLM.from_pretrained(path, dtype="float32", quantization="none")
-    _assert_same_step(quantized, floats, IDS[1])
+    _assert_same_step(quantized, floats, LONG_IDS)
 
 
 def test_gradient_checkpointing_over_a_quantized_base(llama_dir):

@@ -25,14 +25,14 @@ from torch import nn
 
 from decoderkit.cache import Cache
 from decoderkit.generation.decode_step import _forward_one, _SlotCache, alibi_over
+from decoderkit.layers.attention import STATIC_KERNEL_ROWS
 from decoderkit.layers.linear import DecodeLinear, use_decode_linear
-from decoderkit.layers.quantized import KERNEL_ROWS
 
 __all__ = ["MAX_VERIFY_TOKENS", "VERIFY_QUERIES", "VerifyStep", "build_verify_package", "verify_package_path"]
 
-# Tokens per verify call (the chosen token and up to 15 proposals): the quantized kernels run up to KERNEL_ROWS rows,
-# past which a layer would multiply by its dequantized weight, a float copy made at every call
-MAX_VERIFY_TOKENS = KERNEL_ROWS
+# Tokens per verify call (the chosen token and up to 15 proposals): the static-cache attention kernel's query rows.
+# Past them SDPA would read every slot of the cache under a mask.
+MAX_VERIFY_TOKENS = STATIC_KERNEL_ROWS
 # The range of tokens per call a verify package takes
 VERIFY_QUERIES = (2, MAX_VERIFY_TOKENS)
 

@@ -3,8 +3,9 @@
 * ``"kernel"`` (where decoderkit's own kernel compiles, see decoderkit.kernels): codes with a float16 / float32
   scale (and offset) per group, run by decoderkit's kernel. GGUF's Q4_0 / Q4_1 / Q8_0 blocks map onto it exactly.
   A layer's `activations` says how the kernel multiplies: "float" (`DEFAULT_ACTIVATIONS`) in float32 exactly, at
-  decode-sized batches (up to `KERNEL_ROWS` rows; more rows multiply by the dequantized weight); "int8" rounds each
-  run of 32 inputs of a row to int8 against its largest magnitude and takes integer dot products, llama.cpp's way
+  decode and prefill-chunk sized batches (up to `INT4_KERNEL_ROWS` / `INT8_KERNEL_ROWS` rows; more rows multiply by
+  the dequantized weight); "int8" rounds each run of 32 inputs of a row to int8 against its largest magnitude and
+  takes integer dot products, llama.cpp's way
   (about 1.5-2x faster per call at batch 1; every row, prefill too, so that perplexity measures what decoding
   computes). `set_activations` switches a model's layers (``from_pretrained(activations=...)``).
 * ``"torch"`` (the fallback): torch's own CPU kernels, ``aten._weight_int8pack_mm`` and
@@ -40,7 +41,13 @@ ACTIVATIONS = ("int8", "float")
 # the Q4_1 file (llama.cpp's own figure, within 0.01%) and by 0.74% over bf16 with int8 weights: past the 0.1% and
 # 0.5% the quantized paths are held to. They are for who wants llama.cpp's numbers and speed.
 DEFAULT_ACTIVATIONS = "float"
-# Rows up to which the kernel runs; past them (prefill, perplexity) the dequantized weight and a float GEMM win
+# Rows up to which the kernel runs with float activations; past them (long prefills, perplexity) the dequantized weight
+# and torch's float GEMM win. Measured on SmolLM2's layer shapes (2-core EPYC with AVX-512, 1 and 2 threads, the
+# kernel's panel GEMM against dequantize + matmul): 4-bit codes 2.6-9x at 32 rows, 1.0-1.6x at 256, 0.83-0.93x at 512;
+# 8-bit codes 1.3-7x at 32 rows, 0.75-2.3x at 128. A layer whose groups are not runs of 32 inputs (int8 rows of
+# another length) has no panel GEMM, and stops at KERNEL_ROWS.
+INT4_KERNEL_ROWS = 256
+INT8_KERNEL_ROWS = 64
 KERNEL_ROWS = 16
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # Rows converted at a time: _convert_weight_to_int4pack_for_cpu wants int32 codes, 4 bytes a weight. The kernel's
@@ -134,11 +141,16 @@ class QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_rows(self) -> int:
+        """Rows of input up to which the kernel layout multiplies by the codes (float activations); past them by the
+        dequantized weight."""
+        return KERNEL_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return _FrozenWeight.apply(x, self)
         flat = _flat(x, self.activation_dtype)
-        if self.layout == "kernel" and self.activations == "float" and flat.shape[0] > KERNEL_ROWS:
+        if self.layout == "kernel" and self.activations == "float" and flat.shape[0] > self.kernel_rows():
             y = flat @ self.dequantize().t()
         else:
             y = self._matmul(flat)
@@ -196,6 +208,9 @@ class Int8Linear(QuantizedLinear):
     @property
     def activation_dtype(self) -> torch.dtype:
         return torch.float32 if self.layout == "kernel" else self.scales.dtype
+
+    def kernel_rows(self) -> int:
+        return INT8_KERNEL_ROWS if (self.group_size or self.in_features) % 32 == 0 else KERNEL_ROWS
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "kernel":
@@ -282,6 +297,9 @@ class Int4Linear(QuantizedLinear):
     @property
     def activation_dtype(self) -> torch.dtype:
         return torch.float32 if self.layout == "kernel" else self.scales_and_zeros.dtype
+
+    def kernel_rows(self) -> int:
+        return INT4_KERNEL_ROWS  # groups of 32, 64 or 128 inputs: always the panel GEMM
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "kernel":
