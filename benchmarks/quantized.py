@@ -326,7 +326,11 @@ def run_engine(engine: str, spec_path: Path, timeout: float) -> dict[str, Any]:
                              "'llama-cpp-python[server]==0.3.36')"}
     else:
         python = sys.executable
-    env = {**os.environ, "OMP_NUM_THREADS": str(json.loads(spec_path.read_text())["threads"]), "HF_HUB_OFFLINE": "1"}
+    from decoderkit._openmp import environment_of_others
+
+    # llama.cpp runs on OpenMP too: it waits as its users' processes do, not with the short spin decoderkit sets
+    base = environment_of_others() if engine.startswith("llamacpp") else os.environ
+    env = {**base, "OMP_NUM_THREADS": str(json.loads(spec_path.read_text())["threads"]), "HF_HUB_OFFLINE": "1"}
     try:
         proc = subprocess.run([python, __file__, "--worker", engine, "--spec", str(spec_path)], capture_output=True,
                               text=True, timeout=timeout, env=env, check=False)

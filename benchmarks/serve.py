@@ -183,7 +183,10 @@ def second_turn_ttft(base: str, model: str, history: str) -> tuple[float, float]
 class Server:
     def __init__(self, engine: Engine, port: int) -> None:
         self.engine, self.base = engine, f"http://127.0.0.1:{port}"
-        env = {**os.environ, **engine.env}
+        from decoderkit._openmp import environment_of_others
+
+        # llama-server and vLLM run on OpenMP too: they wait as their users' processes do, not with decoderkit's spin
+        env = {**(os.environ if engine.name.startswith("decoderkit") else environment_of_others()), **engine.env}
         self.log = tempfile.TemporaryFile()
         command = [part.replace("{port}", str(port)) for part in engine.command]
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)

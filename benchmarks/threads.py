@@ -7,15 +7,32 @@ every setting sees the same changing load. `--busy N` adds N processes that spin
 rounds) and the ratio to one thread.
 
 Settings: `1` (one thread), `all` (one per core, libgomp's default spin-then-sleep wait), `all-passive` (one per core,
-OMP_WAIT_POLICY=PASSIVE: idle workers sleep at once), `idle-passive` (passive, only the cores that other processes
+OMP_WAIT_POLICY=PASSIVE: idle workers sleep at once), `all-spinN` (one per core, GOMP_SPINCOUNT=N: spin N
+iterations, then sleep), `idle-passive` (passive, only the cores that other processes
 left idle over 0.1 s of /proc/stat) and `auto` (what the CLI does: `decoderkit.cli.threads`, after
 `import decoderkit`).
 
 Measured on the project's shared 2-core AMD EPYC VM (SmolLM2-135M-Instruct Q4_1, batch 1), three runs, load
 average 7.7, 11.9 and 12.0, tokens/s median: `1` 11.8 / 1.97 / 1.79, `all` 0.57 / 0.14 / -, `all-passive`
 7.8 / 4.2 / 2.1, idle cores with the passive policy (1 thread each time) 6.7 / 2.4 / 1.6. Spinning is the
-collapse (14x slower than one thread); passive one-per-core was ahead of the idle-core count every time, so that is
-the default.
+collapse (14x slower than one thread); passive one-per-core was ahead of the idle-core count every time, so that was
+the default until the next machine.
+
+On a 2-core AMD EPYC VM with AVX-512 (Zen 5), `--compile aot --new-tokens 32` (64 when quiet), 3 rounds, tokens/s
+median:
+
+| setting | quiet (load 1.2) | `--busy 1` | `--busy 2` |
+| --- | --- | --- | --- |
+| `1` | 86.9 | 86.7 | 53.9 |
+| `all` (spin 300,000) | 129.9 | 39.9 | 33.1 |
+| `all-passive` | 39.2 | 71.8 | 27.6 |
+| `all-spin1000` | 131.6 | 40.6 | 34.7 |
+
+Quiet, sleeping at once costs a wake-up of a virtual CPU per parallel region (hundreds a token): 3.4x slower than
+a short spin. With a core taken, any spin loses to sleeping. decoderkit now spins 1,000 iterations (`all-spin1000`,
+`decoderkit._openmp`) and the short commands count the idle cores at start (`auto`): 2 threads quiet, 1 with a
+core or both taken, the best row of each column. Eager steps (`--compile false`, quiet): `1` 62.1, `all-passive`
+36.5, `all-spin1000` 66.3.
 
     python benchmarks/threads.py --rounds 5 --busy 2
     python benchmarks/threads.py --model path/to/model.gguf --new-tokens 32
@@ -56,18 +73,22 @@ def idle_cores(seconds: float = 0.1) -> int:
     return max(1, len(before) - busy)
 
 
-def child(setting: str, model: str, new_tokens: int) -> None:
+def child(setting: str, model: str, new_tokens: int, compile: str | bool) -> None:
     """Load the model under `setting`, then answer each 'run' line on stdin with one JSON timing line."""
     cores = len(os.sched_getaffinity(0))
     if setting == "idle-passive":
         cores = idle_cores()
     if setting in ("all-passive", "idle-passive"):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if setting == "all":  # libgomp's own default when no policy is set (decoderkit's import would shorten it)
+        os.environ["GOMP_SPINCOUNT"] = "300000"
+    if setting.startswith("all-spin"):  # all-spinN: libgomp spins N iterations before it sleeps
+        os.environ["GOMP_SPINCOUNT"] = setting[len("all-spin"):]
     threads = None
     if setting == "auto":
         from decoderkit.cli.threads import configure_threads
 
-        threads = configure_threads(None)
+        threads = configure_threads(None, idle_only=True)
     import torch
 
     if threads is None:
@@ -81,9 +102,9 @@ def child(setting: str, model: str, new_tokens: int) -> None:
         if line.strip() != "run":
             break
         with torch.inference_mode():
-            lm.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            lm.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, compile=compile)
             start = time.perf_counter()
-            lm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            lm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, compile=compile)
         print(json.dumps({"tokens_per_s": new_tokens / (time.perf_counter() - start)}), flush=True)
 
 
@@ -94,17 +115,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--busy", type=int, default=0, help="spinning processes to add for the run")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--compile", default="auto", help="generate(compile=...): auto (the packaged step where it is "
+                   "built), aot, or false")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.model, args.new_tokens)
+        child(args.child, args.model, args.new_tokens, {"false": False}.get(args.compile, args.compile))
         return
     settings = args.settings.split(",")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     children = {s: subprocess.Popen([sys.executable, __file__, "--child", s, "--model", args.model, "--new-tokens",
-                                     str(args.new_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    env=env) for s in settings}
+                                     str(args.new_tokens), "--compile", args.compile], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, env=env) for s in settings}
     try:
         threads = {s: json.loads(c.stdout.readline())["threads"] for s, c in children.items()}
         rates: dict[str, list[float]] = {s: [] for s in settings}

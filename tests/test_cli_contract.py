@@ -4,6 +4,7 @@ matters (environment before torch starts, exit statuses, stderr), in-process for
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from test_cli import assert_clean_failure, run_cli, run_main, save_tiny_model
 
+from decoderkit._openmp import SPIN_COUNT
 from decoderkit.cli import threads as cli_threads
 
 COMMANDS_WITH_THREADS = ["generate", "chat", "bench", "convert", "merge", "train", "serve"]
@@ -61,13 +63,13 @@ def test_every_command_takes_threads(capsys, command):
 
 
 def test_bench_uses_and_reports_the_thread_count(tiny):
-    env = {"DECODERKIT_THREADS": "", "OMP_WAIT_POLICY": ""}
+    env = {"DECODERKIT_THREADS": "", "OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""}
     proc = run_cli("bench", "--model", str(tiny), "-t", "1", "-p", "4", "-n", "2", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["torch_threads"] == 1 and record["new_tokens"] == 2
-    # Set before torch started its OpenMP pool: idle workers sleep instead of spinning on shared cores.
-    assert record["omp_wait_policy"] == "PASSIVE"
+    # Set before torch started its OpenMP pool: idle workers spin briefly, then sleep.
+    assert not record["omp_wait_policy"] and record["gomp_spincount"] == SPIN_COUNT
     table = run_cli("bench", "--model", str(tiny), "-t", "2", "-p", "4", "-n", "2", env={"OMP_WAIT_POLICY": "ACTIVE"})
     assert table.returncode == 0, table.stderr
     assert re.search(r"threads\s*│\s*2\b", table.stdout), table.stdout
@@ -109,6 +111,23 @@ def test_the_default_is_one_thread_per_usable_core_unless_the_environment_says(m
     assert cli_threads.default_threads() == 2
     monkeypatch.setenv("DECODERKIT_THREADS", "1")  # decoderkit's own variable wins
     assert cli_threads.default_threads() == 1
+
+
+def test_short_commands_count_only_the_cores_other_processes_leave_idle(monkeypatch):
+    monkeypatch.delenv("DECODERKIT_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli_threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    # /proc/stat over the sample: cpu1 busy 90% of it, cpu2 40% (idle enough), cpu3 100%; cpu0 idle
+    samples = iter([
+        "cpu 0 0 0 0 0 0 0 0\ncpu0 0 0 0 100 0 0 0 0\ncpu1 0 0 0 100 0 0 0 0\ncpu2 0 0 0 100 0 0 0 0\n"
+        "cpu3 0 0 0 100 0 0 0 0\ncpu4 0 0 0 0 0 0 0 0",
+        "cpu 0 0 0 0 0 0 0 0\ncpu0 0 0 0 110 0 0 0 0\ncpu1 9 0 0 101 0 0 0 0\ncpu2 2 0 2 106 0 0 0 0\n"
+        "cpu3 10 0 0 100 0 0 0 0\ncpu4 10 0 0 0 0 0 0 0",
+    ])
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.StringIO(next(samples)))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert cli_threads.default_threads(idle_only=True) == 2  # cpu4 is not this process's
+    assert cli_threads.default_threads() == 4  # the server and training: every usable core
 
 
 def test_bad_thread_counts(capsys, monkeypatch, tiny):
@@ -232,9 +251,18 @@ def test_serve_describes_a_quantized_model(capsys):
     assert quantization_summary(torch.nn.Linear(2, 2)) == "none"
 
 
-def test_openmp_wait_policy_is_set_before_torch_loads():
-    run = [sys.executable, "-c", "import os, decoderkit, torch; print(os.environ.get('OMP_WAIT_POLICY'))"]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout.strip() == "PASSIVE"
-    kept = subprocess.run(run, capture_output=True, text=True, check=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
-    assert kept.stdout.strip() == "ACTIVE"  # the user's choice stays
+def test_openmp_spin_count_is_set_before_torch_loads():
+    code = "import os, decoderkit, torch; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    run = [sys.executable, "-c", code]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    assert subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout.split() == \
+        ["None", SPIN_COUNT]
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "30000"}):  # the user's choice stays alone
+        got = subprocess.run(run, capture_output=True, text=True, check=True, env={**env, **chosen}).stdout.split()
+        assert got == [chosen.get("OMP_WAIT_POLICY", "None"), chosen.get("GOMP_SPINCOUNT", "None")]
+    # Other programs a benchmark starts (llama.cpp) get the environment without decoderkit's own setting
+    code = "import decoderkit._openmp as o; print(o.environment_of_others().get('GOMP_SPINCOUNT'))"
+    others = [sys.executable, "-c", code]
+    for chosen, want in (({}, "None"), ({"GOMP_SPINCOUNT": "30000"}, "30000")):
+        got = subprocess.run(others, capture_output=True, text=True, check=True, env={**env, **chosen}).stdout
+        assert got.strip() == want

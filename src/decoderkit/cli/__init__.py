@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _cli_logging(verbose, quiet):
             if hasattr(args, "threads"):
                 args.threads_chosen = args.threads is not None or threads_from_environment() is not None
-                args.threads = configure_threads(args.threads)
+                args.threads = configure_threads(args.threads, idle_only=True)  # short-lived commands
             return args.handler(args)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)

@@ -110,7 +110,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "speculative": args.speculative, "acceptance_rate": _round(acceptance[0]),
         "compiled": compiled is True or step == "aot", "decode_step": step, "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_version": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "torch_version": torch.__version__,
     }
     if args.json:
         print(json.dumps(record))

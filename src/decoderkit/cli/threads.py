@@ -1,12 +1,15 @@
 """How many CPU threads a command uses: `-t/--threads N`, else `DECODERKIT_THREADS` (or OpenMP's own
-`OMP_NUM_THREADS`, which torchrun sets), else one per core this process may run on (`os.sched_getaffinity`).
+`OMP_NUM_THREADS`, which torchrun sets), else one per core this process may run on (`os.sched_getaffinity`); for the
+short-lived commands (generate, chat, bench, convert, merge) only the cores that other processes left idle when the
+command started (/proc/stat sampled over 0.1 s).
 
-Torch's CPU wheel runs its intra-op pool on GNU OpenMP (libgomp), whose idle workers spin before they sleep. On cores
-shared with other work that made one thread per core 14x slower than one thread; with OpenMP's passive wait policy
-(`decoderkit._openmp`, set when decoderkit is imported, before torch) one thread per core was instead the fastest
-setting measured, ahead of one thread and ahead of counting only the cores other processes left idle (/proc/stat
-sampled at start): under load more threads also get more of the scheduler's time. benchmarks/threads.py measures
-all four; see its docstring for the figures.
+Torch's CPU wheel runs its intra-op pool on GNU OpenMP (libgomp). decoderkit has its idle workers spin briefly, then
+sleep (`decoderkit._openmp`): on a quiet machine a wake-up per parallel region costs more than the region. A spinning
+worker on a core another process keeps busy is what collapses: on the project's 2-core Zen 5 VM with one core taken,
+the packaged SmolLM2 Q4_1 step decoded at 40 tok/s on two threads (short spin), 72 on two sleeping at once, and 87 on
+one thread; with both cores taken, 35 / 28 / 54; quiet, 131 / 39 / 87. Counting the idle cores at start picks the
+best row of each case. The server and training are long-lived, so a load seen at their start says little: they take
+every usable core. benchmarks/threads.py measures the settings; see its docstring for the figures.
 """
 
 from __future__ import annotations
@@ -38,13 +41,44 @@ def threads_from_environment() -> int | None:
     return None
 
 
-def default_threads() -> int:
-    """`DECODERKIT_THREADS`, else `OMP_NUM_THREADS`, when set; else the usable cores."""
-    return threads_from_environment() or len(usable_cores())
+def _busy_and_total_jiffies() -> dict[str, tuple[int, int]] | None:
+    """(busy, total) CPU time of each usable core so far, from /proc/stat; None where there is no /proc/stat."""
+    try:
+        lines = open("/proc/stat").read().splitlines()  # noqa: SIM115 - one read
+    except OSError:
+        return None
+    usable, out = set(usable_cores()), {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in usable:
+            values = [int(v) for v in fields[:8]]
+            out[name] = (sum(values) - values[3] - values[4], sum(values))  # idle and iowait are not busy
+    return out
+
+
+def idle_cores(seconds: float = 0.1) -> int:
+    """The usable cores that other processes used at most half of over the next `seconds` (at least 1; all of them
+    where /proc/stat cannot be read)."""
+    import time
+
+    before = _busy_and_total_jiffies()
+    if not before:
+        return len(usable_cores())
+    time.sleep(seconds)
+    after = _busy_and_total_jiffies() or before
+    busy = sum(1 for core, (used, total) in before.items() if core in after and after[core][1] > total
+               and (after[core][0] - used) / (after[core][1] - total) > 0.5)
+    return max(1, len(before) - busy)
+
+
+def default_threads(idle_only: bool = False) -> int:
+    """`DECODERKIT_THREADS`, else `OMP_NUM_THREADS`, when set; else the usable cores, or with `idle_only` those of
+    them that other processes leave idle now (`idle_cores`)."""
+    return threads_from_environment() or (idle_cores() if idle_only else len(usable_cores()))
 
 
 # Weights up to which a CPU model decodes faster on one thread than on several when nobody chose a thread count:
-# a step is then mostly per-call work, and each parallel region of a second thread adds a wake-up (passive waits).
+# a step is then mostly per-call work, and each parallel region of a second thread adds a hand-over between threads.
 # The shipped 5 MiB model decodes about twice as fast on one thread as on two on the project's 2-core CPU
 # (`decoderkit bench -t 1` against `-t 2`); SmolLM2-135M (270 MB) is faster on two.
 SMALL_MODEL_BYTES = 16 * 2**20
@@ -75,16 +109,17 @@ def thread_count(text: str) -> int:
 def add_threads_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The `-t/--threads` option every command shares."""
     parser.add_argument("-t", "--threads", type=thread_count, default=None, metavar="N",
-                        help=f"CPU threads (default: ${THREADS_ENV} or $OMP_NUM_THREADS, else one per usable core)")
+                        help=f"CPU threads (default: ${THREADS_ENV} or $OMP_NUM_THREADS, else one per usable core; "
+                             "for generate, chat, bench, convert and merge, per core left idle by other processes)")
 
 
-def configure_threads(requested: int | None) -> int:
-    """Apply `requested` threads (else `default_threads()`) to torch's intra-op pool; return the count."""
-    threads = requested if requested is not None else default_threads()
+def configure_threads(requested: int | None, idle_only: bool = False) -> int:
+    """Apply `requested` threads (else `default_threads(idle_only)`) to torch's intra-op pool; return the count."""
+    threads = requested if requested is not None else default_threads(idle_only)
     import torch
 
     torch.set_num_threads(threads)
-    logger.info("%d CPU thread(s) (%s; %d usable cores), OMP_WAIT_POLICY=%s", threads,
+    logger.info("%d CPU thread(s) (%s; %d usable cores), OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s", threads,
                 "--threads" if requested is not None else "default", len(usable_cores()),
-                os.environ.get("OMP_WAIT_POLICY"))
+                os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"))
     return threads
