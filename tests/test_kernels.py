@@ -202,3 +202,31 @@ def test_portable_build_gives_the_same_products(tmp_path):
     env = {**os.environ, "DECODERKIT_CACHE_DIR": str(tmp_path), "ATEN_CPU_CAPABILITY": "default"}
     subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], check=True, env=env, timeout=600)
     assert list((tmp_path / "kernels").glob("qmatmul-*.so"))
+
+
+def _vector_bits() -> int:
+    import ctypes
+
+    return ctypes.CDLL(str(kernels.library_path(kernels._compiler()))).decoderkit_qmm_vector_bits()
+
+
+def test_the_build_takes_the_widest_vectors_torch_reports():
+    want = {"AVX512": 512, "AVX2": 256}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    assert _vector_bits() == want
+
+
+@pytest.mark.slow
+def test_the_avx2_build_passes_the_bound_tests_where_avx512_is_the_default(tmp_path):
+    """On an AVX-512 CPU the default build runs the 16-lane path; this forces the 8-lane AVX2 one (ATEN_CPU_CAPABILITY)
+    into a fresh cache and runs this file's bound tests on it. On an AVX2 CPU that is the default build again."""
+    if not torch.cpu._is_avx2_supported():
+        pytest.skip("no AVX2 on this CPU: the portable build is tested above")
+    env = {**os.environ, "DECODERKIT_CACHE_DIR": str(tmp_path), "ATEN_CPU_CAPABILITY": "avx2"}
+    tests = ["test_gguf_blocks_multiply", "test_many_rows", "test_int8_per_channel", "test_prefill_sized",
+             "test_the_build_takes"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           " or ".join(tests)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+    assert list((tmp_path / "kernels").glob("qmatmul-*.so"))
+

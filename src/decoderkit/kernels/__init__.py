@@ -5,7 +5,8 @@ activations (exact) or activations rounded to int8 per run of 32 inputs (``activ
 The source is compiled once per (source, torch version, CPU capability) into a shared library under the cache
 directory (``$DECODERKIT_CACHE_DIR/kernels``, default ``~/.cache/decoderkit/kernels``), written under a temporary
 name and renamed, so concurrent first uses never see half a file and later processes load it without compiling. The
-AVX2 / FMA / F16C path is built where torch reports an AVX2 (or better) CPU, a portable C++ path elsewhere. Without
+AVX2 / FMA / F16C path is built where torch reports an AVX2 CPU, AVX-512 where it reports AVX512 (qmatmul.cpp's
+few-row path on 16 lanes), a portable C++ path elsewhere. Without
 a C++ compiler (or with ``DECODERKIT_KERNELS=0``) `available` is False, a warning says so once, and the quantized
 layers use torch's own int8 / int4 kernels instead.
 """
@@ -38,9 +39,13 @@ def cache_dir() -> Path:
 
 
 def _simd_flags() -> list[str]:
-    # torch's own dispatch capability: honours ATEN_CPU_CAPABILITY, so the portable path can be forced for tests
+    # torch's own dispatch capability: honours ATEN_CPU_CAPABILITY, so the AVX2 and portable paths can be forced for
+    # tests. AVX512 there means F, BW, VL and DQ (torch's own check).
     capability = torch.backends.cpu.get_cpu_capability()
-    return ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512":
+        return [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    return avx2 if capability == "AVX2" else []
 
 
 def _compiler() -> str | None:
