@@ -404,7 +404,24 @@ inline void ftile512(const Problem& p, const float* xsum, int64_t n0, int64_t r0
 // matmul with the dequantized weight, only the order of the sums differing.
 // GM x GN = 2 x 6 measured a little faster than 3 x 4 at 16 rows on SmolLM2's shapes (2-core EPYC, one thread),
 // reading x a third less often.
-constexpr int GM = 2, GN = 6;
+// With AVX-512 the accumulators are 16 lanes and there are 32 registers: 4 x 6 accumulators, 4 vectors of x and one
+// of the panel.
+#ifdef DK_AVX512
+using gvec = __m512;
+constexpr int GM = 4, GL = 16;
+inline gvec gzero() { return _mm512_setzero_ps(); }
+inline gvec gload(const float* p) { return _mm512_loadu_ps(p); }
+inline gvec gfma(gvec a, gvec b, gvec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float gsum(gvec v) { return _mm512_reduce_add_ps(v); }
+#else
+using gvec = __m256;
+constexpr int GM = 2, GL = 8;
+inline gvec gzero() { return _mm256_setzero_ps(); }
+inline gvec gload(const float* p) { return _mm256_loadu_ps(p); }
+inline gvec gfma(gvec a, gvec b, gvec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float gsum(gvec v) { return hsum(v); }
+#endif
+constexpr int GN = 6;
 constexpr int64_t GK = 768, GROWS = 24;  // inputs per panel; rows per pass (the accumulators live on the stack)
 
 // Rows from which the panel GEMM replaces `ftile` (SmolLM2's shapes, one thread pinned, 2-core EPYC): 4-bit layers
@@ -413,16 +430,16 @@ template <int BITS>
 constexpr int64_t gemm_rows() { return BITS == 4 ? 2 : 8; }
 
 template <int MR>
-inline void gmicro(const float* panel, int64_t kc, const float* const* x, __m256* acc) {
-  __m256 a[MR][GN];
+inline void gmicro(const float* panel, int64_t kc, const float* const* x, gvec* acc) {
+  gvec a[MR][GN];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < GN; ++j) a[r][j] = acc[r * GN + j];
-  for (int64_t k = 0; k < kc; k += 8) {
-    __m256 xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_ps(x[r] + k);
+  for (int64_t k = 0; k < kc; k += GL) {
+    gvec xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = gload(x[r] + k);
     for (int j = 0; j < GN; ++j) {
-      const __m256 w = _mm256_load_ps(panel + j * kc + k);
-      for (int r = 0; r < MR; ++r) a[r][j] = _mm256_fmadd_ps(w, xv[r], a[r][j]);
+      const gvec w = gload(panel + j * kc + k);
+      for (int r = 0; r < MR; ++r) a[r][j] = gfma(w, xv[r], a[r][j]);
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -432,13 +449,13 @@ inline void gmicro(const float* panel, int64_t kc, const float* const* x, __m256
 // Columns n0 .. n0 + GN (all of them real), every row.
 template <int BITS, bool HALF, bool OFFSET>
 void gcolumns(const Problem& p, int64_t n0) {
-  alignas(32) float panel[GN * GK];
-  alignas(32) __m256 acc[GROWS * GN];
+  alignas(64) float panel[GN * GK];
+  alignas(64) gvec acc[GROWS * GN];
   const int64_t blocks = (p.K + GK - 1) / GK;
   const int64_t step = (p.K / 32 + blocks - 1) / blocks * 32;
   for (int64_t m0 = 0; m0 < p.M; m0 += GROWS) {
     const int64_t rows = std::min(GROWS, p.M - m0);
-    for (int64_t i = 0; i < rows * GN; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < rows * GN; ++i) acc[i] = gzero();
     for (int64_t kb = 0; kb < p.K; kb += step) {
       const int64_t kc = std::min(step, p.K - kb);
       for (int j = 0; j < GN; ++j) {
@@ -467,7 +484,7 @@ void gcolumns(const Problem& p, int64_t n0) {
       });
     }
     for (int64_t r = 0; r < rows; ++r)
-      for (int j = 0; j < GN; ++j) p.y[(m0 + r) * p.N + n0 + j] = hsum(acc[r * GN + j]);
+      for (int j = 0; j < GN; ++j) p.y[(m0 + r) * p.N + n0 + j] = gsum(acc[r * GN + j]);
   }
 }
 
