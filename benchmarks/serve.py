@@ -11,8 +11,11 @@ CPU/tok column is the CPU time of the server's whole process tree per generated 
 sensitive to other jobs than wall time, though threads that spin-wait (OpenMP, llama.cpp's pool) count too.
 
 Engines (each skipped, saying so, when absent):
-  decoderkit            this tree (`python -m decoderkit.serve`), prefix caching on, and off for the chat row
-  decoderkit, GGUF      this tree serving the GGUF file llama.cpp serves, quantized blocks kept (with --gguf or default)
+  decoderkit            this tree (`python -m decoderkit.serve --compile`: decode steps through the packaged paged
+                        step, built before serving the first time and cached), prefix caching on, and off for the
+                        chat row
+  decoderkit, GGUF      the same serving the GGUF file llama.cpp serves, quantized blocks kept (with --gguf or default)
+  decoderkit, GGUF, eager   the same with --no-compile: every step eager (the server before the packaged step)
   decoderkit (before)   --before-rev REV (e.g. 07a08a9^1, the engine before the batched sampler): the same server from
                         that commit's src/ (exported with `git archive`), or --before-src DIR (e.g. /work/main/src)
   vLLM CPU              $VLLM_VENV (default /tmp/peers/vllm), made as ../shared/PEERS.md says:
@@ -273,14 +276,17 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
         cmd = [sys.executable, "-m", "decoderkit.serve", str(model), "--port", port, "--served-model-name",
                "bench", "--threads", str(args.threads), "--max-batch-size", str(slots), "--log-level", "warning",
                *(["--dtype", args.dtype] if args.dtype else []), *extra]
-        return Engine(name, cmd, {"PYTHONPATH": str(src), "DECODERKIT_COMPILE": "0"})
+        # No background build (DECODERKIT_COMPILE=0) unless --compile in `extra` asks for the packaged decode step,
+        # built before serving the first time (minutes: the start-up timeout) and loaded from the cache after
+        return Engine(name, cmd, {"PYTHONPATH": str(src), "DECODERKIT_COMPILE": "0"}, startup=args.startup_timeout)
 
-    found.append(decoderkit("decoderkit", ROOT / "src", []))
+    found.append(decoderkit("decoderkit", ROOT / "src", ["--compile"]))
     found.append(Engine("decoderkit, no prefix cache", [*found[0].command, "--no-enable-prefix-caching"],
-                        found[0].env, chat_only_caching=True))
+                        found[0].env, chat_only_caching=True, startup=args.startup_timeout))
     if gguf is not None:
         # The very file llama.cpp serves, its Q4_1 blocks kept packed (decoderkit's own kernel where it builds)
-        found.append(decoderkit("decoderkit, GGUF", ROOT / "src", [], gguf))
+        found.append(decoderkit("decoderkit, GGUF", ROOT / "src", ["--compile"], gguf))
+        found.append(decoderkit("decoderkit, GGUF, eager", ROOT / "src", ["--no-compile"], gguf))
     if args.before_src:
         found.append(decoderkit("decoderkit (before)", Path(args.before_src), []))
     vllm = Path(os.environ.get("VLLM_VENV", "/tmp/peers/vllm"))
@@ -326,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before-rev", default=None,
                         help="also run decoderkit from this git revision's src/ (exported to a temporary directory)")
     parser.add_argument("--startup-timeout", type=float, default=900.0,
-                        help="seconds vLLM may take to start (it compiles; minutes more on a loaded machine)")
+                        help="seconds an engine may take to start (vLLM, and decoderkit with --compile the first time, "
+                             "compile: minutes more on a loaded machine)")
     parser.add_argument("--only", nargs="+", default=None, help="engines to run, in this order (default: all found)")
     args = parser.parse_args(argv)
 

@@ -376,6 +376,17 @@ class TokenStreamer:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def compile_choice(args: argparse.Namespace) -> bool | str:
+    """`--compile` (True) / `--no-compile` (False), else `DECODERKIT_COMPILE`, else "auto"."""
+    wanted = getattr(args, "compile", None)
+    if wanted is None:
+        value = os.environ.get("DECODERKIT_COMPILE", "").strip().lower()
+        if value and value not in _TRUE + _FALSE:
+            raise CLIError(f"DECODERKIT_COMPILE={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+        wanted = "auto" if not value else value in _TRUE
+    return wanted
+
+
 def resolve_compile(args: argparse.Namespace) -> bool | str:
     """How to run the decode step: `--compile` / `--no-compile`, else `DECODERKIT_COMPILE`, else "auto".
 
@@ -385,12 +396,7 @@ def resolve_compile(args: argparse.Namespace) -> bool | str:
     start, so the first start is never made to wait minutes for a compilation. `--compile` (or `DECODERKIT_COMPILE=1`)
     compiles with torch.compile in the foreground and points inductor's on-disk caches at decoderkit's cache
     directory; `--no-compile` (or `DECODERKIT_COMPILE=0`) is always eager and builds nothing."""
-    wanted = getattr(args, "compile", None)
-    if wanted is None:
-        value = os.environ.get("DECODERKIT_COMPILE", "").strip().lower()
-        if value and value not in _TRUE + _FALSE:
-            raise CLIError(f"DECODERKIT_COMPILE={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
-        wanted = "auto" if not value else value in _TRUE
+    wanted = compile_choice(args)
     if wanted is True:
         use_compile_cache()
     if wanted == "auto":

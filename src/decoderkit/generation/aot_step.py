@@ -138,7 +138,8 @@ def aot_unsupported(model: Any) -> str | None:
 # the packages
 _UNTRACED = ("cli/", "serve/", "training/", "parallel/", "tokenizer.py", "chat_template.py", "gguf_vocab.py",
              "gguf_vocab_writer.py", "gguf_writer.py", "saving.py", "generation/")
-_TRACED_GENERATION = ("generation/decode_step.py", "generation/verify_step.py", "generation/aot_step.py")
+_TRACED_GENERATION = ("generation/decode_step.py", "generation/verify_step.py", "generation/aot_step.py",
+                      "serve/paged.py", "serve/paged_step.py")
 
 
 @functools.cache
@@ -165,10 +166,12 @@ def _digest_of(root: Path, kernels_on: bool) -> str:
     return digest.hexdigest()
 
 
-def package_path(model: Any, fingerprint: tuple, rows: int, slots: int, queries: int | tuple[int, int] = 1) -> Path:
+def package_path(model: Any, fingerprint: tuple, rows: int, slots: int, queries: int | tuple[int, int] = 1,
+                 kind: str | None = None) -> Path:
     """Where the package compiled from `model` (of weights `fingerprint`) for `rows` rows, a static cache of `slots`
     slots and `queries` tokens per row lives (whether or not it exists): 1 for the decode step (``step-*.pt2``), a
-    range (lo, hi) for a verify step of any number of tokens in it (``verify-*.pt2``)."""
+    range (lo, hi) for a verify step of any number of tokens in it (``verify-*.pt2``). Another `kind` of step (the
+    server's ``paged``) names its own files and says what `rows` and `slots` stand for."""
     key = hashlib.sha256()
     # The module classes say which kernels the graph calls (DecodeLinear or torch's linear)
     classes = sorted({type(m).__qualname__ for m in model.modules()})
@@ -176,10 +179,12 @@ def package_path(model: Any, fingerprint: tuple, rows: int, slots: int, queries:
              repr(classes)]
     if queries != 1:
         parts.append(repr(queries))
+    kind = kind or ("step" if queries == 1 else "verify")
+    if kind not in ("step", "verify"):
+        parts.append(kind)
     for part in parts:
         key.update(str(part).encode())
         key.update(b"\0")
-    kind = "step" if queries == 1 else "verify"
     return package_dir() / f"{kind}-{key.hexdigest()[:24]}.pt2"
 
 
@@ -202,29 +207,18 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
     inputs = takes_weights(model) if as_inputs is None else as_inputs
     if not path.is_file():
         logger.info("compiling the decode step with AOTInductor into %s", path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         dynamic = None
         if isinstance(queries, tuple):
             tokens = torch.export.Dim("queries", min=queries[0], max=queries[1])
             layers = len(example[5])
             dynamic = ({1: tokens}, {1: tokens}, {0: tokens}, {2: tokens}, None, [None] * layers, [None] * layers)
-        with torch.no_grad():
-            if inputs:
-                weights = weight_inputs(model, True)
-                if dynamic is not None:
-                    dynamic = ([None] * len(weights), *dynamic)
-                exported = torch.export.export(_WeightsStepModule(model, forward), (weights, *example),
-                                               dynamic_shapes=dynamic, strict=False)
-            else:
-                exported = torch.export.export(_StepModule(model, forward), example, dynamic_shapes=dynamic,
-                                               strict=False)
-            # The packager wants a name ending in .pt2: built in a private directory beside the target, then renamed
-            with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
-                built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
-                os.replace(built, path)
-    # The C++ loader itself: torch._inductor.aoti_load_package would first import inductor's Python side, seconds
-    # of a warm start's time to the first token. (path, model name, single-threaded, runners, device index)
-    runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
+        if inputs:
+            weights = weight_inputs(model, True)
+            compile_package(_WeightsStepModule(model, forward), (weights, *example),
+                            None if dynamic is None else ([None] * len(weights), *dynamic), path)
+        else:
+            compile_package(_StepModule(model, forward), example, dynamic, path)
+    runner = load_package(path)
     # A package of the same kind for older weights (or other shapes) is not kept: one decode step and one verify
     # step per model
     kind = key.split("-", 1)[0]
@@ -232,6 +226,25 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
         del loaded[name]
     loaded[key] = runner
     return runner
+
+
+def compile_package(module: nn.Module, example: tuple, dynamic: tuple | None, path: Path) -> None:
+    """Export `module` on `example` (with `dynamic` shapes, torch.export's form) and store its AOTInductor package
+    at `path`, atomically (a reader sees no package or a whole one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        exported = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+        # The packager wants a name ending in .pt2: built in a private directory beside the target, then renamed
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
+            built = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(tmp) / path.name))
+            os.replace(built, path)
+
+
+def load_package(path: Path) -> Any:
+    """The runner of the package at `path`; its ``boxed_run(tensors)`` takes the inputs flattened in order."""
+    # The C++ loader itself: torch._inductor.aoti_load_package would first import inductor's Python side, seconds
+    # of a warm start's time to the first token. (path, model name, single-threaded, runners, device index)
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
 
 
 def auto_compile(model: Any, config: Any, input_ids: Any, speculative: bool = False) -> bool | str:
@@ -306,10 +319,6 @@ def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slot
     `dtype` (and with `quantization`), would use (and with `verify`, for one row, speculative decoding's verify
     package), unless they are there or being built; True if one was started. The process loads the model itself and
     gives up if it differs from `model` (an adapter merged after loading, say)."""
-    import subprocess
-    import sys
-    import time
-
     from decoderkit.generation.verify_step import verify_package_path
 
     if aot_unsupported(model) is not None:
@@ -319,61 +328,95 @@ def build_in_background(model: Any, model_path: str, dtype: str, rows: int, slot
     marker = _marker(fingerprint, rows, slots)
     verify = verify and rows == 1
     missing = not package.is_file() or (verify and not verify_package_path(model, slots).is_file())
-    if not missing or (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
+    if not missing:
+        return False
+    arguments = [model_path, "--dtype", dtype, "--rows", str(rows), "--slots", str(slots), "--expect",
+                 _weights_id(fingerprint)]
+    if quantization is not None:
+        arguments += ["--quantize", quantization]
+    if verify:
+        arguments.append("--verify")
+    return start_builder("decoderkit.generation.aot_step", arguments, package, marker)
+
+
+def start_builder(module: str, arguments: list[str], package: Path, marker: Path) -> bool:
+    """Start ``python -m module *arguments --marker marker`` as a detached process that builds `package` (its output
+    in the package's ``.log``), unless `marker` says a build started less than an hour ago; True if one started. The
+    builder removes the marker when it ends."""
+    import subprocess
+    import sys
+    import time
+
+    if marker.is_file() and time.time() - marker.stat().st_mtime < 3600:
         return False
     package.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()  # now, so that a start right after this one does not start a second build
-    command = [sys.executable, "-m", "decoderkit.generation.aot_step", model_path, "--dtype", dtype, "--rows",
-               str(rows), "--slots", str(slots), "--expect", _weights_id(fingerprint), "--marker",
-               str(marker)]
-    if quantization is not None:
-        command += ["--quantize", quantization]
-    if verify:
-        command.append("--verify")
+    command = [sys.executable, "-m", module, *arguments, "--marker", str(marker)]
     env = {**os.environ, "DECODERKIT_KERNELS": os.environ.get("DECODERKIT_KERNELS", "1").replace("cached", "1")}
     with open(package.with_suffix(".log"), "w") as log:
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The background builder: ``python -m decoderkit.generation.aot_step MODEL --dtype D --rows R --slots S``."""
+def builder_parser(prog: str, description: str | None) -> Any:
+    """The arguments every background builder takes (more are added by each)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m decoderkit.generation.aot_step", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("model")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--rows", type=int, default=1)
-    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--quantize", default=None, help="quantization= for from_pretrained")
     parser.add_argument("--expect", default=None, help="build only if the loaded weights have this id")
     parser.add_argument("--marker", default=None, help="a file the caller made, removed when this process ends")
-    parser.add_argument("--quantize", default=None, help="quantization= for from_pretrained")
-    parser.add_argument("--verify", action="store_true", help="also build speculative decoding's verify step")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_builder(args: Any, identity: Callable[[Any], tuple], build: Callable[[Any], list[Path]]) -> int:
+    """A background builder's work on its parsed `args` (`builder_parser`): load the model at the lowest priority
+    on one thread, check that it is the caller's (its `identity` has the id `--expect` names), `build` its packages;
+    the marker is removed however that ends."""
     os.nice(19)
     torch.set_num_threads(1)
     from decoderkit import AutoModelForCausalLM
-    from decoderkit.layers.linear import use_decode_linear
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device="cpu", progress=False,
-                                                 quantization=args.quantize).eval()
-    use_decode_linear(model)
-    fingerprint = step_identity(model)
-    package = package_path(model, fingerprint, args.rows, args.slots)
     try:
-        if args.expect is not None and _weights_id(fingerprint) != args.expect:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device="cpu", progress=False,
+                                                     quantization=args.quantize).eval()
+        if args.expect is not None and _weights_id(identity(model)) != args.expect:
             print(f"not built: {args.model} loads to another model than the caller's")
             return 0
-        if not package.is_file():
-            print(f"built {build_package(model, args.rows, args.slots)}")
-        if args.verify:
-            from decoderkit.generation.verify_step import build_verify_package
-
-            print(f"built {build_verify_package(model, args.slots)}")
+        for path in build(model):
+            print(f"built {path}")
     finally:
         if args.marker is not None:
             Path(args.marker).unlink(missing_ok=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The background builder: ``python -m decoderkit.generation.aot_step MODEL --dtype D --rows R --slots S``."""
+    from decoderkit.layers.linear import use_decode_linear
+
+    parser = builder_parser("python -m decoderkit.generation.aot_step", main.__doc__)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--verify", action="store_true", help="also build speculative decoding's verify step")
+    args = parser.parse_args(argv)
+
+    def identity(model: Any) -> tuple:
+        use_decode_linear(model)  # the layers the decode step runs with
+        return step_identity(model)
+
+    def build(model: Any) -> list[Path]:
+        built = [build_package(model, args.rows, args.slots)]
+        if args.verify:
+            from decoderkit.generation.verify_step import build_verify_package
+
+            built.append(build_verify_package(model, args.slots))
+        return built
+
+    return run_builder(args, identity, build)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -41,6 +41,10 @@ def _load() -> bool:
         # What compilation sees of the static-cache op: the output has the shape of the queries
         torch.library.register_fake("decoderkit_paged::static_attention",
                                     lambda q, k, v, cache_position, key_mask, slopes, scale: torch.empty_like(q))
+        # and of the paged op (the server's packaged decode step): one output row per query row
+        torch.library.register_fake("decoderkit_paged::paged_attention",
+                                    lambda q, k, v, tables, row_starts, positions, slopes, scale, block_size:
+                                    torch.empty_like(q))
     return loaded
 
 

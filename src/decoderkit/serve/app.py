@@ -514,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the default KV pool is sized from it")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes across requests (default on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode-only steps through an AOTInductor package of the model's paged step (CPU). Default "
+                        "(or DECODERKIT_COMPILE unset): the package where it is cached, else eager while it is "
+                        "built in the background (minutes, lowest priority) and the package once it is there; "
+                        "--compile: build it before serving; --no-compile: always eager")
     p.add_argument("--speculative", type=speculative_mode, default=None, metavar="lookup|draft:PATH",
                    help="decoding requests verify proposed tokens each step: by prompt lookup, or from a draft model "
                    "(same tokenizer) at PATH; same text, faster where it copies the prompt or the draft guesses well")
@@ -591,12 +596,26 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
         model = apply_adapter(model, adapter)
     tokenizer = AutoTokenizer.from_pretrained(path)
     try:
+        from decoderkit.cli.common import CLIError, compile_choice
+
+        compile_step = compile_choice(args)
         engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                         max_queue=args.max_queue, max_model_len=args.max_model_len,
-                        enable_prefix_caching=args.enable_prefix_caching, speculative=build_speculator(args, model))
-    except ValueError as err:
+                        enable_prefix_caching=args.enable_prefix_caching, speculative=build_speculator(args, model),
+                        compile=compile_step)
+    except (ValueError, CLIError) as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
+    if engine.package_watch is not None and group is None:
+        from decoderkit.serve.paged_step import build_paged_in_background
+
+        quantize = None if args.quantize in (None, "none") else args.quantize
+        # The model as served (dtype after the float32 rule above); an adapter merged into a copy keeps the base's
+        # names and shapes, which is all the package is keyed by
+        if build_paged_in_background(model, str(path), str(model.dtype).removeprefix("torch."), quantize,
+                                     args.block_size, engine.package_watch.rows):
+            print("decoderkit serve: compiling the decode step in the background (minutes, once per model); "
+                  "decoding is eager until it is built", file=sys.stderr, flush=True)
     if group is not None:
         group.attach_engine(engine)
     return engine, args.served_model_name or path.resolve().name, path.resolve()

@@ -33,6 +33,7 @@ import torch
 from decoderkit.serve.blocks import BlockPool, block_hashes
 from decoderkit.serve.metrics import EngineCounters, EngineStats
 from decoderkit.serve.paged import PagedRunner, Segment
+from decoderkit.serve.paged_step import PackageWatch, attach
 from decoderkit.serve.requests import Request, RequestOutput, SamplingParams, TokenLogprob
 from decoderkit.serve.sampler import Sampled, sample
 from decoderkit.serve.speculative import Speculator
@@ -69,15 +70,21 @@ class Engine:
         enable_prefix_caching: keep full KV blocks keyed by their token prefix and reuse them across requests.
         speculative: None, or a `Speculator` (`serve.speculative`): decoding requests then verify proposed tokens in
             their step, emitting what the plain engine would.
+        compile: how decode-only steps run (`serve.paged_step`): "auto" through the AOTInductor package where one
+            for this model is on disk (and once one appears there, built by another process: `package_watch`),
+            eagerly until then; True: build the package first if it is missing (minutes on a small CPU); False:
+            always eagerly. Where the model cannot have a package (GPU, tensor-parallel, ...) all three are eager.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_batch_size: int = 32, max_prefill_tokens: int = 256, max_queue: int = 64,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 speculative: Speculator | None = None) -> None:
+                 speculative: Speculator | None = None, compile: bool | str = "auto") -> None:  # noqa: A002
         config = model.decoder_config
         if config.add_cross_attention:
             raise ValueError("the server runs decoder-only models; this one has cross-attention layers")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         if block_size < 1 or max_batch_size < 1 or max_prefill_tokens < 1 or max_queue < 0:
             raise ValueError("block_size, max_batch_size and max_prefill_tokens must be >= 1, max_queue >= 0")
         if max_model_len is not None and not 1 < max_model_len <= config.max_position_embeddings:
@@ -94,6 +101,9 @@ class Engine:
         self.pool = BlockPool(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, num_blocks,
                               block_size, model.dtype, model.device)
         self.runner = PagedRunner(model, self.pool)
+        self.package_watch: PackageWatch | None = None
+        if compile is not False:
+            self.package_watch = attach(self.runner, max_batch_size, build=compile is True)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
@@ -222,6 +232,8 @@ class Engine:
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
                 cancels, self._cancels = self._cancels, set()
+            if self.package_watch is not None and self.package_watch.poll():
+                self.package_watch = None
             try:
                 self._step(cancels)
             except Exception as exc:  # a failing step must not take the server down: fail what was running instead

@@ -10,6 +10,9 @@ decode tokens and prefill chunks alike, so a step's cost does not include copyin
 that kernel is missing, and where the model's own attention takes the eager math (asked for, or ALiBi in half
 precision, which the server reproduces bit for bit), each request's keys are gathered from the pool instead.
 
+A step of decode tokens only is `decode_forward`, a function of tensors that `serve.paged_step` packages with
+AOTInductor; the engine runs such steps through the package where one is built (`PagedRunner.decode_step`).
+
 Long prefill chunks of a bf16 / fp16 model run in fp32 on a CPU without native instructions for that dtype (one
 layer's weights upcast at a time): there half-precision matrix products are several times slower than fp32 ones.
 Whether a segment is upcast depends only on its own length, so a request's numbers still do not depend on what
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +76,63 @@ def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
                                      for name, p in module._parameters.items()}
     clone.__dict__["_modules"] = {name: None if m is None else _upcast(m, dtype) for name, m in module._modules.items()}
     return clone
+
+
+# Attention of a step's tokens in one layer: (attn module, q (H, N, D), k and v (H_kv, N, D), the layer's key and
+# value buffers, with the step's keys already written) -> (N, H, D)
+Attend = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _embed(stack: Any, ids: torch.Tensor, pos: torch.Tensor, seq_len: torch.Tensor,
+           dtype: torch.dtype | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The step's flat token axis embedded (1, N, d) (in `dtype` if given) and its rope (cos, sin) or None."""
+    x = stack.embed(ids[None])
+    if dtype is not None:
+        x = x.to(dtype)
+    if stack.config.position_embedding == "learned":
+        x = x + stack.embed_positions(pos[None]).to(x.dtype)
+    rope = stack.rotary(pos[None], x.dtype, seq_len=seq_len[None]) if stack.rotary is not None else None
+    return x, rope
+
+
+def _layer(layer: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, write_slots: torch.Tensor,
+           k_buf: torch.Tensor, v_buf: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """One decoder layer over the step's tokens x (1, N, d): their keys and values written to the pool's buffers
+    (rows, H_kv, D) at `write_slots`, attention by `attend`."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = attn._project(attn.q_proj, h, attn.num_heads)[0]  # (H, N, D)
+    k = attn._project(attn.k_proj, h, attn.num_kv_heads)[0]  # (H_kv, N, D)
+    v = attn._project(attn.v_proj, h, attn.num_kv_heads)[0]
+    if rope is not None:
+        q, k = apply_rotary(q[None], *rope)[0], apply_rotary(k[None], *rope)[0]
+    k_buf.index_copy_(0, write_slots, k.transpose(0, 1).to(k_buf.dtype))
+    v_buf.index_copy_(0, write_slots, v.transpose(0, 1).to(v_buf.dtype))
+    out = attend(attn, q, k, v, k_buf, v_buf)
+    x = x + attn.o_proj(out.view(1, x.shape[1], -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def decode_forward(model: Any, ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+                   tables: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                   block_size: int) -> torch.Tensor:
+    """`PagedRunner.forward` of N one-token segments written with tensors only (what `serve.paged_step` packages):
+    token ids (N,) at `positions` (N,), their pool rows `write_slots` (N,), block tables (N, B), each layer's key and
+    value buffers; the logits (N, V) in the model's dtype. Needs the paged kernel."""
+    stack = model.model
+    alibi = stack.config.position_embedding == "alibi"
+    slopes = stack.alibi_slopes.float().contiguous() if alibi else None
+    row_starts = torch.arange(ids.shape[0] + 1, device=ids.device)
+    x, rope = _embed(stack, ids, positions, positions + 1, None)
+
+    def attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
+               v_buf: torch.Tensor) -> torch.Tensor:
+        return paged_kernel.paged_attention(q.transpose(0, 1).float().contiguous(), k_buf, v_buf, tables,
+                                            row_starts, positions, slopes, attn.scale, block_size).to(q.dtype)
+
+    for layer, k_buf, v_buf in zip(stack.layers, keys, values):
+        x = _layer(layer, x, rope, write_slots, k_buf, v_buf, attend)
+    return model.lm_head(stack.norm(x[0]))
 
 
 @dataclass
@@ -171,6 +231,8 @@ class PagedRunner:
         elif paged_kernel and not (supported and paged_kernel_available()):
             raise ValueError("paged_kernel=True needs a CPU pool in float32 or bfloat16 and a C++ compiler")
         self.paged_kernel = paged_kernel
+        # The packaged decode step (`serve.paged_step.PagedDecodeStep`), given by the engine where one is built
+        self.decode_step: Any = None
 
     @torch.inference_mode()
     def forward(self, segments: Sequence[Segment], all_positions: bool = False,
@@ -178,6 +240,8 @@ class PagedRunner:
         """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V),
         with `tails` after each one's last tails[i] tokens (sum(tails), V), or with `all_positions` after every token
         of the step, in segment order (N, V), in the model's dtype."""
+        if self.decode_step is not None and not all_positions and tails is None and self.decode_step.takes(segments):
+            return self.decode_step(segments)
         upcast = [self.prefill_dtype is not None and len(s.ids) >= PREFILL_MIN_TOKENS for s in segments]
         if not any(upcast):
             return self._forward(segments, all_positions, tails, None)
@@ -200,40 +264,26 @@ class PagedRunner:
         pos = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(dev)
         ctx_slots = [pool.slots(s.block_table, s.end) for s in segments]
         write_slots = torch.cat([slots[s.start:] for s, slots in zip(segments, ctx_slots)]).to(dev)
-        x = stack.embed(ids[None])  # (1, N, d)
-        if dtype is not None:
-            x = x.to(dtype)
-        config = stack.config
-        exact = _eager_math(config.attn_implementation, config.position_embedding == "alibi", x.dtype)
-        paged = self._paged_batch(segments, ctx_slots) if self.paged_kernel and not exact else None
-        groups = self._groups(segments, ctx_slots) if paged is None else []
-        if config.position_embedding == "learned":
-            x = x + stack.embed_positions(pos[None]).to(x.dtype)
-        rope = None
-        if stack.rotary is not None:
-            # Each token's own sequence length picks the length-dependent rope factors (longrope, dynamic), so a
-            # request's numbers do not depend on what shares the step
-            seq_len = torch.cat([torch.full((len(s.ids),), s.end) for s in segments]).to(dev)
-            rope = stack.rotary(pos[None], x.dtype, seq_len=seq_len[None])
-        n = ids.shape[0]
-        for i, model_layer in enumerate(stack.layers):
+        # Each token's own sequence length picks the length-dependent rope factors (longrope, dynamic), so a
+        # request's numbers do not depend on what shares the step
+        seq_len = torch.cat([torch.full((len(s.ids),), s.end) for s in segments]).to(dev)
+        x, rope = _embed(stack, ids, pos, seq_len, dtype)
+        exact = _eager_math(stack.config.attn_implementation, stack.config.position_embedding == "alibi", x.dtype)
+        if self.paged_kernel and not exact:
+            paged = self._paged_batch(segments, ctx_slots)
+
+            def attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
+                       v_buf: torch.Tensor) -> torch.Tensor:
+                return self._paged_attention(attn, q, k, v, k_buf, v_buf, paged)
+        else:
+            groups = self._groups(segments, ctx_slots)
+
+            def attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
+                       v_buf: torch.Tensor) -> torch.Tensor:
+                return self._gathered_attention(attn, q, k, v, k_buf, v_buf, groups)
+        for model_layer, k_buf, v_buf in zip(stack.layers, pool.keys, pool.values):
             layer = _upcast(model_layer, dtype) if dtype is not None else model_layer
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn._project(attn.q_proj, h, attn.num_heads)[0]  # (H, N, D)
-            k = attn._project(attn.k_proj, h, attn.num_kv_heads)[0]  # (H_kv, N, D)
-            v = attn._project(attn.v_proj, h, attn.num_kv_heads)[0]
-            if rope is not None:
-                q, k = apply_rotary(q[None], *rope)[0], apply_rotary(k[None], *rope)[0]
-            k_buf, v_buf = pool.keys[i], pool.values[i]  # (rows, H_kv, D)
-            k_buf.index_copy_(0, write_slots, k.transpose(0, 1).to(k_buf.dtype))
-            v_buf.index_copy_(0, write_slots, v.transpose(0, 1).to(v_buf.dtype))
-            if paged is not None:
-                out = self._paged_attention(attn, q, k, v, k_buf, v_buf, paged)
-            else:
-                out = self._gathered_attention(attn, q, k, v, k_buf, v_buf, groups)
-            x = x + attn.o_proj(out.view(1, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = _layer(layer, x, rope, write_slots, k_buf, v_buf, attend)
         norm = _upcast(stack.norm, dtype) if dtype is not None else stack.norm
         head = _upcast(self.model.lm_head, dtype) if dtype is not None else self.model.lm_head
         if all_positions:

@@ -1,0 +1,219 @@
+"""The server's packaged decode step (serve.paged_step): its logits and pool writes against the eager paged runner
+over changing batches and block tables, the engine's requests through it against an eager engine's, the package
+picked up from disk (and once built by another process), the models it refuses, and the command line's switch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import decoderkit
+from decoderkit.kernels import attention as kernel
+from decoderkit.serve import paged_step
+from decoderkit.serve.engine import Engine, SamplingParams
+from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
+from decoderkit.tokenizer import AutoTokenizer
+
+oracle = pytest.importorskip("oracle")
+pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not kernel.available(), reason="no C++ compiler for the paged-attention kernel")]
+
+BLOCK, ROWS = 4, 6
+
+
+def load(directory: str, **kwargs):
+    return decoderkit.AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(cache_dir))
+
+
+@pytest.fixture(scope="module", params=["llama", "mpt"])
+def family(request, tmp_path_factory, cache_dir):
+    """A model directory of the family (llama: the server tests' model, with its tokenizer; mpt: ALiBi and no rope),
+    the model, and its package built once per module."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DECODERKIT_CACHE_DIR", str(cache_dir))
+        where = tmp_path_factory.mktemp(request.param)
+        if request.param == "llama":
+            directory = str(pytest.importorskip("test_serve").build_tiny_model(where))
+        else:
+            directory = oracle.save(oracle.build(request.param), where)
+        model = load(directory, attn_implementation="sdpa")  # the paged kernel's attention (not the eager math)
+        assert paged_step.paged_unsupported(PagedRunner(model, pool_for(model))) is None
+        path = paged_step.build_paged_package(model, BLOCK, ROWS)
+    return directory, model, path
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def pool_for(model) -> BlockPool:
+    c = model.decoder_config
+    return BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 48, BLOCK, model.dtype, model.device)
+
+
+class Counting:
+    """A decode step that records the number of sequences of each call."""
+
+    def __init__(self, step, calls: list) -> None:
+        self.step, self.calls = step, calls
+
+    def takes(self, segments) -> bool:
+        return self.step.takes(segments)
+
+    def __call__(self, segments):
+        self.calls.append(len(segments))
+        return self.step(segments)
+
+
+@torch.inference_mode()
+def test_packaged_steps_equal_the_eager_runners(family) -> None:
+    _, model, path = family
+    eager, packaged = PagedRunner(model, pool_for(model)), PagedRunner(model, pool_for(model))
+    calls: list = []
+    packaged.decode_step = Counting(paged_step.PagedDecodeStep(packaged, path, ROWS), calls)
+    seqs = [ids(9, 1), ids(3, 2), ids(14, 3), ids(1, 4)]
+    # Handed out a block at a time, round robin (no table is one run of blocks); the same blocks in both pools
+    need = [eager.pool.blocks_for(len(s) + 12) for s in seqs]
+    tables: list[list[int]] = [[] for _ in seqs]
+    for b in range(max(need)):
+        for table, n in zip(tables, need):
+            if b < n:
+                table.extend(eager.pool.allocate(1))
+                assert packaged.pool.allocate(1) == table[-1:]
+    for runner in (eager, packaged):  # each prompt but its last token: eager in both (no prompt takes the package)
+        runner.forward([Segment(0, s[:-1], t) for s, t in zip(seqs, tables) if len(s) > 1])
+    assert not calls
+    # Batches of 1 to 4 sequences, crossing block boundaries (the tables' width changes from step to step)
+    batches = [[0, 1, 2, 3], [1], [2, 0], [3, 1, 0]] * 3
+    for members in batches:
+        segments = [Segment(len(seqs[i]) - 1, [seqs[i][-1]], tables[i]) for i in members]
+        want, got = eager.forward(segments), packaged.forward(segments)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        for i, seg, row in zip(members, segments, want):
+            seqs[i].append(int(row.argmax()))
+            written = eager.pool.slots(tables[i], seg.end)
+            for buffers in ("keys", "values"):
+                torch.testing.assert_close(getattr(packaged.pool, buffers)[:, written],
+                                           getattr(eager.pool, buffers)[:, written], rtol=1e-5, atol=1e-5)
+    assert calls == [len(m) for m in batches]
+    # A step with more sequences than the package takes, or with a longer segment, runs eagerly
+    assert not packaged.decode_step.takes([Segment(0, [1], tables[0])] * (ROWS + 1))
+    assert not packaged.decode_step.takes([Segment(0, [1, 2], tables[0])])
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # the model with a tokenizer
+def test_the_engine_decodes_through_the_package_as_it_does_eagerly(family) -> None:
+    directory, _, _ = family
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompts = [ids(7, 11), ids(2, 12), ids(13, 13)]
+    eager = Engine(load(directory), tokenizer, kv_cache_tokens=512, block_size=BLOCK, max_batch_size=ROWS,
+                   compile=False)
+    assert eager.runner.decode_step is None and eager.package_watch is None
+    packaged = Engine(load(directory), tokenizer, kv_cache_tokens=512, block_size=BLOCK, max_batch_size=ROWS)
+    assert isinstance(packaged.runner.decode_step, paged_step.PagedDecodeStep)  # "auto" found it on disk
+    calls: list = []
+    packaged.runner.decode_step = Counting(packaged.runner.decode_step, calls)
+    assert run_requests(packaged, prompts, 9) == run_requests(eager, prompts, 9)
+    assert calls and max(calls) > 1  # decode steps of several requests went through it
+
+
+def run_requests(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy requests submitted together; their tokens."""
+    engine.start()
+    results: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+        results[i] = engine.generate(prompts[i], params)
+
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.stop()
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_a_package_built_elsewhere_is_picked_up_while_serving(family, tmp_path, monkeypatch) -> None:
+    directory, model, path = family
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path))  # an empty cache: nothing to load at first
+    engine = Engine(load(directory), None, kv_cache_tokens=512, block_size=BLOCK, max_batch_size=ROWS)
+    watch = engine.package_watch
+    assert engine.runner.decode_step is None and watch is not None
+    assert watch.path.parent == tmp_path / "aoti" and watch.path.name == path.name
+    watch.interval = 0.0
+    assert not watch.poll()  # not there yet: still watching
+    watch.path.parent.mkdir(parents=True)
+    watch.path.write_bytes(path.read_bytes())  # what the background builder leaves
+    assert watch.poll()
+    assert isinstance(engine.runner.decode_step, paged_step.PagedDecodeStep)
+
+
+def test_models_without_a_package_decode_eagerly(tmp_path) -> None:
+    directory = oracle.save(oracle.build("llama"), tmp_path / "eager")
+    engine = Engine(load(directory, attn_implementation="eager"), None, kv_cache_tokens=512, block_size=BLOCK,
+                    compile=True)
+    assert engine.runner.decode_step is None and engine.package_watch is None
+    assert "eager math" in paged_step.paged_unsupported(engine.runner)
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto', got 'yes'"):
+        Engine(load(directory, attn_implementation="eager"), None, kv_cache_tokens=512, compile="yes")
+
+
+def test_the_package_takes_no_more_rows_than_every_quantized_layer_runs_its_kernel_for(tmp_path) -> None:
+    directory = oracle.save(oracle.build("llama", attn_implementation="sdpa"), tmp_path / "m")
+    model = load(directory, quantization="int8")
+    from decoderkit.layers.quantized import QuantizedLinear
+
+    limit = min(m.kernel_rows() for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert paged_step.max_rows(model, 1000) == limit
+    assert paged_step.max_rows(model, 5) == 5
+    assert paged_step.max_rows(model, 1) == 2  # traced with two sequences
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_the_command_line_builds_the_package_in_the_background_unless_told_not_to(family, tmp_path,
+                                                                                   monkeypatch) -> None:
+    from decoderkit.generation import aot_step
+    from decoderkit.serve import app
+
+    directory, _, path = family
+    started = []
+    monkeypatch.setattr(aot_step, "start_builder", lambda *args: started.append(args) or True)
+    monkeypatch.setenv("DECODERKIT_CACHE_DIR", str(tmp_path))  # no package there yet
+    monkeypatch.delenv("DECODERKIT_COMPILE", raising=False)  # the suite's own setting (conftest.py): eager
+    flags = [directory, "--device", "cpu", "--block-size", str(BLOCK), "--max-batch-size", str(ROWS)]
+    engine, _, _ = app.load_engine(app.build_parser().parse_args(flags))
+    assert engine.package_watch is not None and engine.runner.decode_step is None
+    [(module, arguments, package, marker)] = started
+    assert module == "decoderkit.serve.paged_step" and package.name == path.name
+    assert arguments[0] == directory and arguments[arguments.index("--rows") + 1] == str(ROWS)
+    assert arguments[arguments.index("--dtype") + 1] == "float32"
+    # What the builder is told builds the very package the server watches for
+    built = paged_step.main([directory, "--dtype", "float32", "--block-size", str(BLOCK), "--rows", str(ROWS),
+                             "--expect", arguments[arguments.index("--expect") + 1]])
+    assert built == 0 and engine.package_watch.path.is_file()
+    started.clear()
+    engine, _, _ = app.load_engine(app.build_parser().parse_args([*flags, "--no-compile"]))
+    assert engine.package_watch is None and engine.runner.decode_step is None and not started
+    monkeypatch.setenv("DECODERKIT_COMPILE", "sometimes")
+    with pytest.raises(SystemExit, match="DECODERKIT_COMPILE='sometimes'"):
+        app.load_engine(app.build_parser().parse_args(flags))
