@@ -612,8 +612,8 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
         quantize = None if args.quantize in (None, "none") else args.quantize
         # The model as served (dtype after the float32 rule above); an adapter merged into a copy keeps the base's
         # names and shapes, which is all the package is keyed by
-        if build_paged_in_background(model, str(path), str(model.dtype).removeprefix("torch."), quantize,
-                                     args.block_size, engine.package_watch.rows):
+        if build_paged_in_background(engine.package_watch, str(path), str(model.dtype).removeprefix("torch."),
+                                     quantize):
             print("decoderkit serve: compiling the decode step in the background (minutes, once per model); "
                   "decoding is eager until it is built", file=sys.stderr, flush=True)
     if group is not None:

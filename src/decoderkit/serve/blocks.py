@@ -120,6 +120,10 @@ class BlockPool:
         self._key_of.clear()
         self._block_of.clear()
 
+    def slot(self, block_table: Sequence[int], position: int) -> int:
+        """The buffer row holding `position` of a sequence with this block table."""
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+
     def slots(self, block_table: Sequence[int], length: int) -> torch.Tensor:
         """Buffer rows holding positions 0..length-1 of a sequence with this block table."""
         pos = torch.arange(length)

@@ -148,6 +148,16 @@ class Segment:
         return self.start + len(self.ids)
 
 
+def block_tables(pool: BlockPool, segments: Sequence[Segment]) -> torch.Tensor:
+    """The blocks each segment's sequence uses up to its end, one row per segment (S, B) int64, padded with block 0
+    (the null block) to the longest."""
+    used = [s.block_table[: pool.blocks_for(s.end)] for s in segments]
+    tables = torch.zeros(len(used), max(map(len, used), default=0), dtype=torch.long)
+    for row, blocks in enumerate(used):
+        tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+    return tables
+
+
 @dataclass
 class _AttentionGroup:
     tokens: torch.Tensor  # (G, Tq) indices into the flat token axis
@@ -314,11 +324,7 @@ class PagedRunner:
             else:
                 earlier = ctx_slots[i][: s.start].to(self.device)
             chunks.append((torch.arange(offsets[i], offsets[i + 1], device=self.device), earlier))
-        width = max([self.pool.blocks_for(segments[i].end) for i in rest], default=0)
-        tables = torch.zeros(len(rest), width, dtype=torch.long)
-        for row, i in enumerate(rest):
-            used = segments[i].block_table[: self.pool.blocks_for(segments[i].end)]
-            tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        tables = block_tables(self.pool, [segments[i] for i in rest])
         row_starts = torch.tensor([0, *itertools.accumulate(len(segments[i].ids) for i in rest)], dtype=torch.long)
         positions = torch.tensor([segments[i].start for i in rest], dtype=torch.long)
         slopes = self.stack.alibi_slopes.float().cpu().contiguous() if config.position_embedding == "alibi" else None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from decoderkit.serve.paged import PagedRunner, Segment, _eager_math, decode_forward
+from decoderkit.serve.paged import PagedRunner, Segment, _eager_math, block_tables, decode_forward
 
 __all__ = ["PackageWatch", "PagedDecodeStep", "attach", "build_paged_in_background", "build_paged_package", "max_rows",
            "paged_package_path", "paged_unsupported"]
@@ -126,21 +126,20 @@ def build_paged_package(model: Any, block_size: int, rows: int) -> Path:
     return path
 
 
-def build_paged_in_background(model: Any, model_path: str, dtype: str, quantization: str | None, block_size: int,
-                              rows: int) -> bool:
-    """Start a detached process (lowest priority) that builds the package `model`, loaded from `model_path` in
-    `dtype` (and with `quantization`), would use, unless it is there or being built; True if one was started. The
-    process gives up if its model's weights differ in names, dtypes or shapes from `model`'s."""
+def build_paged_in_background(watch: PackageWatch, model_path: str, dtype: str, quantization: str | None) -> bool:
+    """Start a detached process (lowest priority) that builds the package `watch` waits for, loading the model from
+    `model_path` in `dtype` (and with `quantization`), unless it is there or being built; True if one was started.
+    The process gives up if its model's weights differ in names, dtypes or shapes from the watched runner's."""
     from decoderkit.generation.aot_step import _weights_id, start_builder, step_identity
 
-    path = paged_package_path(model, block_size, rows)
-    if path.is_file():
+    if watch.path.is_file():
         return False
-    arguments = [model_path, "--dtype", dtype, "--block-size", str(block_size), "--rows", str(rows), "--expect",
-                 _weights_id(step_identity(model, as_inputs=True))]
+    model = watch.runner.model
+    arguments = [model_path, "--dtype", dtype, "--block-size", str(watch.runner.pool.block_size), "--rows",
+                 str(watch.rows), "--expect", _weights_id(step_identity(model, as_inputs=True))]
     if quantization is not None:
         arguments += ["--quantize", quantization]
-    return start_builder("decoderkit.serve.paged_step", arguments, path, path.with_suffix(".building"))
+    return start_builder("decoderkit.serve.paged_step", arguments, watch.path, watch.path.with_suffix(".building"))
 
 
 class PagedDecodeStep:
@@ -170,14 +169,10 @@ class PagedDecodeStep:
     def __call__(self, segments: list[Segment] | tuple[Segment, ...]) -> torch.Tensor:
         """The logits (S, V) after each segment's token, its key and value written to the pool."""
         pool = self.runner.pool
-        size = pool.block_size
         ids = torch.tensor([s.ids[0] for s in segments], dtype=torch.long)
         positions = torch.tensor([s.start for s in segments], dtype=torch.long)
-        width = max(pool.blocks_for(s.end) for s in segments)
-        table_rows = [s.block_table[: pool.blocks_for(s.end)] for s in segments]
-        tables = torch.tensor([row + [0] * (width - len(row)) for row in table_rows], dtype=torch.long)
-        write_slots = torch.tensor([s.block_table[s.start // size] * size + s.start % size for s in segments],
-                                   dtype=torch.long)
+        write_slots = torch.tensor([pool.slot(s.block_table, s.start) for s in segments], dtype=torch.long)
+        tables = block_tables(pool, segments)
         return self.package.boxed_run([*self.head, ids, positions, write_slots, tables, *self.tail])[0]
 
 
