@@ -266,3 +266,27 @@ def test_openmp_spin_count_is_set_before_torch_loads():
     for chosen, want in (({}, "None"), ({"GOMP_SPINCOUNT": "30000"}, "30000")):
         got = subprocess.run(others, capture_output=True, text=True, check=True, env={**env, **chosen}).stdout
         assert got.strip() == want
+
+
+def test_release_thread_pool_ends_the_calling_threads_openmp_workers():
+    # GNU OpenMP keeps a worker pool for every thread that ran a parallel region; with more workers than CPUs it stops
+    # spinning for all of them (the server's engine thread then decoded 4x slower). Count the process's OS threads.
+    code = """
+import os, decoderkit, torch
+from decoderkit._openmp import release_thread_pool
+torch.set_num_threads(3)
+def threads(): return len(os.listdir("/proc/self/task"))
+x = torch.randn(1 << 20)
+before = threads()
+expected = (x + 1).sum().item()  # a parallel region: the main thread's pool of 2 more workers
+during = threads()
+released = release_thread_pool()
+after = threads()
+again = (x + 1).sum().item()  # the next region starts new workers and computes as before
+print(before, during, released, after, threads(), again == expected)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    before, during, released, after, later, same = got.stdout.split()
+    assert int(during) == int(before) + 2 and released == "True"
+    assert int(after) == int(before) and int(later) == int(during) and same == "True"

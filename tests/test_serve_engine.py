@@ -361,3 +361,25 @@ def test_a_zero_noise_draw_never_picks_a_ruled_out_token(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(torch.Tensor, "exponential_", zeros)
     assert sample(logits, rows)[0].token_id in (1, 3)
+
+
+# ------------------------------------------------------------------------------------------------- threads
+
+
+def test_start_releases_the_starting_threads_openmp_pool(model, tokenizer, monkeypatch) -> None:
+    # The model runs in the engine thread; an idle OpenMP pool left in the starting thread made every parallel region
+    # there sleep (tests/test_cli_contract.py counts the workers release_thread_pool ends).
+    import decoderkit.serve.engine as engine_module
+
+    calls: list[tuple[threading.Thread, int]] = []
+    monkeypatch.setattr(engine_module, "release_thread_pool",
+                        lambda: calls.append((threading.current_thread(), threading.active_count())) or True)
+    engine = Engine(model, tokenizer)
+    started_with = threading.active_count()
+    engine.start()
+    try:
+        assert calls == [(threading.current_thread(), started_with)]  # here, before the engine thread existed
+        assert engine.generate(tokenizer.encode(PROMPTS[0]), GREEDY).token_ids == \
+            reference_greedy(model, tokenizer.encode(PROMPTS[0]), 12)
+    finally:
+        engine.stop()

@@ -4,6 +4,7 @@ picked up from disk (and once built by another process), the models it refuses, 
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import decoderkit
 from decoderkit.kernels import attention as kernel
 from decoderkit.serve import paged_step
-from decoderkit.serve.engine import Engine, SamplingParams
+from decoderkit.serve.engine import Engine, RequestOutput, SamplingParams
 from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
 from decoderkit.tokenizer import AutoTokenizer
 
@@ -133,23 +134,24 @@ def test_the_engine_decodes_through_the_package_as_it_does_eagerly(family) -> No
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy requests submitted together; their tokens."""
+    """Greedy requests all queued before the engine starts (so they are decoded together); their tokens."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def collect(i: int, out: RequestOutput) -> None:
+        tokens[i] += out.token_ids
+        if out.finish_reason is not None:
+            done[i].set()
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+    for i, prompt in enumerate(prompts):
+        engine.submit(prompt, params, functools.partial(collect, i))
     engine.start()
-    results: list = [None] * len(prompts)
-
-    def one(i: int) -> None:
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop_token_ids=())
-        results[i] = engine.generate(prompts[i], params)
-
     try:
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        assert all(event.wait(120) for event in done)
     finally:
         engine.stop()
-    return [r.token_ids for r in results]
+    return tokens
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)

@@ -134,10 +134,10 @@ def aot_unsupported(model: Any) -> str | None:
 
 
 # decoderkit's code that a step is never traced through: the loops around the step, the tokenizer, the command line,
-# the server, training. Everything else (layers, families, caches, kernels' Python side, the steps themselves) keys
-# the packages
+# the server, training, the OpenMP runtime's settings. Everything else (layers, families, caches, kernels' Python side,
+# the steps themselves) keys the packages
 _UNTRACED = ("cli/", "serve/", "training/", "parallel/", "tokenizer.py", "chat_template.py", "gguf_vocab.py",
-             "gguf_vocab_writer.py", "gguf_writer.py", "saving.py", "generation/")
+             "gguf_vocab_writer.py", "gguf_writer.py", "saving.py", "generation/", "_openmp.py")
 _TRACED_GENERATION = ("generation/decode_step.py", "generation/verify_step.py", "generation/aot_step.py",
                       "serve/paged.py", "serve/paged_step.py")
 

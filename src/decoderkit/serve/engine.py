@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from decoderkit._openmp import release_thread_pool
 from decoderkit.serve.blocks import BlockPool, block_hashes
 from decoderkit.serve.metrics import EngineCounters, EngineStats
 from decoderkit.serve.paged import PagedRunner, Segment
@@ -125,7 +126,10 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- public API
 
     def start(self) -> Engine:
+        """Start the engine thread. The calling thread's OpenMP workers are ended first (`release_thread_pool`): torch
+        work here runs in the engine thread, and a second idle pool would make every parallel region in it sleep."""
         if self._thread is None:
+            release_thread_pool()
             self._stop, self._accepting = False, True
             self._thread = threading.Thread(target=self._loop, name="decoderkit-engine", daemon=True)
             self._thread.start()
