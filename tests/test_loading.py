@@ -313,3 +313,35 @@ def test_progress_bar_on_a_terminal_only(tiny_gguf, bf16_dir):
     assert "%|" in shown  # tqdm's bar
     piped = _run_with_stderr(False, bf16_dir)
     assert "@@switched on@@" in piped and "loading" not in piped and "%|" not in piped
+
+
+def test_loading_pauses_the_garbage_collector_and_restores_it(tmp_path, monkeypatch):
+    # A full collection during a load walks torch's whole heap for nothing (90 ms of a 262 ms GGUF load): the loader
+    # runs with the collector off, and leaves it as the caller had it, also when the load fails.
+    import gc
+
+    from decoderkit import checkpoint
+
+    seen: list[bool] = []
+    real = checkpoint._load_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_load_pretrained", spy)
+    path = tmp_path / "m"
+    save(build("llama"), path)
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        DecoderForCausalLM.from_pretrained(path)
+        assert seen == [False] and gc.isenabled()
+        with pytest.raises(FileNotFoundError):
+            DecoderForCausalLM.from_pretrained(tmp_path / "missing")
+        assert seen == [False, False] and gc.isenabled()
+        gc.disable()  # the caller's choice stays
+        DecoderForCausalLM.from_pretrained(path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable() if was else gc.disable()
