@@ -55,7 +55,7 @@ def test_gguf_blocks_multiply_as_their_dequantized_values(qtype, n, k):
 
 @pytest.mark.parametrize("bits, group, half", [(4, 64, False), (4, 128, True), (8, 32, True), (8, 1664, False)])
 def test_many_rows_and_long_rows_through_the_op(bits, group, half):
-    """The op itself: rows past the panel GEMM's 24-row pass, inputs in three
+    """The op itself: rows in several of the panel GEMM's 4-row tiles and a remainder, inputs in three
     uneven panels, output columns past its last whole tile, every group size and scale dtype."""
     gen = torch.Generator().manual_seed(bits + group)
     n, k = 13, 1664
