@@ -127,7 +127,8 @@ class Engine:
 
     def start(self) -> Engine:
         """Start the engine thread. The calling thread's OpenMP workers are ended first (`release_thread_pool`): torch
-        work here runs in the engine thread, and a second idle pool would make every parallel region in it sleep."""
+        work here runs in the engine thread, and a second idle pool would make every parallel region in it sleep. A
+        thread that goes on running parallel torch work beside a started engine brings that back (both slow down)."""
         if self._thread is None:
             release_thread_pool()
             self._stop, self._accepting = False, True
