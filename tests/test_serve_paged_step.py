@@ -14,7 +14,8 @@ import decoderkit
 from decoderkit.kernels import attention as kernel
 from decoderkit.serve import paged_step
 from decoderkit.serve.engine import Engine, RequestOutput, SamplingParams
-from decoderkit.serve.paged import BlockPool, PagedRunner, Segment
+from decoderkit.serve.paged import PREFILL_MIN_TOKENS, BlockPool, PagedRunner, Segment
+from decoderkit.serve.speculative import Speculator
 from decoderkit.tokenizer import AutoTokenizer
 
 oracle = pytest.importorskip("oracle")
@@ -67,17 +68,17 @@ def pool_for(model) -> BlockPool:
 
 
 class Counting:
-    """A decode step that records the number of sequences of each call."""
+    """A packaged step that records the number of sequences (or with `tokens`, of tokens) of each call."""
 
-    def __init__(self, step, calls: list) -> None:
-        self.step, self.calls = step, calls
+    def __init__(self, step, calls: list, tokens: bool = False) -> None:
+        self.step, self.calls, self.tokens = step, calls, tokens
 
-    def takes(self, segments) -> bool:
-        return self.step.takes(segments)
+    def takes(self, segments, tails=None) -> bool:
+        return self.step.takes(segments, tails)
 
-    def __call__(self, segments):
-        self.calls.append(len(segments))
-        return self.step(segments)
+    def __call__(self, segments, tails=None):
+        self.calls.append(sum(len(s.ids) for s in segments) if self.tokens else len(segments))
+        return self.step(segments, tails)
 
 
 @torch.inference_mode()
@@ -95,7 +96,7 @@ def test_packaged_steps_equal_the_eager_runners(family) -> None:
             if b < n:
                 table.extend(eager.pool.allocate(1))
                 assert packaged.pool.allocate(1) == table[-1:]
-    for runner in (eager, packaged):  # each prompt but its last token: eager in both (no prompt takes the package)
+    for runner in (eager, packaged):  # each prompt but its last token: eager in both (more tokens than it takes)
         runner.forward([Segment(0, s[:-1], t) for s, t in zip(seqs, tables) if len(s) > 1])
     assert not calls
     # Batches of 1 to 4 sequences, crossing block boundaries (the tables' width changes from step to step)
@@ -112,9 +113,49 @@ def test_packaged_steps_equal_the_eager_runners(family) -> None:
                 torch.testing.assert_close(getattr(packaged.pool, buffers)[:, written],
                                            getattr(eager.pool, buffers)[:, written], rtol=1e-5, atol=1e-5)
     assert calls == [len(m) for m in batches]
-    # A step with more sequences than the package takes, or with a longer segment, runs eagerly
-    assert not packaged.decode_step.takes([Segment(0, [1], tables[0])] * (ROWS + 1))
-    assert not packaged.decode_step.takes([Segment(0, [1, 2], tables[0])])
+    # A step with more sequences or tokens than the package takes, or a segment of PREFILL_MIN_TOKENS (flash
+    # attention's, eagerly), runs eagerly
+    step = packaged.decode_step
+    assert not step.takes([Segment(0, [1], tables[0])] * (ROWS + 1))
+    assert not step.takes([Segment(0, [1] * 12, tables[0]), Segment(0, [1] * 5, tables[1])])  # 17 tokens
+    assert not step.takes([Segment(0, [1] * PREFILL_MIN_TOKENS, tables[0])])
+    assert step.takes([Segment(0, [1] * (PREFILL_MIN_TOKENS - 1), tables[0])])
+
+
+@torch.inference_mode()
+def test_short_prompts_and_speculative_checks_through_the_package_equal_the_eager_runners(family) -> None:
+    # Steps of several tokens per sequence: short prompts beside decode tokens (logits after each one's last token),
+    # then checks of proposed tokens (logits after each of a segment's last `tails` tokens), as the engine sends them
+    _, model, path = family
+    eager, packaged = PagedRunner(model, pool_for(model)), PagedRunner(model, pool_for(model))
+    calls: list = []
+    packaged.decode_step = Counting(paged_step.PagedDecodeStep(packaged, path, ROWS), calls)
+    tables = [eager.pool.allocate(5) for _ in range(3)]
+    assert [packaged.pool.allocate(5) for _ in range(3)] == tables
+    seqs = [ids(7, 21), ids(1, 22), ids(10, 23)]
+    steps = [  # (sequence, start, new tokens, tails) per segment
+        [(0, 0, 7, None), (1, 0, 1, None)],
+        [(0, 7, 1, None), (1, 1, 5, None), (2, 0, 9, None)],  # 15 tokens; sequence 2's 9 cross two blocks
+        [(0, 8, 4, 4), (1, 6, 1, 1), (2, 9, 3, 2)],  # checks: logits after the last 4, 1 and 2 tokens
+        [(2, 12, 1, None), (0, 12, 2, None)],
+    ]
+    for step in steps:
+        for i, start, n, _ in step:
+            while len(seqs[i]) < start + n:
+                seqs[i].append(int(torch.randint(3, 97, (1,), generator=torch.Generator().manual_seed(len(seqs[i])))))
+        segments = [Segment(start, seqs[i][start:start + n], tables[i]) for i, start, n, _ in step]
+        tails = [t for *_, t in step] if step[0][3] is not None else None
+        assert packaged.decode_step.takes(segments, tails)
+        want, got = eager.forward(segments, tails=tails), packaged.forward(segments, tails=tails)
+        assert got.shape == want.shape == (sum(tails) if tails else len(segments), model.config.vocab_size)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        for seg in segments:
+            written = eager.pool.slots(seg.block_table, seg.end)
+            for buffers in ("keys", "values"):
+                torch.testing.assert_close(getattr(packaged.pool, buffers)[:, written],
+                                           getattr(eager.pool, buffers)[:, written], rtol=1e-5, atol=1e-5)
+    assert calls == [len(step) for step in steps]
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)  # the model with a tokenizer
@@ -131,6 +172,27 @@ def test_the_engine_decodes_through_the_package_as_it_does_eagerly(family) -> No
     packaged.runner.decode_step = Counting(packaged.runner.decode_step, calls)
     assert run_requests(packaged, prompts, 9) == run_requests(eager, prompts, 9)
     assert calls and max(calls) > 1  # decode steps of several requests went through it
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # the model with a tokenizer
+def test_short_prompts_and_speculative_checks_in_the_engine_go_through_the_package(family) -> None:
+    # A short prompt's prefill and a draft's checks (several tokens, logits after each) take the package too, with
+    # the eager engine's tokens. The draft is the model itself, so that it proposes from the start and is kept.
+    directory, _, _ = family
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompt = ids(12, 31)
+    eager = Engine(load(directory), tokenizer, kv_cache_tokens=512, block_size=BLOCK, max_batch_size=ROWS,
+                   compile=False)
+    want = run_requests(eager, [prompt], 10)
+    model = load(directory)
+    packaged = Engine(model, tokenizer, kv_cache_tokens=512, block_size=BLOCK, max_batch_size=ROWS,
+                      speculative=Speculator("draft", 3, draft_model=load(directory), model=model))
+    calls: list = []
+    packaged.runner.decode_step = Counting(packaged.runner.decode_step, calls, tokens=True)
+    assert run_requests(packaged, [prompt], 10) == want
+    assert calls[0] == len(prompt)  # the prefill step, all 12 tokens of it
+    assert any(n > 1 for n in calls[1:])  # a check of proposed tokens
+    assert packaged.counters.spec_draft_tokens > 0 and packaged.counters.spec_accepted > 0
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

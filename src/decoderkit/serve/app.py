@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes across requests (default on)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode-only steps through an AOTInductor package of the model's paged step (CPU). Default "
+                   help="short steps (decode tokens, speculative checks, prompts under 16 tokens) through an "
+                        "AOTInductor package of the model's paged step (CPU). Default "
                         "(or DECODERKIT_COMPILE unset): the package where it is cached, else eager while it is "
                         "built in the background (minutes, lowest priority) and the package once it is there; "
                         "--compile: build it before serving; --no-compile: always eager")

@@ -71,10 +71,11 @@ class Engine:
         enable_prefix_caching: keep full KV blocks keyed by their token prefix and reuse them across requests.
         speculative: None, or a `Speculator` (`serve.speculative`): decoding requests then verify proposed tokens in
             their step, emitting what the plain engine would.
-        compile: how decode-only steps run (`serve.paged_step`): "auto" through the AOTInductor package where one
-            for this model is on disk (and once one appears there, built by another process: `package_watch`),
-            eagerly until then; True: build the package first if it is missing (minutes on a small CPU); False:
-            always eagerly. Where the model cannot have a package (GPU, tensor-parallel, ...) all three are eager.
+        compile: how short steps (decode tokens, speculative checks, prompts under 16 tokens) run
+            (`serve.paged_step`): "auto" through the AOTInductor package where one for this model is on disk (and
+            once one appears there, built by another process: `package_watch`), eagerly until then; True: build
+            the package first if it is missing (minutes on a small CPU); False: always eagerly. Where the model
+            cannot have a package (GPU, tensor-parallel, ...) all three are eager.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, kv_cache_tokens: int | None = None, block_size: int = 16,

@@ -10,8 +10,9 @@ decode tokens and prefill chunks alike, so a step's cost does not include copyin
 that kernel is missing, and where the model's own attention takes the eager math (asked for, or ALiBi in half
 precision, which the server reproduces bit for bit), each request's keys are gathered from the pool instead.
 
-A step of decode tokens only is `decode_forward`, a function of tensors that `serve.paged_step` packages with
-AOTInductor; the engine runs such steps through the package where one is built (`PagedRunner.decode_step`).
+A step of short segments only (decode tokens, speculative checks, prompts or chunks shorter than
+`PREFILL_MIN_TOKENS`) is `step_forward`, a function of tensors that `serve.paged_step` packages with AOTInductor; the
+engine runs such steps through the package where one is built (`PagedRunner.decode_step`).
 
 Long prefill chunks of a bf16 / fp16 model run in fp32 on a CPU without native instructions for that dtype (one
 layer's weights upcast at a time): there half-precision matrix products are several times slower than fp32 ones.
@@ -113,26 +114,27 @@ def _layer(layer: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] 
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def decode_forward(model: Any, ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-                   tables: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                   block_size: int) -> torch.Tensor:
-    """`PagedRunner.forward` of N one-token segments written with tensors only (what `serve.paged_step` packages):
-    token ids (N,) at `positions` (N,), their pool rows `write_slots` (N,), block tables (N, B), each layer's key and
-    value buffers; the logits (N, V) in the model's dtype. Needs the paged kernel."""
+def step_forward(model: Any, ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+                 tables: torch.Tensor, row_starts: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor,
+                 keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], block_size: int) -> torch.Tensor:
+    """`PagedRunner.forward` of S segments attended by the paged kernel, written with tensors only (what
+    `serve.paged_step` packages): the step's token ids (T,) at `positions` (T,), their pool rows `write_slots` (T,),
+    the segments' block tables (S, B), `row_starts` (S + 1,) (segment s owns tokens row_starts[s] ..
+    row_starts[s + 1] - 1) and first positions `starts` (S,), each layer's key and value buffers; the logits (R, V)
+    after the tokens `rows` (R,), in the model's dtype. Needs the paged kernel."""
     stack = model.model
     alibi = stack.config.position_embedding == "alibi"
     slopes = stack.alibi_slopes.float().contiguous() if alibi else None
-    row_starts = torch.arange(ids.shape[0] + 1, device=ids.device)
     x, rope = _embed(stack, ids, positions, positions + 1, None)
 
     def attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
                v_buf: torch.Tensor) -> torch.Tensor:
         return paged_kernel.paged_attention(q.transpose(0, 1).float().contiguous(), k_buf, v_buf, tables,
-                                            row_starts, positions, slopes, attn.scale, block_size).to(q.dtype)
+                                            row_starts, starts, slopes, attn.scale, block_size).to(q.dtype)
 
     for layer, k_buf, v_buf in zip(stack.layers, keys, values):
         x = _layer(layer, x, rope, write_slots, k_buf, v_buf, attend)
-    return model.lm_head(stack.norm(x[0]))
+    return model.lm_head(stack.norm(x[0].index_select(0, rows)))
 
 
 @dataclass
@@ -250,8 +252,8 @@ class PagedRunner:
         """Write the segments' keys and values into the pool; return the logits after each one's last token (S, V),
         with `tails` after each one's last tails[i] tokens (sum(tails), V), or with `all_positions` after every token
         of the step, in segment order (N, V), in the model's dtype."""
-        if self.decode_step is not None and not all_positions and tails is None and self.decode_step.takes(segments):
-            return self.decode_step(segments)
+        if self.decode_step is not None and not all_positions and self.decode_step.takes(segments, tails):
+            return self.decode_step(segments, tails)
         upcast = [self.prefill_dtype is not None and len(s.ids) >= PREFILL_MIN_TOKENS for s in segments]
         if not any(upcast):
             return self._forward(segments, all_positions, tails, None)

@@ -1,11 +1,14 @@
-"""The server's decode step compiled ahead of time: `paged.decode_forward` as an AOTInductor package.
+"""The server's short steps compiled ahead of time: `paged.step_forward` as an AOTInductor package.
 
 An eager step over the paged pool pays Python for every module of every layer (about 15 calls a layer); on a small CPU
 model that is as much as its arithmetic, so the server decoded one request at a fraction of `generate`'s packaged rate.
 This package is the same step behind AOTInductor's C++ runner (as `generation.aot_step` builds generate's), over the
-pool as it is: the number of sequences, the block tables' width and the pool's size are dynamic, so one package serves
-every decode-only step of up to `max_rows` sequences and any pool. Steps with prompt chunks, speculative proposals or
-prompt scoring stay eager (`PagedRunner`), and both write and read the same pool.
+pool as it is: the number of sequences, of tokens, of logit rows, the block tables' width and the pool's size are
+dynamic, so one package serves every step of up to `max_rows` sequences and `max_tokens` tokens whose segments are
+all shorter than `paged.PREFILL_MIN_TOKENS`: decode tokens, the server's speculative checks (logits after each
+proposed token), short prompts and the last short chunk of a longer one. Those are the segments the eager runner
+attends with the same paged kernel; longer segments (flash attention, and fp32 upcasting for half-precision models
+on some CPUs) and prompt scoring stay eager (`PagedRunner`), and both write and read the same pool.
 
 The package takes the weights as inputs (no copy, as the quantized decode step does) and is keyed by their names,
 dtypes and shapes, the block size and `max_rows`: a server with a LoRA adapter merged into a copy of the weights uses
@@ -15,18 +18,20 @@ package then writes the step's rows in place, where a view taken inside the grap
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from decoderkit.serve.paged import PagedRunner, Segment, _eager_math, block_tables, decode_forward
+from decoderkit.serve.paged import PREFILL_MIN_TOKENS, PagedRunner, Segment, _eager_math, block_tables, step_forward
 
 __all__ = ["PackageWatch", "PagedDecodeStep", "attach", "build_paged_in_background", "build_paged_package", "max_rows",
-           "paged_package_path", "paged_unsupported"]
+           "max_tokens", "paged_package_path", "paged_unsupported"]
 logger = logging.getLogger(__name__)
 
 
@@ -53,14 +58,21 @@ def max_rows(model: Any, max_batch_size: int) -> int:
     return max(2, min([max_batch_size, *limits]))
 
 
+def max_tokens(rows: int) -> int:
+    """The most tokens a package of `rows` sequences takes in one step: room for one short prompt beside them
+    (`PREFILL_MIN_TOKENS`), within every quantized layer's kernel rows (never fewer than `KERNEL_ROWS`, 16)."""
+    return max(rows, PREFILL_MIN_TOKENS)
+
+
 class _Step(nn.Module):
     def __init__(self, model: Any, block_size: int) -> None:
         super().__init__()
         self.model = model
         self.block_size = block_size
 
-    def forward(self, ids, positions, write_slots, tables, keys, values):  # noqa: ANN001, ANN201
-        return decode_forward(self.model, ids, positions, write_slots, tables, keys, values, self.block_size)
+    def forward(self, ids, positions, write_slots, tables, row_starts, starts, rows, keys, values):  # noqa: ANN001, ANN201
+        return step_forward(self.model, ids, positions, write_slots, tables, row_starts, starts, rows, keys, values,
+                            self.block_size)
 
 
 class _WeightsStep(nn.Module):
@@ -73,10 +85,11 @@ class _WeightsStep(nn.Module):
         self.step = _Step(model, block_size)
         self.names = ["model." + name for name, _ in _weight_items(model)]
 
-    def forward(self, weights, ids, positions, write_slots, tables, keys, values):  # noqa: ANN001, ANN201
-        return torch.func.functional_call(self.step, dict(zip(self.names, weights, strict=True)),
-                                          (ids, positions, write_slots, tables, keys, values), tie_weights=True,
-                                          strict=False)
+    def forward(self, weights, ids, positions, write_slots, tables, row_starts, starts, rows, keys,  # noqa: ANN001, ANN201
+                values):  # noqa: ANN001
+        inputs = (ids, positions, write_slots, tables, row_starts, starts, rows, keys, values)
+        return torch.func.functional_call(self.step, dict(zip(self.names, weights, strict=True)), inputs,
+                                          tie_weights=True, strict=False)
 
 
 def paged_package_path(model: Any, block_size: int, rows: int) -> Path:
@@ -102,20 +115,27 @@ def build_paged_package(model: Any, block_size: int, rows: int) -> Path:
     if not paged_kernel.available():
         raise RuntimeError("the paged decode step needs the paged-attention kernel (a C++ compiler)")
     config = model.decoder_config
-    # Example sizes that differ from each other and from every static size, so that tracing does not tie them
-    seqs, blocks = 2, 7  # and tables 3 blocks wide
-    pool = BlockPool(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, blocks, block_size,
+    # Example sizes that differ from each other and from every static size, so that tracing does not tie them: 2
+    # sequences (3 row starts) of 6 and 1 tokens, logits after 5 of the 7 tokens, tables 4 blocks wide, 7 blocks
+    pool = BlockPool(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, 7, block_size,
                      model.dtype, model.device)
     pool.keys.zero_()
     pool.values.zero_()
-    tables = torch.tensor([[1, 2, 3], [4, 5, 0]])
-    example = (torch.zeros(seqs, dtype=torch.long), torch.tensor([2 * block_size, block_size]),
-               torch.tensor([3 * block_size, 5 * block_size + 1]), tables, list(pool.keys), list(pool.values))
+    tables = torch.tensor([[1, 2, 3, 6], [4, 5, 0, 0]])
+    starts, lengths = [2 * block_size, block_size], [6, 1]
+    positions = [p for start, n in zip(starts, lengths) for p in range(start, start + n)]
+    owners = [s for s, n in enumerate(lengths) for _ in range(n)]
+    write_slots = [int(tables[s, p // block_size]) * block_size + p % block_size for s, p in zip(owners, positions)]
+    example = (torch.zeros(len(positions), dtype=torch.long), torch.tensor(positions), torch.tensor(write_slots),
+               tables, torch.tensor([0, 6, 7]), torch.tensor(starts), torch.tensor([1, 2, 3, 5, 6]), list(pool.keys),
+               list(pool.values))
     n = torch.export.Dim("sequences", min=1, max=rows)
+    t = torch.export.Dim("tokens", min=1, max=max_tokens(rows))
+    o = torch.export.Dim("logit_rows", min=1, max=max_tokens(rows))
     b = torch.export.Dim("blocks", min=1)
     r = torch.export.Dim("pool_rows", min=2)
     layers = config.num_hidden_layers
-    dynamic = ({0: n}, {0: n}, {0: n}, {0: n, 1: b}, [{0: r}] * layers, [{0: r}] * layers)
+    dynamic = ({0: t}, {0: t}, {0: t}, {0: n, 1: b}, {0: n + 1}, {0: n}, {0: o}, [{0: r}] * layers, [{0: r}] * layers)
     weights = weight_inputs(model, True)
     logger.info("compiling the server's decode step with AOTInductor into %s", path)
     # GEMV layers (`DecodeLinear`, where generate ran the model) choose their kernel by the number of rows, which is
@@ -143,7 +163,8 @@ def build_paged_in_background(watch: PackageWatch, model_path: str, dtype: str, 
 
 
 class PagedDecodeStep:
-    """Runs decode-only steps of a `PagedRunner` (one token for each of 1 .. `rows` sequences) through the package.
+    """Runs a `PagedRunner`'s short steps through the package: 1 .. `rows` sequences, each with fewer than
+    `PREFILL_MIN_TOKENS` new tokens, `max_tokens(rows)` tokens in all.
 
     Args:
         runner: the runner whose pool and model the package reads and writes.
@@ -156,24 +177,35 @@ class PagedDecodeStep:
 
         self.runner = runner
         self.rows = rows
+        self.tokens = max_tokens(rows)
         self.package = load_package(path)
         self.head = weight_inputs(runner.model, True)
         pool = runner.pool
         self.tail = [*pool.keys, *pool.values]  # each layer's buffers, as the package was traced with them
 
-    def takes(self, segments: list[Segment] | tuple[Segment, ...]) -> bool:
-        """Whether the step can run `segments`: one token each, at most `rows` of them."""
-        return 0 < len(segments) <= self.rows and all(len(s.ids) == 1 for s in segments)
+    def takes(self, segments: Sequence[Segment], tails: Sequence[int] | None = None) -> bool:
+        """Whether the step can run `segments` (with logits after each one's last `tails[i]` tokens, or its last)."""
+        lengths = [len(s.ids) for s in segments]
+        return (0 < len(segments) <= self.rows and sum(lengths) <= self.tokens
+                and all(0 < n < PREFILL_MIN_TOKENS for n in lengths)
+                and (tails is None or all(0 < tail <= n for tail, n in zip(tails, lengths))))
 
     @torch.inference_mode()
-    def __call__(self, segments: list[Segment] | tuple[Segment, ...]) -> torch.Tensor:
-        """The logits (S, V) after each segment's token, its key and value written to the pool."""
+    def __call__(self, segments: Sequence[Segment], tails: Sequence[int] | None = None) -> torch.Tensor:
+        """The logits after each segment's last token (S, V), or after its last `tails[i]` tokens (sum(tails), V),
+        its keys and values written to the pool: `PagedRunner.forward`'s result."""
         pool = self.runner.pool
-        ids = torch.tensor([s.ids[0] for s in segments], dtype=torch.long)
-        positions = torch.tensor([s.start for s in segments], dtype=torch.long)
-        write_slots = torch.tensor([pool.slot(s.block_table, s.start) for s in segments], dtype=torch.long)
-        tables = block_tables(pool, segments)
-        return self.package.boxed_run([*self.head, ids, positions, write_slots, tables, *self.tail])[0]
+        ids = torch.tensor([t for s in segments for t in s.ids], dtype=torch.long)
+        positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], dtype=torch.long)
+        write_slots = torch.tensor([pool.slot(s.block_table, p) for s in segments for p in range(s.start, s.end)],
+                                   dtype=torch.long)
+        ends = list(itertools.accumulate(len(s.ids) for s in segments))
+        row_starts = torch.tensor([0, *ends], dtype=torch.long)
+        starts = torch.tensor([s.start for s in segments], dtype=torch.long)
+        wanted = [r for end, t in zip(ends, tails) for r in range(end - t, end)] if tails else [e - 1 for e in ends]
+        inputs = [ids, positions, write_slots, block_tables(pool, segments), row_starts, starts,
+                  torch.tensor(wanted, dtype=torch.long)]
+        return self.package.boxed_run([*self.head, *inputs, *self.tail])[0]
 
 
 def attach(runner: PagedRunner, max_batch_size: int, build: bool) -> PackageWatch | None:
