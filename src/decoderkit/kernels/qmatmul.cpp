@@ -446,10 +446,15 @@ inline void gmicro(const float* panel, int64_t kc, const float* const* x, gvec* 
     for (int j = 0; j < GN; ++j) acc[r * GN + j] = a[r][j];
 }
 
+// One run of 32 weights of a column, dequantized into out[0 .. 32): q * d (+ m), float32, on the panel GEMM's
+// vectors (gvec: 16 lanes with AVX-512, else 8).
 #ifdef DK_AVX512
+inline gvec gset1(float v) { return _mm512_set1_ps(v); }
+inline gvec gmul(gvec a, gvec b) { return _mm512_mul_ps(a, b); }
+inline void gstore(float* p, gvec v) { _mm512_store_ps(p, v); }
 // unpack32 on 16 lanes: the 32 codes of a run as 2 x 16 floats, in input order (the same values).
 template <int BITS>
-inline void unpack32x16(const uint8_t* p, __m512 w[2]) {
+inline void gunpack(const uint8_t* p, gvec w[2]) {
   if constexpr (BITS == 4) {
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -460,28 +465,23 @@ inline void unpack32x16(const uint8_t* p, __m512 w[2]) {
       w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))));
   }
 }
+#else
+inline gvec gset1(float v) { return _mm256_set1_ps(v); }
+inline gvec gmul(gvec a, gvec b) { return _mm256_mul_ps(a, b); }
+inline void gstore(float* p, gvec v) { _mm256_store_ps(p, v); }
+template <int BITS>
+inline void gunpack(const uint8_t* p, gvec w[4]) { unpack32<BITS>(p, w); }
 #endif
 
-// One run of 32 weights of a column, dequantized into out[0 .. 32): q * d (+ m), float32.
 template <int BITS, bool HALF, bool OFFSET>
 inline void dequantize_run(const Problem& p, const uint8_t* q, int64_t at, int64_t k, float* out) {
   const int64_t byte = BITS == 4 ? k / 2 : k;
   const int64_t g = k / p.group;
-  const float scale = scalar_at<HALF>(p.scales, at + g);
-  const float offset = OFFSET ? scalar_at<HALF>(p.offsets, at + g) : 0.0f;
-#ifdef DK_AVX512
-  const __m512 d = _mm512_set1_ps(scale), m = _mm512_set1_ps(offset);
-  __m512 w[2];
-  unpack32x16<BITS>(q + byte, w);
-  for (int v = 0; v < 2; ++v)
-    _mm512_store_ps(out + 16 * v, OFFSET ? _mm512_fmadd_ps(w[v], d, m) : _mm512_mul_ps(w[v], d));
-#else
-  const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
-  __m256 w[4];
-  unpack32<BITS>(q + byte, w);
-  for (int v = 0; v < 4; ++v)
-    _mm256_store_ps(out + 8 * v, OFFSET ? _mm256_fmadd_ps(w[v], d, m) : _mm256_mul_ps(w[v], d));
-#endif
+  const gvec d = gset1(scalar_at<HALF>(p.scales, at + g));
+  const gvec m = gset1(OFFSET ? scalar_at<HALF>(p.offsets, at + g) : 0.0f);
+  gvec w[32 / GL];
+  gunpack<BITS>(q + byte, w);
+  for (int v = 0; v < 32 / GL; ++v) gstore(out + GL * v, OFFSET ? gfma(w[v], d, m) : gmul(w[v], d));
 }
 
 // Columns n0 .. n0 + GN (all of them real), every row. Each panel of the columns is dequantized once for all M rows
