@@ -81,12 +81,29 @@ class Counting:
         return self.step(segments, tails)
 
 
-@torch.inference_mode()
-def test_packaged_steps_equal_the_eager_runners(family) -> None:
-    _, model, path = family
+def runner_pair(model, path) -> tuple[PagedRunner, PagedRunner, list]:
+    """An eager runner and one with the package (counting its calls' sequences), each over a pool of its own."""
     eager, packaged = PagedRunner(model, pool_for(model)), PagedRunner(model, pool_for(model))
     calls: list = []
     packaged.decode_step = Counting(paged_step.PagedDecodeStep(packaged, path, ROWS), calls)
+    return eager, packaged, calls
+
+
+def assert_same_step(eager: PagedRunner, packaged: PagedRunner, segments, got, want) -> None:
+    """The packaged step's logits and pool rows written are the eager step's, within float rounding."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    for seg in segments:
+        written = eager.pool.slots(seg.block_table, seg.end)
+        for buffers in ("keys", "values"):
+            torch.testing.assert_close(getattr(packaged.pool, buffers)[:, written],
+                                       getattr(eager.pool, buffers)[:, written], rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_packaged_steps_equal_the_eager_runners(family) -> None:
+    _, model, path = family
+    eager, packaged, calls = runner_pair(model, path)
     seqs = [ids(9, 1), ids(3, 2), ids(14, 3), ids(1, 4)]
     # Handed out a block at a time, round robin (no table is one run of blocks); the same blocks in both pools
     need = [eager.pool.blocks_for(len(s) + 12) for s in seqs]
@@ -104,14 +121,9 @@ def test_packaged_steps_equal_the_eager_runners(family) -> None:
     for members in batches:
         segments = [Segment(len(seqs[i]) - 1, [seqs[i][-1]], tables[i]) for i in members]
         want, got = eager.forward(segments), packaged.forward(segments)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
-        for i, seg, row in zip(members, segments, want):
+        assert_same_step(eager, packaged, segments, got, want)
+        for i, row in zip(members, want):
             seqs[i].append(int(row.argmax()))
-            written = eager.pool.slots(tables[i], seg.end)
-            for buffers in ("keys", "values"):
-                torch.testing.assert_close(getattr(packaged.pool, buffers)[:, written],
-                                           getattr(eager.pool, buffers)[:, written], rtol=1e-5, atol=1e-5)
     assert calls == [len(m) for m in batches]
     # A step with more sequences or tokens than the package takes, or a segment of PREFILL_MIN_TOKENS (flash
     # attention's, eagerly), runs eagerly
@@ -127,9 +139,7 @@ def test_short_prompts_and_speculative_checks_through_the_package_equal_the_eage
     # Steps of several tokens per sequence: short prompts beside decode tokens (logits after each one's last token),
     # then checks of proposed tokens (logits after each of a segment's last `tails` tokens), as the engine sends them
     _, model, path = family
-    eager, packaged = PagedRunner(model, pool_for(model)), PagedRunner(model, pool_for(model))
-    calls: list = []
-    packaged.decode_step = Counting(paged_step.PagedDecodeStep(packaged, path, ROWS), calls)
+    eager, packaged, calls = runner_pair(model, path)
     tables = [eager.pool.allocate(5) for _ in range(3)]
     assert [packaged.pool.allocate(5) for _ in range(3)] == tables
     seqs = [ids(7, 21), ids(1, 22), ids(10, 23)]
@@ -148,13 +158,7 @@ def test_short_prompts_and_speculative_checks_through_the_package_equal_the_eage
         assert packaged.decode_step.takes(segments, tails)
         want, got = eager.forward(segments, tails=tails), packaged.forward(segments, tails=tails)
         assert got.shape == want.shape == (sum(tails) if tails else len(segments), model.config.vocab_size)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
-        for seg in segments:
-            written = eager.pool.slots(seg.block_table, seg.end)
-            for buffers in ("keys", "values"):
-                torch.testing.assert_close(getattr(packaged.pool, buffers)[:, written],
-                                           getattr(eager.pool, buffers)[:, written], rtol=1e-5, atol=1e-5)
+        assert_same_step(eager, packaged, segments, got, want)
     assert calls == [len(step) for step in steps]
 
 

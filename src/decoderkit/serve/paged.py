@@ -150,6 +150,13 @@ class Segment:
         return self.start + len(self.ids)
 
 
+def logit_rows(segments: Sequence[Segment], tails: Sequence[int] | None) -> list[int]:
+    """The rows of a step's flat token axis whose logits `PagedRunner.forward` returns: each segment's last token,
+    or with `tails` each one's last tails[i] tokens."""
+    ends = list(itertools.accumulate(len(s.ids) for s in segments))
+    return [r for end, t in zip(ends, tails) for r in range(end - t, end)] if tails else [e - 1 for e in ends]
+
+
 def block_tables(pool: BlockPool, segments: Sequence[Segment]) -> torch.Tensor:
     """The blocks each segment's sequence uses up to its end, one row per segment (S, B) int64, padded with block 0
     (the null block) to the longest."""
@@ -300,9 +307,7 @@ class PagedRunner:
         head = _upcast(self.model.lm_head, dtype) if dtype is not None else self.model.lm_head
         if all_positions:
             return head(norm(x[0]))
-        ends = list(itertools.accumulate(len(s.ids) for s in segments))
-        rows = [r for end, t in zip(ends, tails) for r in range(end - t, end)] if tails else [e - 1 for e in ends]
-        return head(norm(x[0, torch.tensor(rows, device=dev)]))
+        return head(norm(x[0, torch.tensor(logit_rows(segments, tails), device=dev)]))
 
     def _paged_batch(self, segments: Sequence[Segment], ctx_slots: list[torch.Tensor]) -> _PagedBatch:
         offsets = [0, *itertools.accumulate(len(s.ids) for s in segments)]

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from decoderkit.serve.paged import PREFILL_MIN_TOKENS, PagedRunner, Segment, _eager_math, block_tables, step_forward
+from decoderkit.serve.paged import (
+    PREFILL_MIN_TOKENS,
+    PagedRunner,
+    Segment,
+    _eager_math,
+    block_tables,
+    logit_rows,
+    step_forward,
+)
 
 __all__ = ["PackageWatch", "PagedDecodeStep", "attach", "build_paged_in_background", "build_paged_package", "max_rows",
            "max_tokens", "paged_package_path", "paged_unsupported"]
@@ -199,12 +207,10 @@ class PagedDecodeStep:
         positions = torch.tensor([p for s in segments for p in range(s.start, s.end)], dtype=torch.long)
         write_slots = torch.tensor([pool.slot(s.block_table, p) for s in segments for p in range(s.start, s.end)],
                                    dtype=torch.long)
-        ends = list(itertools.accumulate(len(s.ids) for s in segments))
-        row_starts = torch.tensor([0, *ends], dtype=torch.long)
+        row_starts = torch.tensor([0, *itertools.accumulate(len(s.ids) for s in segments)], dtype=torch.long)
         starts = torch.tensor([s.start for s in segments], dtype=torch.long)
-        wanted = [r for end, t in zip(ends, tails) for r in range(end - t, end)] if tails else [e - 1 for e in ends]
         inputs = [ids, positions, write_slots, block_tables(pool, segments), row_starts, starts,
-                  torch.tensor(wanted, dtype=torch.long)]
+                  torch.tensor(logit_rows(segments, tails), dtype=torch.long)]
         return self.package.boxed_run([*self.head, *inputs, *self.tail])[0]
 
 
