@@ -249,6 +249,9 @@ def test_serve_describes_a_quantized_model(capsys):
     model = torch.nn.Sequential(Int8Linear(64, 64), Int4Linear(64, 64, group_size=32), Int4Linear(64, 64))
     assert quantization_summary(model) == "int4 (group 32), int8"
     assert quantization_summary(torch.nn.Linear(2, 2)) == "none"
+    for layer in model:
+        layer.activations = "bfloat16"
+    assert quantization_summary(model) == "int4 (group 32), int8, bfloat16 activations"
 
 
 def test_openmp_spin_count_is_set_before_torch_loads():

@@ -122,7 +122,8 @@ def test_from_pretrained_switches_the_activations(tmp_path):
 
 @pytest.mark.parametrize("value", ["int4", "bf16", "INT8", 8])
 def test_unknown_activations_say_what_is_supported(tmp_path, value):
-    with pytest.raises(ValueError, match=r"activations=.* is not supported; use None .* \['int8', 'float'\]"):
+    with pytest.raises(ValueError,
+                       match=r"activations=.* is not supported; use None .* \['int8', 'float', 'bfloat16'\]"):
         AutoModelForCausalLM.from_pretrained(_tiny_gguf(tmp_path), activations=value)
     with pytest.raises(ValueError, match="is not one of"):
         kernels.qmm(torch.zeros(1, 32), torch.zeros(1, 16, dtype=torch.uint8), torch.ones(1, 1), None, 4, 32,

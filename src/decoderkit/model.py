@@ -74,7 +74,8 @@ class PreTrainedDecoder(TransformersCompatMixin, nn.Module):
         error), `quantization` (None: a GGUF file's quantized tensors stay packed on CPU, an HF checkpoint stays
         float; "none": all float; "int8", "int4" or a `QuantizationConfig`: weights quantized as they are read;
         `dtype` then names the activation dtype), `activations` (how quantized layers multiply: None or "float", exact,
-        or "int8", rounded to int8 per run of 32 inputs as llama.cpp does, faster and less accurate, see
+        "bfloat16", x and weights rounded to bfloat16 with float32 sums, faster on batches and prompts, or "int8",
+        rounded to int8 per run of 32 inputs as llama.cpp does, faster and less accurate, see
         `decoderkit.layers.quantized.set_activations`), `config`, `progress`, `gguf_file`, `revision`,
         `cache_dir`, `local_files_only`, `tp_plan` ("auto": tensor-parallel over the ranks of the torch.distributed
         process group started by `torchrun --nproc-per-node N`, as transformers does; each rank reads and keeps only

@@ -23,6 +23,7 @@ from decoderkit.cli.common import (
     _cli_logging,
     _Parser,
     _silence_stdout,
+    add_activations_arg,
     default_model_path,
     device_name,
     dtype_name,
@@ -143,6 +144,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                        help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                        "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
+    add_activations_arg(group)
     add_threads_arg(group)
     group.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT directory, as `decoderkit train --lora` "
                        "writes) merged into the model's weights after loading; the base must be float (a GGUF file "

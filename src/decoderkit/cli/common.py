@@ -276,6 +276,14 @@ def pick_device(name: str | None) -> str:
     return name
 
 
+def add_activations_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--activations``, as generate, chat, bench and serve take it (`decoderkit.layers.quantized.set_activations`)."""
+    parser.add_argument("--activations", choices=("float", "bfloat16", "int8"), default=None,
+                        help="how quantized layers multiply: float (exact, the default), bfloat16 (x and weights "
+                        "rounded to bfloat16, float32 sums: 1.1-1.9x faster on batches and prompts where the CPU has "
+                        "AVX512-BF16), int8 (llama.cpp's int8 activations)")
+
+
 def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTrainedDecoder, Tokenizer | None, Path]:
     """The causal LM (and its tokenizer) named by `--model`, on `--device` in `--dtype`."""
     from decoderkit import AutoModelForCausalLM
@@ -296,13 +304,16 @@ def load_model(args: argparse.Namespace, tokenizer: bool = True) -> tuple[PreTra
     # The loader draws a progress bar only when stderr is a terminal; --quiet turns it off there too.
     options = dict(dtype=args.dtype, device=device, quantization=quantization,
                    progress=False if getattr(args, "quiet", False) else None)
+    activations = getattr(args, "activations", None)
     if getattr(args, "tensor_parallel", 1) > 1:
         if adapter is not None:
             raise UsageError("--adapter cannot be combined with --tensor-parallel: merge it first (`decoderkit merge`)")
+        if activations is not None:
+            raise UsageError("--activations applies to quantized layers, which --tensor-parallel does not split")
         from decoderkit.parallel.launch import start_tensor_parallel
 
         return start_tensor_parallel(path, args.tensor_parallel, **options).model, tok, path
-    model = AutoModelForCausalLM.from_pretrained(path, **options)
+    model = AutoModelForCausalLM.from_pretrained(path, activations=activations, **options)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     if getattr(args, "threads", None) is not None:

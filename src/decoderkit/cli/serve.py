@@ -61,8 +61,11 @@ def quantization_summary(model: Any) -> str:
         group = getattr(m, "group_size", None)
         return "int8" if group is None or group == m.in_features else f"int8 (group {group})"
 
-    kinds = Counter(kind(m) for m in model.modules() if isinstance(m, QuantizedLinear))
-    return ", ".join(kind for kind, _ in kinds.most_common()) or "none"
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    kinds = Counter(kind(m) for m in layers)
+    summary = ", ".join(kind for kind, _ in kinds.most_common()) or "none"
+    modes = sorted({m.activations for m in layers} - {"float"})
+    return summary + (f", {'/'.join(modes)} activations" if modes else "")
 
 
 def start_line(names: list[str], path: Any, model: Any, threads: int, context: int, sock: socket.socket) -> str:

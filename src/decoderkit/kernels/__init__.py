@@ -44,8 +44,19 @@ def _simd_flags() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()
     avx2 = ["-mavx2", "-mfma", "-mf16c"]
     if capability == "AVX512":
-        return [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        avx512 = [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        return [*avx512, "-mavx512bf16"] if _cpu_has("avx512_bf16") else avx512
     return avx2 if capability == "AVX2" else []
+
+
+@functools.cache
+def _cpu_has(flag: str) -> bool:
+    # torch reports no AVX512-BF16 capability of its own; the kernel's VDPBF16PS path needs the CPU's flag (Linux)
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
+    except OSError:
+        return False
 
 
 def _compiler() -> str | None:
@@ -133,11 +144,11 @@ def _register_fake() -> None:
     def shape(x, codes, scales, offsets, bits, group):  # noqa: ANN001, ANN202 - the op's schema types them
         return x.new_empty(x.shape[0], codes.shape[0])
 
-    for op in ("qmm", "qmm_q8"):
+    for op in ("qmm", "qmm_q8", "qmm_bf16"):
         torch.library.register_fake(f"{_NAMESPACE}::{op}", shape)
 
 
-ACTIVATIONS = ("float", "int8")
+ACTIVATIONS = ("float", "int8", "bfloat16")
 
 
 def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int,
@@ -146,12 +157,28 @@ def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: tor
     offsets): ``w = scale * q + offset`` (see qmatmul.cpp for the layouts). `available()` must be True.
 
     `activations` "float" multiplies x as given; "int8" first rounds each run of 32 inputs of a row to int8 against
-    its largest magnitude and takes integer dot products (qmatmul.cpp's ``qmm_q8`` says exactly how)."""
+    its largest magnitude and takes integer dot products (qmatmul.cpp's ``qmm_q8`` says exactly how); "bfloat16"
+    rounds x and the dequantized weight to bfloat16 and sums their exact products in float32, as a bfloat16 matmul
+    does (``qmm_bf16``: groups of runs of 32 inputs, and `simd()`)."""
     if activations == "int8":
         return torch.ops.decoderkit_kernels.qmm_q8(x, codes, scales, offsets, bits, group)
+    if activations == "bfloat16":
+        return torch.ops.decoderkit_kernels.qmm_bf16(x, codes, scales, offsets, bits, group)
     if activations != "float":
         raise ValueError(f"activations={activations!r} is not one of {list(ACTIVATIONS)}")
     return torch.ops.decoderkit_kernels.qmm(x, codes, scales, offsets, bits, group)
+
+
+def bf16_products() -> str | None:
+    """How ``activations="bfloat16"`` multiplies in the loaded build: "vdpbf16ps" (AVX512-BF16), "fma" (float32 FMAs
+    of the rounded operands: the same products, summed in another order), or None where the build has no AVX2 path
+    and ``qmm_bf16`` cannot run. `available()` must be True."""
+    import ctypes
+
+    library = ctypes.CDLL(str(library_path(_compiler() or "")))
+    if not library.decoderkit_qmm_simd():
+        return None
+    return "vdpbf16ps" if library.decoderkit_qmm_bf16_native() else "fma"
 
 
 _DECODE_SOURCE = Path(__file__).with_name("gemv.cpp")

@@ -11,6 +11,11 @@
 //           row: `ftile`; from a few rows: the panel GEMM, `gcolumns`).
 //   qmm_q8: x quantized to int8 per run of 32 inputs first (llama.cpp's Q8 activations), integer dot products per
 //           run, float32 after (see `quantize_rows` and `itile`): about twice as fast, not exact.
+//   qmm_bf16: x and the dequantized weight rounded to bfloat16 (nearest even), their products exact, sums float32:
+//           what a bfloat16 matmul with the dequantized weight computes (torch's or oneDNN's with bfloat16 weights).
+//           Every row count takes the panel GEMM (`bcolumns`, on VDPBF16PS where the CPU has AVX512-BF16: twice
+//           the float32 FMA's products per instruction; elsewhere `gcolumns` on the rounded values), so a row's
+//           result never depends on how many rows came with it. Groups must be runs of 32 inputs.
 //
 // Built at first use by decoderkit.kernels with the AVX2 / FMA / F16C path where the CPU has it, a portable one
 // elsewhere. Output rows are shared among torch's intra-op threads (at::parallel_for).
@@ -34,6 +39,10 @@
 // 16 lanes, half the instructions per run of 32 inputs
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define DK_AVX512 1
+// and with -mavx512bf16 where the CPU has it: bfloat16 products (`qmm_bf16`) take VDPBF16PS, two per lane at a time
+#if defined(__AVX512BF16__)
+#define DK_AVX512BF16 1
+#endif
 #endif
 #endif
 
@@ -429,21 +438,21 @@ constexpr int64_t GK = 768;  // inputs per panel
 template <int BITS>
 constexpr int64_t gemm_rows() { return BITS == 4 ? 2 : 8; }
 
-template <int MR>
+template <int MR, int NC>
 inline void gmicro(const float* panel, int64_t kc, const float* const* x, gvec* acc) {
-  gvec a[MR][GN];
+  gvec a[MR][NC];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < GN; ++j) a[r][j] = acc[r * GN + j];
+    for (int j = 0; j < NC; ++j) a[r][j] = acc[r * NC + j];
   for (int64_t k = 0; k < kc; k += GL) {
     gvec xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = gload(x[r] + k);
-    for (int j = 0; j < GN; ++j) {
+    for (int j = 0; j < NC; ++j) {
       const gvec w = gload(panel + j * kc + k);
       for (int r = 0; r < MR; ++r) a[r][j] = gfma(w, xv[r], a[r][j]);
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < GN; ++j) acc[r * GN + j] = a[r][j];
+    for (int j = 0; j < NC; ++j) acc[r * NC + j] = a[r][j];
 }
 
 // One run of 32 weights of a column, dequantized into out[0 .. 32): q * d (+ m), float32, on the panel GEMM's
@@ -452,6 +461,14 @@ inline void gmicro(const float* panel, int64_t kc, const float* const* x, gvec* 
 inline gvec gset1(float v) { return _mm512_set1_ps(v); }
 inline gvec gmul(gvec a, gvec b) { return _mm512_mul_ps(a, b); }
 inline void gstore(float* p, gvec v) { _mm512_store_ps(p, v); }
+// Each lane rounded to the nearest bfloat16 (ties to even), kept as float32: bfloat16 is float32's upper half. For
+// finite values (weights and activations are), as VCVTNEPS2BF16 and torch's conversion round them.
+inline gvec ground(gvec v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 // unpack32 on 16 lanes: the 32 codes of a run as 2 x 16 floats, in input order (the same values).
 template <int BITS>
 inline void gunpack(const uint8_t* p, gvec w[2]) {
@@ -469,36 +486,51 @@ inline void gunpack(const uint8_t* p, gvec w[2]) {
 inline gvec gset1(float v) { return _mm256_set1_ps(v); }
 inline gvec gmul(gvec a, gvec b) { return _mm256_mul_ps(a, b); }
 inline void gstore(float* p, gvec v) { _mm256_store_ps(p, v); }
+inline gvec ground(gvec v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 template <int BITS>
 inline void gunpack(const uint8_t* p, gvec w[4]) { unpack32<BITS>(p, w); }
 #endif
 
+// The run's weights as 32 / GL vectors.
 template <int BITS, bool HALF, bool OFFSET>
-inline void dequantize_run(const Problem& p, const uint8_t* q, int64_t at, int64_t k, float* out) {
+inline void dequantize_vectors(const Problem& p, const uint8_t* q, int64_t at, int64_t k, gvec w[32 / GL]) {
   const int64_t byte = BITS == 4 ? k / 2 : k;
   const int64_t g = k / p.group;
   const gvec d = gset1(scalar_at<HALF>(p.scales, at + g));
   const gvec m = gset1(OFFSET ? scalar_at<HALF>(p.offsets, at + g) : 0.0f);
-  gvec w[32 / GL];
   gunpack<BITS>(q + byte, w);
-  for (int v = 0; v < 32 / GL; ++v) gstore(out + GL * v, OFFSET ? gfma(w[v], d, m) : gmul(w[v], d));
+  for (int v = 0; v < 32 / GL; ++v) w[v] = OFFSET ? gfma(w[v], d, m) : gmul(w[v], d);
+}
+
+// ROUND: each weight rounded to bfloat16 (`qmm_bf16` without VDPBF16PS).
+template <int BITS, bool HALF, bool OFFSET, bool ROUND = false>
+inline void dequantize_run(const Problem& p, const uint8_t* q, int64_t at, int64_t k, float* out) {
+  gvec w[32 / GL];
+  dequantize_vectors<BITS, HALF, OFFSET>(p, q, at, k, w);
+  for (int v = 0; v < 32 / GL; ++v) gstore(out + GL * v, ROUND ? ground(w[v]) : w[v]);
 }
 
 // Columns n0 .. n0 + GN (all of them real), every row. Each panel of the columns is dequantized once for all M rows
 // (the accumulators, M x GN vectors, live in a per-thread buffer): a prompt chunk of 160 rows dequantized it 7 times
 // when they lived on the stack, 24 rows at a time. Every sum adds the same products in the same order either way.
-template <int BITS, bool HALF, bool OFFSET>
+// NC: columns (GN, or 1 for those past the last whole tile where `qmm_bf16` rounds: ROUND).
+template <int BITS, bool HALF, bool OFFSET, int NC = GN, bool ROUND = false>
 void gcolumns(const Problem& p, int64_t n0) {
   alignas(64) float panel[GN * GK];
   thread_local std::vector<gvec> accumulators;
-  if (static_cast<int64_t>(accumulators.size()) < p.M * GN) accumulators.resize(p.M * GN);
+  if (static_cast<int64_t>(accumulators.size()) < p.M * NC) accumulators.resize(p.M * NC);
   gvec* acc = accumulators.data();
   const int64_t blocks = (p.K + GK - 1) / GK;
   const int64_t step = (p.K / 32 + blocks - 1) / blocks * 32;
-  for (int64_t i = 0; i < p.M * GN; ++i) acc[i] = gzero();
+  for (int64_t i = 0; i < p.M * NC; ++i) acc[i] = gzero();
   for (int64_t kb = 0; kb < p.K; kb += step) {
     const int64_t kc = std::min(step, p.K - kb);
-    for (int j = 0; j < GN; ++j) {
+    for (int j = 0; j < NC; ++j) {
       const uint8_t* q = p.codes + (n0 + j) * p.row_bytes;
       // The same column two tiles ahead (see ftile's prefetch), a cache line per 64 bytes of codes
       const char* ahead = reinterpret_cast<const char*>(q + 2 * GN * p.row_bytes);
@@ -506,18 +538,18 @@ void gcolumns(const Problem& p, int64_t n0) {
       for (int64_t k = kb; k < kb + kc; k += 32) {
         const int64_t byte = BITS == 4 ? k / 2 : k;
         if (byte % 64 == 0) _mm_prefetch(ahead + byte, _MM_HINT_T0);
-        dequantize_run<BITS, HALF, OFFSET>(p, q, at, k, panel + j * kc + (k - kb));
+        dequantize_run<BITS, HALF, OFFSET, ROUND>(p, q, at, k, panel + j * kc + (k - kb));
       }
     }
     for_row_tiles<GM>(p.M, [&](auto mr, int64_t r0) {
       constexpr int MR = decltype(mr)::value;
       const float* x[MR];
       for (int r = 0; r < MR; ++r) x[r] = p.x + (r0 + r) * p.K + kb;
-      gmicro<MR>(panel, kc, x, acc + r0 * GN);
+      gmicro<MR, NC>(panel, kc, x, acc + r0 * NC);
     });
   }
   for (int64_t r = 0; r < p.M; ++r)
-    for (int j = 0; j < GN; ++j) p.y[r * p.N + n0 + j] = gsum(acc[r * GN + j]);
+    for (int j = 0; j < NC; ++j) p.y[r * p.N + n0 + j] = gsum(acc[r * NC + j]);
 }
 
 template <int BITS, bool HALF, bool OFFSET>
@@ -549,6 +581,126 @@ void frun(const Problem& p) {
   // Four columns at a time for one row (four chains of sums in flight, one unpacking of the codes per column);
   // with more rows, which make their own chains, two.
   p.M == 1 ? for_column_tiles<4>(p, columns) : for_column_tiles<2>(p, columns);
+}
+#endif
+
+// ------------------------------------------------------------------------ bfloat16 products (qmm_bf16)
+#ifdef DK_AVX512BF16
+// The panel GEMM of `gcolumns` on bfloat16: the panel holds each weight rounded to bfloat16, x is rounded once per
+// call, and VDPBF16PS adds two exact products to each float32 lane per instruction: GM x NC accumulators of 16
+// lanes, each covering 32 inputs per step.
+inline __m512bh as_bf16(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+template <int MR, int NC>
+inline void bmicro(const uint16_t* panel, int64_t kc, const uint16_t* const* x, __m512* acc) {
+  __m512 a[MR][NC];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NC; ++j) a[r][j] = acc[r * NC + j];
+  for (int64_t k = 0; k < kc; k += 32) {
+    __m512bh xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = as_bf16(_mm512_loadu_si512(x[r] + k));
+    for (int j = 0; j < NC; ++j) {
+      const __m512bh w = as_bf16(_mm512_load_si512(panel + j * kc + k));
+      for (int r = 0; r < MR; ++r) a[r][j] = _mm512_dpbf16_ps(a[r][j], w, xv[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NC; ++j) acc[r * NC + j] = a[r][j];
+}
+
+// 32 floats as 32 bfloat16 in order (VCVTNE2PS2BF16 takes the upper half first).
+inline void store_bf16(uint16_t* out, __m512 lo, __m512 hi) {
+  const __m512bh b = _mm512_cvtne2ps_pbh(hi, lo);
+  _mm512_storeu_si512(out, reinterpret_cast<const __m512i&>(b));
+}
+
+template <int BITS, bool HALF, bool OFFSET, int NC>
+void bcolumns(const Problem& p, const uint16_t* xb, int64_t n0) {
+  alignas(64) uint16_t panel[GN * GK];
+  thread_local std::vector<__m512> accumulators;
+  if (static_cast<int64_t>(accumulators.size()) < p.M * NC) accumulators.resize(p.M * NC);
+  __m512* acc = accumulators.data();
+  const int64_t blocks = (p.K + GK - 1) / GK;
+  const int64_t step = (p.K / 32 + blocks - 1) / blocks * 32;
+  for (int64_t i = 0; i < p.M * NC; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < p.K; kb += step) {
+    const int64_t kc = std::min(step, p.K - kb);
+    for (int j = 0; j < NC; ++j) {
+      const uint8_t* q = p.codes + (n0 + j) * p.row_bytes;
+      const char* ahead = reinterpret_cast<const char*>(q + 2 * GN * p.row_bytes);  // as gcolumns prefetches
+      const int64_t at = (n0 + j) * p.groups;
+      for (int64_t k = kb; k < kb + kc; k += 32) {
+        const int64_t byte = BITS == 4 ? k / 2 : k;
+        if (byte % 64 == 0) _mm_prefetch(ahead + byte, _MM_HINT_T0);
+        gvec w[2];
+        dequantize_vectors<BITS, HALF, OFFSET>(p, q, at, k, w);
+        store_bf16(panel + j * kc + (k - kb), w[0], w[1]);
+      }
+    }
+    for_row_tiles<GM>(p.M, [&](auto mr, int64_t r0) {
+      constexpr int MR = decltype(mr)::value;
+      const uint16_t* x[MR];
+      for (int r = 0; r < MR; ++r) x[r] = xb + (r0 + r) * p.K + kb;
+      bmicro<MR, NC>(panel, kc, x, acc + r0 * NC);
+    });
+  }
+  for (int64_t r = 0; r < p.M; ++r)
+    for (int j = 0; j < NC; ++j) p.y[r * p.N + n0 + j] = _mm512_reduce_add_ps(acc[r * NC + j]);
+}
+
+// Fewer rows than a tile of the panel GEMM (decode): each run of the NC columns goes from its codes to the
+// multiplication in registers, never stored. The accumulators add the same products in the same order as
+// `bcolumns`', so a row's result is the same bits either way.
+template <int BITS, bool HALF, bool OFFSET, int MR, int NC>
+void bdirect(const Problem& p, const uint16_t* xb, int64_t n0) {
+  __m512 a[MR][NC];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NC; ++j) a[r][j] = _mm512_setzero_ps();
+  const uint8_t* q[NC];
+  for (int j = 0; j < NC; ++j) q[j] = p.codes + (n0 + j) * p.row_bytes;
+  const char* ahead = reinterpret_cast<const char*>(q[0] + 2 * NC * p.row_bytes);  // as ftile prefetches
+  const int64_t lines = (NC * p.row_bytes + 63) / 64, runs = p.K / 32, per_run = (lines + runs - 1) / runs;
+  for (int64_t k = 0; k < p.K; k += 32) {
+    for (int64_t i = 0; i < per_run; ++i) _mm_prefetch(ahead + (k / 32 * per_run + i) * 64, _MM_HINT_T0);
+    __m512bh xv[MR];
+    for (int r = 0; r < MR; ++r) xv[r] = as_bf16(_mm512_loadu_si512(xb + r * p.K + k));
+    for (int j = 0; j < NC; ++j) {
+      gvec w[2];
+      dequantize_vectors<BITS, HALF, OFFSET>(p, q[j], (n0 + j) * p.groups, k, w);
+      const __m512bh wb = _mm512_cvtne2ps_pbh(w[1], w[0]);
+      for (int r = 0; r < MR; ++r) a[r][j] = _mm512_dpbf16_ps(a[r][j], wb, xv[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NC; ++j) p.y[r * p.N + n0 + j] = _mm512_reduce_add_ps(a[r][j]);
+}
+
+template <int BITS, bool HALF, bool OFFSET>
+void brun(const Problem& p) {
+  std::vector<uint16_t> xb(p.M * p.K);
+  for (int64_t i = 0; i < p.M * p.K; i += 32)
+    store_bf16(xb.data() + i, _mm512_loadu_ps(p.x + i), _mm512_loadu_ps(p.x + i + 16));
+  if (p.M < GM) {
+    return for_column_tiles<GN>(p, [&](auto nr, int64_t n0) {
+      auto rows = [&](auto mr, int64_t) {
+        bdirect<BITS, HALF, OFFSET, decltype(mr)::value, decltype(nr)::value>(p, xb.data(), n0);
+      };
+      last_row_tile<GM - 1>(p.M, 0, rows);
+    });
+  }
+  for_column_tiles<GN>(p, [&](auto nr, int64_t n0) { bcolumns<BITS, HALF, OFFSET, decltype(nr)::value>(p, xb.data(), n0); });
+}
+#elif defined(DK_AVX2)
+// Without VDPBF16PS: `gcolumns` on x and weights rounded to bfloat16 (float32 FMAs of the same exact products).
+template <int BITS, bool HALF, bool OFFSET>
+void brun(const Problem& p) {
+  std::vector<gvec> xr(p.M * p.K / GL);  // vectors: aligned for gstore
+  for (int64_t i = 0; i < p.M * p.K / GL; ++i) xr[i] = ground(gload(p.x + i * GL));
+  Problem rounded = p;
+  rounded.x = reinterpret_cast<const float*>(xr.data());
+  for_column_tiles<GN>(rounded, [&](auto nr, int64_t n0) {
+    gcolumns<BITS, HALF, OFFSET, decltype(nr)::value, true>(rounded, n0);
+  });
 }
 #endif
 
@@ -824,6 +976,27 @@ at::Tensor qmm_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   return y;
 }
 
+at::Tensor qmm_bf16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& offsets, int64_t bits, int64_t group) {
+  at::Tensor y;
+  const Problem p = problem(x, codes, scales, offsets, bits, group, y);
+  TORCH_CHECK(group % 32 == 0, "qmm_bf16: groups must be runs of 32 inputs, got ", group);
+  if (p.M == 0 || p.N == 0) return y;
+#ifdef DK_AVX2
+  const bool half = scales.scalar_type() == at::kHalf, offset = offsets.has_value();
+  if (bits == 4) {
+    half ? (offset ? brun<4, true, true>(p) : brun<4, true, false>(p))
+         : (offset ? brun<4, false, true>(p) : brun<4, false, false>(p));
+  } else {
+    half ? (offset ? brun<8, true, true>(p) : brun<8, true, false>(p))
+         : (offset ? brun<8, false, true>(p) : brun<8, false, false>(p));
+  }
+#else
+  TORCH_CHECK(false, "qmm_bf16: this build has no AVX2 path (decoderkit.kernels.simd() is False)");
+#endif
+  return y;
+}
+
 bool simd() {
 #ifdef DK_AVX2
   return true;
@@ -837,14 +1010,25 @@ bool simd() {
 TORCH_LIBRARY(decoderkit_kernels, m) {
   m.def("qmm(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
   m.def("qmm_q8(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
+  m.def("qmm_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, int bits, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(decoderkit_kernels, CPU, m) {
   m.impl("qmm", &qmm);
   m.impl("qmm_q8", &qmm_q8);
+  m.impl("qmm_bf16", &qmm_bf16);
 }
 
 extern "C" int decoderkit_qmm_simd() { return simd() ? 1 : 0; }
+
+// 1 where qmm_bf16 multiplies with VDPBF16PS, 0 where it rounds and takes float32 FMAs (for tests and benchmarks)
+extern "C" int decoderkit_qmm_bf16_native() {
+#ifdef DK_AVX512BF16
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // 512 where the few-row path runs on AVX-512, 256 on AVX2, 0 for the portable path (for tests and benchmarks)
 extern "C" int decoderkit_qmm_vector_bits() {

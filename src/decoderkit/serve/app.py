@@ -482,7 +482,7 @@ def default_model_path() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     from decoderkit.cli.adapters import named_adapter
-    from decoderkit.cli.common import _Parser, positive_int, speculative_mode
+    from decoderkit.cli.common import _Parser, add_activations_arg, positive_int, speculative_mode
     from decoderkit.cli.serve import port_number
     from decoderkit.cli.threads import add_threads_arg
 
@@ -502,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
                    help="weights: int8 / int4 (quantized on load, CPU), none (float; a GGUF file dequantized); "
                    "default: a GGUF file's quantized tensors stay packed, an HF checkpoint stays float")
+    add_activations_arg(p)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the server answers 429")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
@@ -581,12 +582,15 @@ def load_engine(args: argparse.Namespace, adapter: str | None = None) -> tuple[E
         if getattr(args, "tensor_parallel", 1) > 1:
             from decoderkit.parallel.launch import start_tensor_parallel
 
+            if getattr(args, "activations", None) is not None:
+                raise ValueError("--activations applies to quantized layers, which --tensor-parallel does not split")
             group = start_tensor_parallel(path, args.tensor_parallel, dtype=args.dtype, device=device,
                                           quantization=args.quantize)
             model = group.model
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device,
-                                                         quantization=args.quantize)
+                                                         quantization=args.quantize,
+                                                         activations=getattr(args, "activations", None))
     except ValueError as err:
         raise SystemExit(f"decoderkit serve: error: {err}") from None
     if args.dtype is None and group is None and not half_precision_is_native(model):
