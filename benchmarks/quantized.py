@@ -15,6 +15,8 @@ dk-gguf            decoderkit, the Q4_1 file in its own packed weights (``quanti
 dk-gguf-f32        the same with float32 activations (decoderkit's kernel computes in float32 anyway)
 dk-gguf-a8         dk-gguf-f32 with ``activations="int8"``: integer products of activations rounded to int8 per
                    run of 32 inputs (llama.cpp's way) instead of the default exact float32 ones
+dk-gguf-bf16a      dk-gguf-f32 with ``activations="bfloat16"``: activations and weights rounded to bfloat16 in the
+                   quantized layers, float32 sums (VDPBF16PS where the CPU has AVX512-BF16)
 dk-gguf-float      decoderkit, the Q4_1 file dequantized (``quantization="none"``): the float reference for dk-gguf
 llamacpp           llama.cpp (llama-cpp-python) on the Q4_1 file
 llamacpp-ours      llama.cpp on the Q4_1 file decoderkit wrote
@@ -67,9 +69,10 @@ from pathlib import Path
 from typing import Any
 
 ENGINES = ("transformers", "dk-bf16", "dk-int8", "dk-int8-a8", "dk-int4", "dk-gguf", "dk-gguf-f32",
-           "dk-gguf-a8", "dk-gguf-float", "llamacpp", "llamacpp-ours")
-# decoderkit engines whose quantized layers round their activations to int8 (the others: the default, exact float)
+           "dk-gguf-a8", "dk-gguf-bf16a", "dk-gguf-float", "llamacpp", "llamacpp-ours")
+# decoderkit engines whose quantized layers round their activations to int8 / bfloat16 (the others: exact float)
 INT8_ACTIVATIONS = ("dk-int8-a8", "dk-gguf-a8")
+BF16_ACTIVATIONS = ("dk-gguf-bf16a",)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LLAMACPP_PYTHON = "/tmp/peers/llamacpp/bin/python"
 PROMPT_TOKENS = 32
@@ -152,17 +155,21 @@ def torch_worker(engine: str, spec: dict[str, Any]) -> dict[str, Any]:
             "dk-bf16": (spec["hf_dir"], None), "dk-int8": (spec["hf_dir"], "int8"),
             "dk-int8-a8": (spec["hf_dir"], "int8"), "dk-int4": (spec["hf_dir"], "int4"),
             "dk-gguf": (spec["gguf"], None), "dk-gguf-f32": (spec["gguf"], None),
-            "dk-gguf-a8": (spec["gguf"], None), "dk-gguf-float": (spec["gguf"], "none"),
+            "dk-gguf-a8": (spec["gguf"], None), "dk-gguf-bf16a": (spec["gguf"], None),
+            "dk-gguf-float": (spec["gguf"], "none"),
         }[engine]  # fmt: skip
         # dk-gguf names quantization=None explicitly: the packed path, not today's silent dequantization
         kwargs = {} if engine == "dk-bf16" else {"quantization": quantization}
         if engine in INT8_ACTIVATIONS:
             kwargs["activations"] = "int8"
-        dtype = torch.float32 if engine in ("dk-gguf-f32", "dk-gguf-a8") else torch.bfloat16
+        elif engine in BF16_ACTIVATIONS:
+            kwargs["activations"] = "bfloat16"
+        dtype = torch.float32 if engine in ("dk-gguf-f32", "dk-gguf-a8", "dk-gguf-bf16a") else torch.bfloat16
         model = decoderkit.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     load_s = time.perf_counter() - start
     packed = any(not t.is_floating_point() for t in [*model.parameters(), *model.buffers()])
-    if engine in ("dk-int8", "dk-int8-a8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-a8") and not packed:
+    if engine in ("dk-int8", "dk-int8-a8", "dk-int4", "dk-gguf", "dk-gguf-f32", "dk-gguf-a8", "dk-gguf-bf16a") \
+            and not packed:
         # from_pretrained takes unknown keywords as config overrides: a run in float would pass for a quantized one
         raise RuntimeError(f"quantization={quantization!r} was not applied: the model holds no integer weights")
 
@@ -377,7 +384,8 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
           f"{spec['repeats']}; Q4_1 file {spec['file_bytes'] / 2**20:.0f} MiB; copy bandwidth "
           f"{spec['copy_bandwidth'] / 1e9:.1f} GB/s (roofline = b=1 tok/s x MB/token / that)")
     llama = results.get("llamacpp", {})
-    for engine in ("dk-gguf", "dk-gguf-f32", "dk-gguf-a8", "dk-int8", "dk-int8-a8", "dk-int4", "dk-bf16"):
+    for engine in ("dk-gguf", "dk-gguf-f32", "dk-gguf-a8", "dk-gguf-bf16a", "dk-int8", "dk-int8-a8", "dk-int4",
+                   "dk-bf16"):
         mine = results.get(engine, {})
         if "b1" in mine and "b1" in llama:
             cpu = (f", b=1 per CPU second x{mine['b1_cpu'] / llama['b1_cpu']:.2f}"
@@ -385,13 +393,15 @@ def print_table(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> Non
             print(f"{engine} / llamacpp: b=1 x{mine['b1'] / llama['b1']:.2f}{cpu}, "
                   f"load x{mine['load_s'] / llama['load_s']:.2f}, ppl {100 * (mine['ppl'] / llama['ppl'] - 1):+.2f}%")
     pairs = (("dk-gguf", "dk-gguf-float"), ("dk-gguf-f32", "dk-gguf-float"), ("dk-gguf-a8", "dk-gguf-float"),
-             ("dk-gguf-a8", "dk-gguf-f32"), ("dk-int8", "dk-bf16"), ("dk-int8-a8", "dk-bf16"),
-             ("dk-int4", "dk-bf16"))
+             ("dk-gguf-a8", "dk-gguf-f32"), ("dk-gguf-bf16a", "dk-gguf-float"), ("dk-gguf-bf16a", "dk-gguf-f32"),
+             ("dk-int8", "dk-bf16"), ("dk-int8-a8", "dk-bf16"), ("dk-int4", "dk-bf16"))
     for engine, base in pairs:
         if "ppl" in results.get(engine, {}) and "ppl" in results.get(base, {}):
             a, b = results[engine], results[base]
             cpu = f", per CPU second x{a['b1_cpu'] / b['b1_cpu']:.2f}" if a.get("b1_cpu") and b.get("b1_cpu") else ""
-            print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}{cpu}")
+            batch = f", b={BATCH} x{a['b16'] / b['b16']:.2f}" if a.get("b16") and b.get("b16") else ""
+            print(f"{engine} / {base}: ppl {100 * (a['ppl'] / b['ppl'] - 1):+.3f}%, b=1 x{a['b1'] / b['b1']:.2f}{cpu}"
+                  f"{batch}")
     for engine, r in results.items():
         if r.get("b1_cpu"):
             print(f"{engine}: b=1 {r['b1_cpu']:.1f} tokens per CPU second of its process")

@@ -16,6 +16,8 @@ Engines (each skipped, saying so, when absent):
                         chat row
   decoderkit, GGUF      the same serving the GGUF file llama.cpp serves, quantized blocks kept (with --gguf or default)
   decoderkit, GGUF, eager   the same with --no-compile: every step eager (the server before the packaged step)
+  decoderkit, GGUF, bf16    "decoderkit, GGUF" with --activations bfloat16: the quantized layers' products in
+                        bfloat16 (VDPBF16PS where the CPU has AVX512-BF16), float32 sums
   decoderkit (before)   --before-rev REV (e.g. 07a08a9^1, the engine before the batched sampler): the same server from
                         that commit's src/ (exported with `git archive`), or --before-src DIR (e.g. /work/main/src)
   vLLM CPU              $VLLM_VENV (default /tmp/peers/vllm), made as ../shared/PEERS.md says:
@@ -287,6 +289,8 @@ def engines(args: argparse.Namespace, directory: Path, gguf: Path | None) -> tup
         # The very file llama.cpp serves, its Q4_1 blocks kept packed (decoderkit's own kernel where it builds)
         found.append(decoderkit("decoderkit, GGUF", ROOT / "src", ["--compile"], gguf))
         found.append(decoderkit("decoderkit, GGUF, eager", ROOT / "src", ["--no-compile"], gguf))
+        found.append(decoderkit("decoderkit, GGUF, bf16", ROOT / "src", ["--compile", "--activations", "bfloat16"],
+                                gguf))
     if args.before_src:
         found.append(decoderkit("decoderkit (before)", Path(args.before_src), []))
     vllm = Path(os.environ.get("VLLM_VENV", "/tmp/peers/vllm"))
