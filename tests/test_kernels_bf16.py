@@ -10,12 +10,11 @@ import sys
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
-from test_gguf_model import write_tiny_llama
+from test_kernels_int8 import kernel_layer, random_codes, tiny_gguf
 
 from decoderkit import AutoModelForCausalLM, kernels
 from decoderkit.layers import quantized as qmod
-from decoderkit.layers.quantized import Int4Linear, Int8Linear, pack_nibbles, set_activations
+from decoderkit.layers.quantized import set_activations
 
 needs_kernel = pytest.mark.skipif(not kernels.available() or kernels.bf16_products() is None,
                                   reason="decoderkit's kernel has no AVX2 build here")
@@ -23,14 +22,7 @@ EPS = torch.finfo(torch.float32).eps
 
 
 def weights(bits: int, offset: bool, dtype: torch.dtype, group: int, n: int, k: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    if bits == 4:
-        q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        codes = pack_nibbles(q)
-    else:
-        q = codes = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(n, k // group, generator=gen) / 16).to(dtype)
-    offsets = (torch.randn(n, k // group, generator=gen) / 4).to(dtype) if offset else None
+    q, codes, scales, offsets = random_codes(bits, offset, dtype, group, n, k, torch.Generator().manual_seed(seed))
     # The dequantized weight as the float path builds it: fma(q, scale, offset) in float32
     w = torch.repeat_interleave(scales.float(), group, dim=1) * q.float()
     if offsets is not None:
@@ -86,15 +78,7 @@ def test_layers_multiply_every_row_count_in_bfloat16(bits, k):
     """Prefill-sized inputs too (no switch to the dequantized weight past the decode sizes), and int8 rows whose one
     group is not runs of 32 inputs through a float32 matmul of the rounded operands: the same products."""
     gen = torch.Generator().manual_seed(bits + k)
-    n = 24
-    if bits == 4:
-        layer = Int4Linear(k, n, group_size=32, dtype=torch.float32, layout="kernel")
-        buffers = Int4Linear.quantize(torch.randn(n, k, generator=gen), 32, torch.float32, "kernel")
-    else:
-        layer = Int8Linear(k, n, dtype=torch.float32, layout="kernel")
-        buffers = Int8Linear.quantize(torch.randn(n, k, generator=gen), torch.float32, "kernel")
-    for name, value in buffers.items():
-        setattr(layer, name, value)
+    layer = kernel_layer(bits, 24, k, gen)
     layer.activations = "bfloat16"
     w = layer.dequantize()
     for rows in (1, 5, qmod.INT4_KERNEL_ROWS + 1):
@@ -104,15 +88,9 @@ def test_layers_multiply_every_row_count_in_bfloat16(bits, k):
         assert ((got - want).abs() <= (k // 16 + 16) * EPS * size + 1e-30).all(), rows
 
 
-def _tiny_gguf(tmp_path):
-    path = tmp_path / "tiny.gguf"
-    write_tiny_llama(path, Q.Q4_1, tie=True)
-    return path
-
-
 @needs_kernel
 def test_from_pretrained_takes_bfloat16_activations(tmp_path):
-    path = _tiny_gguf(tmp_path)
+    path = tiny_gguf(tmp_path)
     ids = torch.tensor([[1, 5, 7, 9, 33, 60]])
     bf16 = AutoModelForCausalLM.from_pretrained(path, dtype="float32", activations="bfloat16")
     exact = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
@@ -138,7 +116,7 @@ def test_from_pretrained_takes_bfloat16_activations(tmp_path):
 
 
 def test_bfloat16_activations_need_quantized_layers_on_the_kernel(tmp_path, monkeypatch):
-    path = _tiny_gguf(tmp_path)
+    path = tiny_gguf(tmp_path)
     with pytest.raises(ValueError, match="activations='bfloat16' applies to quantized layers"):
         AutoModelForCausalLM.from_pretrained(path, quantization="none", activations="bfloat16")
     monkeypatch.setenv("DECODERKIT_KERNELS", "0")

@@ -47,11 +47,8 @@ VARIANTS = [(4, True, torch.float16, 32, 320), (4, False, torch.float16, 32, 96)
             (8, False, torch.float32, 576, 576), (8, True, torch.float16, 32, 64)]
 
 
-@needs_kernel
-@pytest.mark.parametrize("bits, offset, dtype, group, k", VARIANTS, ids=lambda v: str(v).removeprefix("torch."))
-def test_int8_activations_equal_the_float64_reference_of_the_same_math(bits, offset, dtype, group, k):
-    gen = torch.Generator().manual_seed(bits * k + group)
-    n = 37  # not a multiple of the kernel's 4-column tiles
+def random_codes(bits: int, offset: bool, dtype: torch.dtype, group: int, n: int, k: int, gen: torch.Generator):
+    """(codes one a byte, codes as the kernel takes them, scales, offsets or None) of a random (n, k) layer."""
     if bits == 4:
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
         codes = pack_nibbles(q)
@@ -59,6 +56,15 @@ def test_int8_activations_equal_the_float64_reference_of_the_same_math(bits, off
         q = codes = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     scales = (torch.rand(n, k // group, generator=gen) / 16).to(dtype)
     offsets = (torch.randn(n, k // group, generator=gen) / 4).to(dtype) if offset else None
+    return q, codes, scales, offsets
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, offset, dtype, group, k", VARIANTS, ids=lambda v: str(v).removeprefix("torch."))
+def test_int8_activations_equal_the_float64_reference_of_the_same_math(bits, offset, dtype, group, k):
+    gen = torch.Generator().manual_seed(bits * k + group)
+    n = 37  # not a multiple of the kernel's 4-column tiles
+    q, codes, scales, offsets = random_codes(bits, offset, dtype, group, n, k, gen)
     for rows in (1, 2, 3, 5, 7, 16, 17):
         x = torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen)
         x[0, :32] = 0.0  # a run of zeros: scale 0, codes 0
@@ -71,11 +77,8 @@ def test_int8_activations_equal_the_float64_reference_of_the_same_math(bits, off
         assert not torch.equal(y, kernels.qmm(x, codes, scales, offsets, bits, group).double())
 
 
-@needs_kernel
-@pytest.mark.parametrize("bits", [4, 8])
-def test_layers_use_int8_activations_for_every_row_count(bits):
-    gen = torch.Generator().manual_seed(bits)
-    n, k = 24, 128
+def kernel_layer(bits: int, n: int, k: int, gen: torch.Generator) -> Int4Linear | Int8Linear:
+    """A kernel-layout layer of a random weight: int4 in groups of 32, or int8 per output channel."""
     if bits == 4:
         layer = Int4Linear(k, n, group_size=32, dtype=torch.float32, layout="kernel")
         buffers = Int4Linear.quantize(torch.randn(n, k, generator=gen), 32, torch.float32, "kernel")
@@ -84,6 +87,15 @@ def test_layers_use_int8_activations_for_every_row_count(bits):
         buffers = Int8Linear.quantize(torch.randn(n, k, generator=gen), torch.float32, "kernel")
     for name, value in buffers.items():
         setattr(layer, name, value)
+    return layer
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layers_use_int8_activations_for_every_row_count(bits):
+    gen = torch.Generator().manual_seed(bits)
+    n, k = 24, 128
+    layer = kernel_layer(bits, n, k, gen)
     assert layer.activations == qmod.DEFAULT_ACTIVATIONS == "float"
     layer.activations = "int8"
     codes = qmod.unpack_nibbles(layer.weight_int4) if bits == 4 else layer.weight_int8
@@ -95,7 +107,7 @@ def test_layers_use_int8_activations_for_every_row_count(bits):
         assert ((got - want).abs() <= 24 * EPS * size + 1e-30).all(), rows
 
 
-def _tiny_gguf(tmp_path):
+def tiny_gguf(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, Q.Q4_1, tie=True)
     return path
@@ -103,7 +115,7 @@ def _tiny_gguf(tmp_path):
 
 @needs_kernel
 def test_from_pretrained_switches_the_activations(tmp_path):
-    path = _tiny_gguf(tmp_path)
+    path = tiny_gguf(tmp_path)
     ids = torch.tensor([[1, 5, 7, 9, 33, 60]])
     int8 = AutoModelForCausalLM.from_pretrained(path, dtype="float32", activations="int8")
     exact = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
@@ -124,7 +136,7 @@ def test_from_pretrained_switches_the_activations(tmp_path):
 def test_unknown_activations_say_what_is_supported(tmp_path, value):
     with pytest.raises(ValueError,
                        match=r"activations=.* is not supported; use None .* \['int8', 'float', 'bfloat16'\]"):
-        AutoModelForCausalLM.from_pretrained(_tiny_gguf(tmp_path), activations=value)
+        AutoModelForCausalLM.from_pretrained(tiny_gguf(tmp_path), activations=value)
     with pytest.raises(ValueError, match="is not one of"):
         kernels.qmm(torch.zeros(1, 32), torch.zeros(1, 16, dtype=torch.uint8), torch.ones(1, 1), None, 4, 32,
                     activations=value)
@@ -132,12 +144,12 @@ def test_unknown_activations_say_what_is_supported(tmp_path, value):
 
 def test_int8_activations_without_quantized_layers_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="applies to quantized layers and this model has none"):
-        AutoModelForCausalLM.from_pretrained(_tiny_gguf(tmp_path), quantization="none", activations="int8")
+        AutoModelForCausalLM.from_pretrained(tiny_gguf(tmp_path), quantization="none", activations="int8")
 
 
 def test_without_the_kernel_layers_fall_back_to_float_and_int8_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("DECODERKIT_KERNELS", "0")
-    path = _tiny_gguf(tmp_path)
+    path = tiny_gguf(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     layers = [m for m in model.modules() if isinstance(m, qmod.QuantizedLinear)]
     assert layers and all(m.layout == "torch" and m.activations == "float" for m in layers)

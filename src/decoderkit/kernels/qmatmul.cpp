@@ -515,13 +515,15 @@ inline void dequantize_run(const Problem& p, const uint8_t* q, int64_t at, int64
   for (int v = 0; v < 32 / GL; ++v) gstore(out + GL * v, ROUND ? ground(w[v]) : w[v]);
 }
 
-// Columns n0 .. n0 + GN (all of them real), every row. Each panel of the columns is dequantized once for all M rows
-// (the accumulators, M x GN vectors, live in a per-thread buffer): a prompt chunk of 160 rows dequantized it 7 times
-// when they lived on the stack, 24 rows at a time. Every sum adds the same products in the same order either way.
-// NC: columns (GN, or 1 for those past the last whole tile where `qmm_bf16` rounds: ROUND).
-template <int BITS, bool HALF, bool OFFSET, int NC = GN, bool ROUND = false>
-void gcolumns(const Problem& p, int64_t n0) {
-  alignas(64) float panel[GN * GK];
+// Columns n0 .. n0 + NC, every row: the panel GEMM's loop, for float32 (`gcolumns`) and bfloat16 (`bcolumns`)
+// panels of element T. Each panel of the columns is dequantized once for all M rows (the accumulators, M x NC
+// vectors, live in a per-thread buffer): a prompt chunk of 160 rows dequantized it 7 times when they lived on the
+// stack, 24 rows at a time. Every sum adds the same products in the same order either way.
+// fill(q, at, k, out) writes the run of 32 weights of column codes q (scales from index at) at input k to out;
+// multiply(mr, panel, kc, r0, kb, acc) adds rows r0 .. r0 + mr's products over inputs kb .. kb + kc to acc.
+template <int BITS, typename T, int NC, typename Fill, typename Multiply>
+void panel_columns(const Problem& p, int64_t n0, Fill&& fill, Multiply&& multiply) {
+  alignas(64) T panel[GN * GK];
   thread_local std::vector<gvec> accumulators;
   if (static_cast<int64_t>(accumulators.size()) < p.M * NC) accumulators.resize(p.M * NC);
   gvec* acc = accumulators.data();
@@ -538,18 +540,28 @@ void gcolumns(const Problem& p, int64_t n0) {
       for (int64_t k = kb; k < kb + kc; k += 32) {
         const int64_t byte = BITS == 4 ? k / 2 : k;
         if (byte % 64 == 0) _mm_prefetch(ahead + byte, _MM_HINT_T0);
-        dequantize_run<BITS, HALF, OFFSET, ROUND>(p, q, at, k, panel + j * kc + (k - kb));
+        fill(q, at, k, panel + j * kc + (k - kb));
       }
     }
-    for_row_tiles<GM>(p.M, [&](auto mr, int64_t r0) {
-      constexpr int MR = decltype(mr)::value;
-      const float* x[MR];
-      for (int r = 0; r < MR; ++r) x[r] = p.x + (r0 + r) * p.K + kb;
-      gmicro<MR, NC>(panel, kc, x, acc + r0 * NC);
-    });
+    for_row_tiles<GM>(p.M, [&](auto mr, int64_t r0) { multiply(mr, panel, kc, r0, kb, acc + r0 * NC); });
   }
   for (int64_t r = 0; r < p.M; ++r)
     for (int j = 0; j < NC; ++j) p.y[r * p.N + n0 + j] = gsum(acc[r * NC + j]);
+}
+
+// The float32 panel. NC: columns (GN, or 1 for those past the last whole tile where `qmm_bf16` rounds: ROUND).
+template <int BITS, bool HALF, bool OFFSET, int NC = GN, bool ROUND = false>
+void gcolumns(const Problem& p, int64_t n0) {
+  const auto fill = [&](const uint8_t* q, int64_t at, int64_t k, float* out) {
+    dequantize_run<BITS, HALF, OFFSET, ROUND>(p, q, at, k, out);
+  };
+  const auto multiply = [&](auto mr, const float* panel, int64_t kc, int64_t r0, int64_t kb, gvec* acc) {
+    constexpr int MR = decltype(mr)::value;
+    const float* x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = p.x + (r0 + r) * p.K + kb;
+    gmicro<MR, NC>(panel, kc, x, acc);
+  };
+  panel_columns<BITS, float, NC>(p, n0, fill, multiply);
 }
 
 template <int BITS, bool HALF, bool OFFSET>
@@ -616,36 +628,18 @@ inline void store_bf16(uint16_t* out, __m512 lo, __m512 hi) {
 
 template <int BITS, bool HALF, bool OFFSET, int NC>
 void bcolumns(const Problem& p, const uint16_t* xb, int64_t n0) {
-  alignas(64) uint16_t panel[GN * GK];
-  thread_local std::vector<__m512> accumulators;
-  if (static_cast<int64_t>(accumulators.size()) < p.M * NC) accumulators.resize(p.M * NC);
-  __m512* acc = accumulators.data();
-  const int64_t blocks = (p.K + GK - 1) / GK;
-  const int64_t step = (p.K / 32 + blocks - 1) / blocks * 32;
-  for (int64_t i = 0; i < p.M * NC; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < p.K; kb += step) {
-    const int64_t kc = std::min(step, p.K - kb);
-    for (int j = 0; j < NC; ++j) {
-      const uint8_t* q = p.codes + (n0 + j) * p.row_bytes;
-      const char* ahead = reinterpret_cast<const char*>(q + 2 * GN * p.row_bytes);  // as gcolumns prefetches
-      const int64_t at = (n0 + j) * p.groups;
-      for (int64_t k = kb; k < kb + kc; k += 32) {
-        const int64_t byte = BITS == 4 ? k / 2 : k;
-        if (byte % 64 == 0) _mm_prefetch(ahead + byte, _MM_HINT_T0);
-        gvec w[2];
-        dequantize_vectors<BITS, HALF, OFFSET>(p, q, at, k, w);
-        store_bf16(panel + j * kc + (k - kb), w[0], w[1]);
-      }
-    }
-    for_row_tiles<GM>(p.M, [&](auto mr, int64_t r0) {
-      constexpr int MR = decltype(mr)::value;
-      const uint16_t* x[MR];
-      for (int r = 0; r < MR; ++r) x[r] = xb + (r0 + r) * p.K + kb;
-      bmicro<MR, NC>(panel, kc, x, acc + r0 * NC);
-    });
-  }
-  for (int64_t r = 0; r < p.M; ++r)
-    for (int j = 0; j < NC; ++j) p.y[r * p.N + n0 + j] = _mm512_reduce_add_ps(acc[r * NC + j]);
+  const auto fill = [&](const uint8_t* q, int64_t at, int64_t k, uint16_t* out) {
+    gvec w[2];
+    dequantize_vectors<BITS, HALF, OFFSET>(p, q, at, k, w);
+    store_bf16(out, w[0], w[1]);
+  };
+  const auto multiply = [&](auto mr, const uint16_t* panel, int64_t kc, int64_t r0, int64_t kb, gvec* acc) {
+    constexpr int MR = decltype(mr)::value;
+    const uint16_t* x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = xb + (r0 + r) * p.K + kb;
+    bmicro<MR, NC>(panel, kc, x, acc);
+  };
+  panel_columns<BITS, uint16_t, NC>(p, n0, fill, multiply);
 }
 
 // Fewer rows than a tile of the panel GEMM (decode): each run of the NC columns goes from its codes to the
