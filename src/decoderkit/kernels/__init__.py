@@ -159,7 +159,7 @@ def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: tor
     `activations` "float" multiplies x as given; "int8" first rounds each run of 32 inputs of a row to int8 against
     its largest magnitude and takes integer dot products (qmatmul.cpp's ``qmm_q8`` says exactly how); "bfloat16"
     rounds x and the dequantized weight to bfloat16 and sums their exact products in float32, as a bfloat16 matmul
-    does (``qmm_bf16``: groups of runs of 32 inputs, and `simd()`)."""
+    does (``qmm_bf16``: groups of runs of 32 inputs, and a build where `bf16_products()` is not None)."""
     if activations == "int8":
         return torch.ops.decoderkit_kernels.qmm_q8(x, codes, scales, offsets, bits, group)
     if activations == "bfloat16":

@@ -986,7 +986,7 @@ at::Tensor qmm_bf16(const at::Tensor& x, const at::Tensor& codes, const at::Tens
          : (offset ? brun<8, false, true>(p) : brun<8, false, false>(p));
   }
 #else
-  TORCH_CHECK(false, "qmm_bf16: this build has no AVX2 path (decoderkit.kernels.simd() is False)");
+  TORCH_CHECK(false, "qmm_bf16: this build has no AVX2 path (decoderkit.kernels.bf16_products() is None)");
 #endif
   return y;
 }
