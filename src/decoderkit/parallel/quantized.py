@@ -181,13 +181,16 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _row_int8_converter(prefix: str, dtype: torch.dtype, layout: str, group: dist.ProcessGroup) -> Any:
-    """Int8 per output channel of a slice of each row's inputs: the row's max |w| is all-reduced over the ranks, so
-    the scale, and so every code, is the whole row's."""
+    """Int8 per output channel of a slice of each row's inputs: the row's max |w|, then its clipping errors, are
+    all-reduced over the ranks, so the scale, and so every code, is the whole row's."""
 
     def convert(value: Any) -> dict[str, torch.Tensor]:
         floats = value.dequantize() if hasattr(value, "dequantize") else value.float()
         amax = floats.abs().amax(dim=1)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-        return {f"{prefix}{k}": v for k, v in Int8Linear.quantize(floats, dtype, layout, amax=amax).items()}
+        errors = Int8Linear.clip_errors(floats, amax)
+        dist.all_reduce(errors, group=group)
+        buffers = Int8Linear.quantize(floats, dtype, layout, amax=amax, errors=errors)
+        return {f"{prefix}{k}": v for k, v in buffers.items()}
 
     return convert
