@@ -53,18 +53,19 @@ class _StepModule(nn.Module):
         return self._forward(self.model, tokens, position_ids, cache_position, mask, None, alibi, keys, values)
 
 
-class _WeightsStepModule(nn.Module):
-    """`_StepModule` with the model's weights as its first input (a list, in `weight_inputs`' order), substituted
-    for the module's own tensors by `torch.func.functional_call` while the step is traced."""
+class WeightsAsInputs(nn.Module):
+    """`step` (a module whose attribute ``model`` is the model) with the model's weights as its first input (a list,
+    in `weight_inputs`' order), substituted for the module's own tensors by `torch.func.functional_call` while the
+    step is traced: the decode and verify steps here, the server's paged step (`serve.paged_step`). Its dynamic
+    shapes for `torch.export` are ``([None] * len(weights), (the step's own, ...))``."""
 
-    def __init__(self, model: Any, forward: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, step: nn.Module) -> None:
         super().__init__()
-        self.step = _StepModule(model, forward)
-        self.names = ["model." + name for name, _ in _weight_items(model)]
+        self.step = step
+        self.names = ["model." + name for name, _ in _weight_items(step.model)]
 
-    def forward(self, weights, tokens, position_ids, cache_position, mask, alibi, keys, values):  # noqa: ANN001, ANN201
-        return torch.func.functional_call(self.step, dict(zip(self.names, weights, strict=True)),
-                                          (tokens, position_ids, cache_position, mask, alibi, keys, values),
+    def forward(self, weights, *inputs):  # noqa: ANN001, ANN002, ANN201
+        return torch.func.functional_call(self.step, dict(zip(self.names, weights, strict=True)), inputs,
                                           tie_weights=True, strict=False)
 
 
@@ -214,8 +215,8 @@ def aot_step(model: Any, fingerprint: tuple, forward: Callable[..., torch.Tensor
             dynamic = ({1: tokens}, {1: tokens}, {0: tokens}, {2: tokens}, None, [None] * layers, [None] * layers)
         if inputs:
             weights = weight_inputs(model, True)
-            compile_package(_WeightsStepModule(model, forward), (weights, *example),
-                            None if dynamic is None else ([None] * len(weights), *dynamic), path)
+            compile_package(WeightsAsInputs(_StepModule(model, forward)), (weights, *example),
+                            None if dynamic is None else ([None] * len(weights), dynamic), path)
         else:
             compile_package(_StepModule(model, forward), example, dynamic, path)
     runner = load_package(path)

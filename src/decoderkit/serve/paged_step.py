@@ -83,23 +83,6 @@ class _Step(nn.Module):
                             self.block_size)
 
 
-class _WeightsStep(nn.Module):
-    """`_Step` with the model's weights as its first input (see `aot_step._WeightsStepModule`)."""
-
-    def __init__(self, model: Any, block_size: int) -> None:
-        from decoderkit.generation.aot_step import _weight_items
-
-        super().__init__()
-        self.step = _Step(model, block_size)
-        self.names = ["model." + name for name, _ in _weight_items(model)]
-
-    def forward(self, weights, ids, positions, write_slots, tables, row_starts, starts, rows, keys,  # noqa: ANN001, ANN201
-                values):  # noqa: ANN001
-        inputs = (ids, positions, write_slots, tables, row_starts, starts, rows, keys, values)
-        return torch.func.functional_call(self.step, dict(zip(self.names, weights, strict=True)), inputs,
-                                          tie_weights=True, strict=False)
-
-
 def paged_package_path(model: Any, block_size: int, rows: int) -> Path:
     """Where the package of `model`'s paged decode step for blocks of `block_size` and up to `rows` sequences lives
     (whether or not it exists)."""
@@ -112,7 +95,7 @@ def paged_package_path(model: Any, block_size: int, rows: int) -> Path:
 
 def build_paged_package(model: Any, block_size: int, rows: int) -> Path:
     """Compile and store the paged decode step's package for `model` (minutes on a small CPU); its path."""
-    from decoderkit.generation.aot_step import compile_package, weight_inputs
+    from decoderkit.generation.aot_step import WeightsAsInputs, compile_package, weight_inputs
     from decoderkit.generation.verify_step import _torch_linears
     from decoderkit.kernels import attention as paged_kernel
     from decoderkit.serve.blocks import BlockPool
@@ -149,8 +132,8 @@ def build_paged_package(model: Any, block_size: int, rows: int) -> Path:
     # GEMV layers (`DecodeLinear`, where generate ran the model) choose their kernel by the number of rows, which is
     # dynamic here: traced as torch's linear
     with _torch_linears(model):
-        compile_package(_WeightsStep(model, block_size), (weights, *example), ([None] * len(weights), *dynamic),
-                        path)
+        compile_package(WeightsAsInputs(_Step(model, block_size)), (weights, *example),
+                        ([None] * len(weights), dynamic), path)
     return path
 
 
