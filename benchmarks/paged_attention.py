@@ -4,7 +4,11 @@ time to prefill one long prompt against another source tree's engine.
 Printed, for SmolLM2-135M-Instruct (the GGUF converted to --dtype, default bfloat16; or --model DIR):
   1. one decode step of R requests (1 / 4 / 16) each with a context of C tokens (128 / 1k / 4k): ms per step with
      the gather path (`paged_kernel=False`, what main does) and with the kernel, and their ratio;
-  2. a P-token prompt (default 4000) through `Engine.generate(max_tokens=1)`: seconds and tokens/s in this tree with
+  2. the attention alone of a P-token prompt's chunks (--chunk each, after the chunks before them), one layer of
+     SmolLM2's shape (9 query heads, 3 key heads, 64 values): the kernel's tiled path (`prefill_attention`), torch's
+     flash attention over the same pool (what main did where the tiled path is missing) and the per-vector kernel
+     (what ALiBi models got), taking turns over --repeats rounds: best and median seconds, GFLOPS, ratios;
+  3. a P-token prompt (default 4000) through `Engine.generate(max_tokens=1)`: seconds and tokens/s in this tree with
      the kernel and the fp32 prefill upcast, with each of them off, and in --before-src (e.g. /work/main/src) run
      in a subprocess with the same model, threads and chunk size; ratios against the before tree.
 
@@ -60,6 +64,52 @@ def decode_step_ms(model, requests: int, context: int, paged_kernel: bool, repea
     del pool
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return sorted(times)[len(times) // 2] * 1e3
+
+
+def chunk_attention_rates(prompt: int, chunk: int, repeats: int) -> None:
+    import statistics
+
+    import torch
+
+    from decoderkit.kernels import attention as kernel
+    from decoderkit.serve import paged
+
+    heads, kv_heads, head_dim, block = 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(0)
+    rows = (prompt // block + 2) * block
+    k_buf, v_buf = torch.randn(rows, kv_heads, head_dim, generator=gen), torch.randn(rows, kv_heads, head_dim,
+                                                                                      generator=gen)
+    table = torch.arange(rows // block)[None]
+    starts = list(range(0, prompt, chunk))
+    queries = [torch.randn(min(chunk, prompt - s), heads, head_dim, generator=gen) for s in starts]
+    scale = head_dim**-0.5
+
+    def kernel_op(op):  # noqa: ANN001, ANN202
+        return lambda q, s: op(q, k_buf, v_buf, table, torch.tensor([0, len(q)]), torch.tensor([s]), None, scale,
+                               block)
+
+    def flash(q, s):  # noqa: ANN001, ANN202
+        new = slice(s, s + len(q))
+        return paged._chunk_attention(q.transpose(0, 1)[None], k_buf[new].transpose(0, 1),
+                                      v_buf[new].transpose(0, 1), k_buf, v_buf, slice(0, s), scale)
+
+    paths = {"tiled (prefill_attention)": kernel_op(kernel.prefill_attention), "torch flash": flash,
+             "per-vector (paged_attention)": kernel_op(kernel.paged_attention)}
+    if not kernel.prefill_tiled(head_dim):
+        print("  (this build has no tiled path: prefill_attention runs the per-vector kernel)")
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            for q, s in zip(queries, starts):
+                fn(q, s)
+            times[name].append(time.perf_counter() - start)
+    flops = sum(4 * len(q) * (s + len(q) / 2) * head_dim * heads for q, s in zip(queries, starts))
+    tiled = times["tiled (prefill_attention)"]
+    for name, ts in times.items():
+        ratio = statistics.median(t / ref for t, ref in zip(ts, tiled))
+        print(f"  {name:<30} best {min(ts):.3f} s ({flops / min(ts) / 1e9:5.1f} GFLOPS), median "
+              f"{statistics.median(ts):.3f} s; median time ratio to tiled {ratio:.2f}", flush=True)
 
 
 def prefill_seconds(directory: Path, dtype: str, tokens: int, chunk: int, **runner: object) -> float:
@@ -165,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     del model
     if not args.prompt:
         return 0
+
+    print(f"\nattention of a {args.prompt}-token prompt in chunks of {args.chunk}, one layer (load average "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])})")
+    chunk_attention_rates(args.prompt, args.chunk, args.repeats)
 
     print(f"\nprefill of a {args.prompt}-token prompt (Engine.generate, max_tokens=1)")
     runs = [("this tree", ROOT / "src", None, args.chunk)]

@@ -23,19 +23,19 @@ FAMILIES = ["llama", "gemma", "gpt_bigcode", "mpt"]
 
 
 def dense_attention(q, k, v, tables, row_starts, positions, slopes, scale, block_size):
-    """Causal attention written out: each sequence's keys gathered, scores masked, softmax in fp32."""
+    """Causal attention written out: each sequence's keys gathered, scores masked, softmax in q's dtype."""
     heads, kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     for s in range(len(positions)):
         r0, r1, start = int(row_starts[s]), int(row_starts[s + 1]), int(positions[s])
         key_pos = torch.arange(start + r1 - r0)
         rows = tables[s][key_pos // block_size] * block_size + key_pos % block_size
-        ks = k[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1)  # (H, K, D)
-        vs = v[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1)
+        ks = k[rows].to(q.dtype).repeat_interleave(heads // kv_heads, 1).transpose(0, 1)  # (H, K, D)
+        vs = v[rows].to(q.dtype).repeat_interleave(heads // kv_heads, 1).transpose(0, 1)
         q_pos = start + torch.arange(r1 - r0)
         scores = q[r0:r1].transpose(0, 1) @ ks.transpose(1, 2) * scale  # (H, T, K)
         if slopes is not None:
-            scores = scores + slopes[:, None, None] * (key_pos[None, None] - q_pos[None, :, None]).float()
+            scores = scores + slopes[:, None, None] * (key_pos[None, None] - q_pos[None, :, None]).to(q.dtype)
         scores = scores.masked_fill(key_pos[None, None] > q_pos[None, :, None], float("-inf"))
         out[r0:r1] = (scores.softmax(-1) @ vs).transpose(0, 1)
     return out
@@ -64,6 +64,69 @@ def test_kernel_equals_dense_attention(dtype, heads, kv_heads, head_dim, block_s
     slopes = torch.rand(heads, generator=gen) if alibi else None
     args = (q, k, v, tables, row_starts, positions, slopes, head_dim**-0.5, block_size)
     torch.testing.assert_close(kernel.paged_attention(*args), dense_attention(*args), rtol=1e-5, atol=1e-5)
+
+
+def float64_attention(q, k, v, tables, row_starts, positions, slopes, scale, block_size):
+    """dense_attention in float64 (the reference the tiled kernel's rounding is measured against)."""
+    return dense_attention(q.double(), k.double(), v.double(), tables, row_starts, positions,
+                           None if slopes is None else slopes.double(), scale, block_size).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"),
+                         [(9, 3, 64, 16), (4, 4, 16, 5), (6, 2, 80, 8), (2, 1, 128, 32), (4, 2, 12, 4)])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_prefill_kernel_equals_dense_attention(dtype, heads, kv_heads, head_dim, block_size, alibi) -> None:
+    """The tiled path (where this build has it; else prefill_attention is the per-vector kernel) on chunks of many
+    rows: from scratch, mid-sequence over fragmented tables, row counts off every tile size, beside single rows."""
+    gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
+    shapes = [(150, 0), (1, 40), (67, 133), (16, 7), (200, 64)]  # (new query rows, cached positions before them)
+    need = [-(-(n + c) // block_size) for n, c in shapes]
+    rows = (sum(need) + 1) * block_size
+    k = (torch.randn(rows, kv_heads, head_dim, generator=gen) * 2).to(dtype)
+    v = torch.randn(rows, kv_heads, head_dim, generator=gen).to(dtype)
+    blocks = (torch.randperm(sum(need), generator=gen) + 1).tolist()
+    tables = torch.zeros(len(shapes), max(need), dtype=torch.long)
+    for s, n in enumerate(need):
+        tables[s, :n] = torch.tensor([blocks.pop() for _ in range(n)])
+    row_starts = torch.tensor([0, *torch.tensor([n for n, _ in shapes]).cumsum(0).tolist()])
+    positions = torch.tensor([c for _, c in shapes])
+    q = torch.randn(int(row_starts[-1]), heads, head_dim, generator=gen)
+    slopes = torch.rand(heads, generator=gen) * 0.5 if alibi else None
+    args = (q, k, v, tables, row_starts, positions, slopes, head_dim**-0.5, block_size)
+    got, reference = kernel.prefill_attention(*args), float64_attention(*args)
+    torch.testing.assert_close(got, reference, rtol=2e-5, atol=2e-5)
+    # no worse than the per-vector kernel's own rounding, by more than a few float32 steps
+    per_vector = (kernel.paged_attention(*args) - reference).abs().max()
+    assert (got - reference).abs().max() <= 4 * per_vector + 1e-6
+    if not kernel.prefill_tiled(head_dim):
+        assert torch.equal(got, kernel.paged_attention(*args))
+
+
+@needs_kernel
+@pytest.mark.parametrize("alibi", [False, True])
+def test_prefill_kernel_rows_do_not_depend_on_their_neighbours(alibi) -> None:
+    """A row's result is the same bits whichever rows share its tile, whether its chunk starts at 0 or mid-way, and
+    whatever other sequences share the call: a request's numbers do not depend on how its prompt was chunked."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size, length = 9, 3, 64, 16, 300
+    k = torch.randn(length, kv_heads, head_dim, generator=gen)
+    v = torch.randn(length, kv_heads, head_dim, generator=gen)
+    q = torch.randn(length, heads, head_dim, generator=gen)
+    table = torch.arange(-(-length // block_size))[None]
+    slopes = torch.rand(heads, generator=gen) if alibi else None
+
+    def chunk(start: int, end: int) -> torch.Tensor:
+        return kernel.prefill_attention(q[start:end].contiguous(), k, v, table, torch.tensor([0, end - start]),
+                                        torch.tensor([start]), slopes, 0.125, block_size)
+
+    whole = chunk(0, length)
+    for start, end in [(0, 37), (37, 101), (101, 300), (250, 251), (5, 299)]:
+        assert torch.equal(chunk(start, end), whole[start:end]), (start, end)
+    two = kernel.prefill_attention(torch.cat([q[10:80], q[0:300]]).contiguous(), k, v, torch.cat([table, table]),
+                                   torch.tensor([0, 70, 370]), torch.tensor([10, 0]), slopes, 0.125, block_size)
+    assert torch.equal(two[:70], whole[10:80]) and torch.equal(two[70:], whole)
 
 
 def test_without_a_compiler_the_runner_gathers_keys(monkeypatch) -> None:
@@ -106,22 +169,31 @@ def ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_kernel), False])
+@pytest.mark.parametrize("path", [pytest.param("tiled", marks=needs_kernel), pytest.param("flash", marks=needs_kernel),
+                                  "gathered"])
 @torch.inference_mode()
-def test_mixed_step_logits_equal_the_models_own(family_model, use_kernel, monkeypatch) -> None:
+def test_mixed_step_logits_equal_the_models_own(family_model, path, monkeypatch) -> None:
+    """Prefill chunks by the kernel's tiled path, or by flash (where the build lacks the tiled path), or with keys
+    gathered (no kernel), beside decode tokens on the per-vector kernel."""
     model = family_model
     c = model.decoder_config
-    flash_chunks = []
-    chunk_attention = paged._chunk_attention
-    monkeypatch.setattr(paged, "_chunk_attention", lambda *args: flash_chunks.append(args[0].shape[2])
+    if path == "tiled" and not kernel.prefill_tiled(c.head_dim):
+        pytest.skip(f"this build of the kernel has no tiled path for head_dim {c.head_dim} (needs AVX2)")
+    if path == "flash":
+        monkeypatch.setattr(kernel, "prefill_tiled", lambda head_dim: False)
+    long_chunks: dict[str, list[int]] = {"flash": [], "tiled": []}
+    chunk_attention, prefill_attention = paged._chunk_attention, kernel.prefill_attention
+    monkeypatch.setattr(paged, "_chunk_attention", lambda *args: long_chunks["flash"].append(args[0].shape[2])
                         or chunk_attention(*args))
+    monkeypatch.setattr(kernel, "prefill_attention", lambda q, *args: long_chunks["tiled"].extend(
+        (args[3][1:] - args[3][:-1]).tolist()) or prefill_attention(q, *args))
     pool = BlockPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 40, 4, model.dtype, model.device)
-    runner = PagedRunner(model, pool, paged_kernel=use_kernel)
+    runner = PagedRunner(model, pool, paged_kernel=path != "gathered")
     seqs = [ids(41, 1), ids(12, 2), ids(38, 3)]
     tables = [*interleaved_tables(pool, [41, 12]), pool.allocate(pool.blocks_for(38))]
     assert tables[2] == list(range(tables[2][0], tables[2][0] + len(tables[2])))  # one run: read as a view
     # Per step, each sequence's (start, end) of new tokens: prompt chunks (long ones, from PREFILL_MIN_TOKENS, go
-    # to flash attention where the family allows it) beside single decode tokens
+    # to the tiled path, or to flash attention where the family allows it) beside single decode tokens
     steps = [[(0, 8), (0, 9), None], [(8, 28), (9, 10), (0, 17)], [(28, 40), (10, 11), (17, 37)],
              [(40, 41), (11, 12), (37, 38)]]
     assert paged.PREFILL_MIN_TOKENS <= 17
@@ -132,8 +204,13 @@ def test_mixed_step_logits_equal_the_models_own(family_model, use_kernel, monkey
         for (i, (a, b)), rows in zip(members, got):
             expected = model(input_ids=torch.tensor([seqs[i][:b]])).logits[0, a:b]
             torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)
-    if use_kernel and c.position_embedding != "alibi":  # the three long chunks went to flash, in every layer
-        assert sorted(set(flash_chunks)) == [17, 20]
+    # the three long chunks went to the path under test, in every layer
+    if path == "tiled":
+        assert sorted(set(long_chunks["tiled"])) == [17, 20] and not long_chunks["flash"]
+    elif path == "flash" and c.position_embedding != "alibi":
+        assert sorted(set(long_chunks["flash"])) == [17, 20] and not long_chunks["tiled"]
+    else:  # the gathered path takes flash's split attention for every chunk of more than one token
+        assert not long_chunks["tiled"]
 
 
 @needs_kernel

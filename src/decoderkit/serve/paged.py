@@ -6,7 +6,9 @@ against that pool, using the model's own modules (norms, projections, rotary, ML
 on which other requests share the step, up to the floating-point rounding of batched matrix products.
 
 Attention reads keys and values in place through the block tables (`decoderkit.kernels.attention`, on CPU), for
-decode tokens and prefill chunks alike, so a step's cost does not include copying every request's context. Where
+decode tokens and prefill chunks alike, so a step's cost does not include copying every request's context: short
+segments one query vector at a time, prefill chunks through the kernel's tiled path (blocks of keys against blocks
+of queries), or torch's flash kernel where the build lacks that path. Where
 that kernel is missing, and where the model's own attention takes the eager math (asked for, or ALiBi in half
 precision, which the server reproduces bit for bit), each request's keys are gathered from the pool instead.
 
@@ -44,8 +46,9 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 __all__ = ["BlockPool", "PagedRunner", "Segment", "native_half_matmul"]
 
 # Segments this long or longer are prefill chunks: upcast (see the module docstring; upcasting a layer's weights
-# costs about as much as a few rows of half-precision products on such CPUs) and, where torch's flash kernel can
-# take them, attended by it. Shorter ones (decode tokens, speculative verify rows) use the paged kernel in place.
+# costs about as much as a few rows of half-precision products on such CPUs) and attended by the kernel's tiled path
+# (or torch's flash kernel, see `PagedRunner._paged_batch`). Shorter ones (decode tokens, speculative verify rows)
+# use the per-vector paged kernel.
 PREFILL_MIN_TOKENS = 16
 
 
@@ -177,15 +180,23 @@ class _AttentionGroup:
 
 
 @dataclass
-class _PagedBatch:
-    """What the paged kernel needs for a step, built once for all layers."""
+class _KernelCall:
+    """One call of a paged-attention op over some of a step's segments, built once for all layers."""
 
+    op: Callable[..., torch.Tensor]  # paged_kernel.paged_attention or prefill_attention
     tables: torch.Tensor  # (S, B) int64 block tables, padded with block 0
     row_starts: torch.Tensor  # (S + 1,) int64: segment s owns query rows row_starts[s] .. row_starts[s + 1] - 1
     positions: torch.Tensor  # (S,) int64: each segment's start
-    slopes: torch.Tensor | None  # (H,) fp32 ALiBi slopes
     rows: torch.Tensor | None  # the step's token indices of these segments; None: all of them, in order
-    chunks: list[tuple[torch.Tensor, torch.Tensor | slice]]  # prefill chunks for flash: tokens, earlier key rows
+
+
+@dataclass
+class _PagedBatch:
+    """How a step's attention runs: kernel calls, and prefill chunks for flash (tokens, earlier key rows)."""
+
+    calls: list[_KernelCall]
+    slopes: torch.Tensor | None  # (H,) fp32 ALiBi slopes
+    chunks: list[tuple[torch.Tensor, torch.Tensor | slice]]
 
 
 def _chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
@@ -312,15 +323,19 @@ class PagedRunner:
     def _paged_batch(self, segments: Sequence[Segment], ctx_slots: list[torch.Tensor]) -> _PagedBatch:
         offsets = [0, *itertools.accumulate(len(s.ids) for s in segments)]
         config = self.stack.config
-        # Prefill chunks go to torch's flash kernel where it applies (it needs no bias: not ALiBi): on such shapes
-        # it runs at about twice the paged kernel's rate, which pays many times over for reading the chunk's earlier
-        # keys out of the pool once per layer (O(context) bytes against O(chunk * context) products).
-        flash = (self.device.type == "cpu" and config.position_embedding != "alibi"
+        # Prefill chunks (segments from PREFILL_MIN_TOKENS) go to the kernel's tiled path where this build has it
+        # (`prefill_tiled`: blocks of keys against blocks of queries, ALiBi included), else to torch's flash kernel
+        # where it applies (no bias: not ALiBi): on such shapes either runs at two to three times the per-vector
+        # kernel's rate, which for flash pays many times over for reading the chunk's earlier keys out of the pool
+        # once per layer (O(context) bytes against O(chunk * context) products). Short segments (decode tokens,
+        # speculative verify rows) keep the per-vector kernel, whose rows do not depend on their number.
+        tiled = self.device.type == "cpu" and paged_kernel.prefill_tiled(config.head_dim)
+        flash = (not tiled and self.device.type == "cpu" and config.position_embedding != "alibi"
                  and config.attn_implementation == "sdpa")
-        chunks, rest = [], []
+        long = [len(s.ids) >= PREFILL_MIN_TOKENS for s in segments]
+        chunks = []
         for i, s in enumerate(segments):
-            if not (flash and len(s.ids) >= PREFILL_MIN_TOKENS):
-                rest.append(i)
+            if not (flash and long[i]):
                 continue
             blocks = s.block_table[: self.pool.blocks_for(s.start)]
             earlier: torch.Tensor | slice
@@ -331,29 +346,39 @@ class PagedRunner:
             else:
                 earlier = ctx_slots[i][: s.start].to(self.device)
             chunks.append((torch.arange(offsets[i], offsets[i + 1], device=self.device), earlier))
-        tables = block_tables(self.pool, [segments[i] for i in rest])
-        row_starts = torch.tensor([0, *itertools.accumulate(len(segments[i].ids) for i in rest)], dtype=torch.long)
-        positions = torch.tensor([segments[i].start for i in rest], dtype=torch.long)
+        every = range(len(segments))
+        groups = [(paged_kernel.prefill_attention, [i for i in every if tiled and long[i]]),
+                  (paged_kernel.paged_attention, [i for i in every if not (long[i] and (tiled or flash))])]
+        calls = []
+        for op, members in groups:
+            if not members:
+                continue
+            rows = None
+            if len(members) < len(segments):
+                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(self.device)
+            calls.append(_KernelCall(
+                op, block_tables(self.pool, [segments[i] for i in members]),
+                torch.tensor([0, *itertools.accumulate(len(segments[i].ids) for i in members)], dtype=torch.long),
+                torch.tensor([segments[i].start for i in members], dtype=torch.long), rows))
         slopes = self.stack.alibi_slopes.float().cpu().contiguous() if config.position_embedding == "alibi" else None
-        rows = None
-        if chunks:
-            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rest]) if rest else torch.zeros(0)
-            rows = rows.long().to(self.device)
-        return _PagedBatch(tables, row_starts, positions, slopes, rows, chunks)
+        return _PagedBatch(calls, slopes, chunks)
 
     def _paged_attention(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
                          v_buf: torch.Tensor, paged: _PagedBatch) -> torch.Tensor:
         """Attention (N, H, D) of the step's tokens: the paged kernel in place, prefill chunks by flash."""
         queries = q.transpose(0, 1)  # (N, H, D)
-        if paged.rows is None:
-            return paged_kernel.paged_attention(queries.float().contiguous(), k_buf, v_buf, paged.tables,
-                                                paged.row_starts, paged.positions, paged.slopes, attn.scale,
-                                                self.pool.block_size).to(q.dtype)
-        out = q.new_empty(queries.shape)
-        if paged.rows.numel():
-            out[paged.rows] = paged_kernel.paged_attention(
-                queries[paged.rows].float().contiguous(), k_buf, v_buf, paged.tables, paged.row_starts,
-                paged.positions, paged.slopes, attn.scale, self.pool.block_size).to(q.dtype)
+        out = None
+        for call in paged.calls:
+            rows = queries if call.rows is None else queries[call.rows]
+            got = call.op(rows.float().contiguous(), k_buf, v_buf, call.tables, call.row_starts, call.positions,
+                          paged.slopes, attn.scale, self.pool.block_size).to(q.dtype)
+            if call.rows is None:
+                return got
+            if out is None:
+                out = q.new_empty(queries.shape)
+            out[call.rows] = got
+        if out is None:
+            out = q.new_empty(queries.shape)
         for tokens, earlier in paged.chunks:
             og = _chunk_attention(q[:, tokens][None], k[:, tokens], v[:, tokens], k_buf, v_buf, earlier, attn.scale)
             out[tokens] = og[0].transpose(0, 1)
