@@ -13,6 +13,7 @@ layers use torch's own int8 / int4 kernels instead.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -169,13 +170,17 @@ def qmm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: tor
     return torch.ops.decoderkit_kernels.qmm(x, codes, scales, offsets, bits, group)
 
 
+def loaded_library(source: Path = _SOURCE) -> ctypes.CDLL:
+    """The built library of `source`, for the plain C functions a build exports to say what it
+    was compiled with. `source` must have been loaded (`build_and_load`)."""
+    return ctypes.CDLL(str(library_path(_compiler() or "", source)))
+
+
 def bf16_products() -> str | None:
     """How ``activations="bfloat16"`` multiplies in the loaded build: "vdpbf16ps" (AVX512-BF16), "fma" (float32 FMAs
     of the rounded operands: the same products, summed in another order), or None where the build has no AVX2 path
     and ``qmm_bf16`` cannot run. `available()` must be True."""
-    import ctypes
-
-    library = ctypes.CDLL(str(library_path(_compiler() or "")))
+    library = loaded_library()
     if not library.decoderkit_qmm_simd():
         return None
     return "vdpbf16ps" if library.decoderkit_qmm_bf16_native() else "fma"

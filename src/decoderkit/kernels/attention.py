@@ -72,8 +72,7 @@ def prefill_tiled(head_dim: int) -> bool:
         return False
     import ctypes
 
-    library = ctypes.CDLL(str(kernels.library_path(kernels._compiler() or "", _SOURCE)))
-    return bool(library.decoderkit_prefill_tiled(ctypes.c_int64(head_dim)))
+    return bool(kernels.loaded_library(_SOURCE).decoderkit_prefill_tiled(ctypes.c_int64(head_dim)))
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,

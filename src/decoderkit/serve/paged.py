@@ -365,20 +365,20 @@ class PagedRunner:
 
     def _paged_attention(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor,
                          v_buf: torch.Tensor, paged: _PagedBatch) -> torch.Tensor:
-        """Attention (N, H, D) of the step's tokens: the paged kernel in place, prefill chunks by flash."""
+        """Attention (N, H, D) of the step's tokens: the paged kernel's calls in place (the per-vector path, and
+        the tiled one for prefill chunks), or prefill chunks by flash."""
         queries = q.transpose(0, 1)  # (N, H, D)
-        out = None
-        for call in paged.calls:
+
+        def run(call: _KernelCall) -> torch.Tensor:
             rows = queries if call.rows is None else queries[call.rows]
-            got = call.op(rows.float().contiguous(), k_buf, v_buf, call.tables, call.row_starts, call.positions,
-                          paged.slopes, attn.scale, self.pool.block_size).to(q.dtype)
-            if call.rows is None:
-                return got
-            if out is None:
-                out = q.new_empty(queries.shape)
-            out[call.rows] = got
-        if out is None:
-            out = q.new_empty(queries.shape)
+            return call.op(rows.float().contiguous(), k_buf, v_buf, call.tables, call.row_starts, call.positions,
+                           paged.slopes, attn.scale, self.pool.block_size).to(q.dtype)
+
+        if len(paged.calls) == 1 and paged.calls[0].rows is None:  # one call for every token of the step
+            return run(paged.calls[0])
+        out = q.new_empty(queries.shape)
+        for call in paged.calls:
+            out[call.rows] = run(call)
         for tokens, earlier in paged.chunks:
             og = _chunk_attention(q[:, tokens][None], k[:, tokens], v[:, tokens], k_buf, v_buf, earlier, attn.scale)
             out[tokens] = og[0].transpose(0, 1)
